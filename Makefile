@@ -1,0 +1,40 @@
+# `make demo` and `make test` work on a fresh clone: both install into .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-slow bench lint format clean
+
+install: $(STAMP)
+
+# Re-runs only when the dependency list changes; the editable install picks up code changes by itself.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: install
+	PJRT_DEVICE=CPU $(VENV)/bin/digpt demo
+
+test: install
+	PJRT_DEVICE=CPU $(PY) -m pytest $(PYTEST_ARGS)
+
+test-slow: install
+	PJRT_DEVICE=CPU $(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+bench: install
+	PJRT_DEVICE=CPU $(PY) tools/bench.py train --model digpt_tiny --backend cpu --batch 32
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -1,0 +1,215 @@
+"""Run configuration: nested dataclasses, loaded from YAML, with ``a.b=value`` overrides from the command line.
+
+Every section is a dataclass; unknown keys and values of the wrong type fail with a message naming the key,
+the value, the expected type and the closest valid keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that does not fit the schema."""
+
+
+@dataclass
+class ModelConfig:
+    """A named size (see ``digpt_xla.models.MODEL_SIZES``) and optional shape overrides (None: the size's)."""
+
+    name: str = "digpt_tiny"
+    img_size: int | None = None
+    patch_size: int | None = None
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    decoder_dim: int | None = None
+    decoder_depth: int | None = None
+    decoder_heads: int | None = None
+    segments_per_side: int | None = None
+    feature_taps: list[int] | None = None
+    fused_attention: bool = True
+
+    def shape_overrides(self) -> dict[str, Any]:
+        skip = {"name", "fused_attention"}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
+
+
+@dataclass
+class TeacherConfig:
+    kind: str = "pixel"  # pixel | clip
+    clip_model: str = "ViT-H-14"
+    checkpoint: str = ""  # local path or fsspec URL (gs://...) of open_clip weights
+    precision: str = "auto"  # auto (the training precision) | fp32 | bf16 | fp16
+
+
+@dataclass
+class DataConfig:
+    source: str = "digits"  # digits | synthetic
+    batch_size: int = 64  # per device (per process on multi-process backends)
+    num_workers: int = 0
+    synthetic_size: int = 4096  # samples of the synthetic source
+    train_fraction: float = 0.8  # digits: the rest is held out for kNN evaluation
+    min_scale: float = 0.6  # RandomResizedCrop lower scale for digits (the release uses 0.2 on ImageNet)
+
+
+@dataclass
+class OptimConfig:
+    blr: float = 1.5e-4  # lr = blr * effective batch / 256
+    lr: float | None = None  # absolute lr; overrides blr when set
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    clip_grad: float | None = None
+    accum_steps: int = 1
+    effective_batch: int | None = None  # when set, accum_steps = effective_batch / (batch_size x devices)
+
+
+@dataclass
+class ScheduleConfig:
+    epochs: float = 300.0
+    warmup_epochs: float = 40.0
+    steps_per_epoch: int | None = None  # None: the data source's length / global batch
+    max_steps: int | None = None  # stop early (smoke tests); the schedule still spans `epochs`
+
+
+@dataclass
+class BackendConfig:
+    name: str = "auto"  # auto | cpu | cuda | xla | xla-spmd
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16: CUDA only, with a GradScaler)
+    compile_cache: str = ""  # XLA persistent compile cache directory ("" = off)
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/default"
+    seed: int = 0
+    log_every: int = 10
+    ckpt_every: int = 500  # optimizer steps between checkpoints (0 = only at the end)
+    keep_last: int = 3
+    resume: str = "auto"  # auto | never | a checkpoint path
+    progress: bool = True
+    knn_eval: bool = False  # kNN accuracy of the encoder before and after (sources with labels)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "teacher.kind": ("pixel", "clip"),
+    "teacher.precision": ("auto", "fp32", "bf16", "fp16"),
+    "data.source": ("digits", "synthetic"),
+    "backend.name": ("auto", "cpu", "cuda", "xla", "xla-spmd"),
+    "backend.precision": ("fp32", "bf16", "fp16"),
+}
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check (and where lossless, convert) ``value`` against the annotation ``tp``."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, arg, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML reads "1e-4" (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if tp is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if tp in (int, str, bool) and type(value) is tp:
+        return value
+    raise ConfigError(f"{key}: value {value!r} is a {type(value).__name__}, expected {_type_name(tp)}")
+
+
+def _merge(obj: Any, values: dict[str, Any], prefix: str) -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if name not in names:
+            close = difflib.get_close_matches(name, names, n=3)
+            hint = f"closest: {', '.join(prefix + c for c in close)}" if close else f"valid: {', '.join(names)}"
+            raise ConfigError(f"unknown config key {key!r} ({hint})")
+        current = getattr(obj, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}: is a section, expected a mapping, got {value!r}")
+            _merge(current, value, f"{key}.")
+            continue
+        value = _convert(value, hints[name], key)
+        if key in CHOICES and value not in CHOICES[key]:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(CHOICES[key])}")
+        setattr(obj, name, value)
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``a.b=value`` -> {"a": {"b": value}}; the value is parsed as YAML (numbers, lists, null, booleans)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form section.key=value")
+    dotted, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    nested: dict[str, Any] = {}
+    node = nested
+    parts = dotted.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return nested
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the YAML file (if any), then each ``a.b=value`` override in order."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        try:
+            _merge(cfg, data, "")
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    for text in overrides:
+        _merge(cfg, parse_override(text), "")
+    return cfg

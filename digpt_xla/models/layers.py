@@ -1,0 +1,159 @@
+"""Building blocks of the D-iGPT model: masked attention, encoder and decoder blocks, sin-cos tables, masks.
+
+Parameter names (``qkv``, ``proj``, ``q``, ``kv``, ``norm1`` ...) follow the published release so that its
+checkpoints load with ``strict=True``. The MLP and patch embedding come from timm, whose key names match.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Mlp
+from torch import Tensor, nn
+
+
+def attention_product(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, fused: bool) -> Tensor:
+    """softmax(q k^T / sqrt(d) + mask) v for (B, H, N, d) inputs and an additive (N, N) float mask.
+
+    The fused path is ``scaled_dot_product_attention``; the explicit path spells the formula out and is
+    what tests compare the fused one against.
+    """
+    if fused:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype))
+    scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
+    scores = scores + mask.to(scores.dtype)
+    return scores.softmax(dim=-1) @ v
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with an additive mask."""
+
+    fused: bool = True
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"attention width {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = attention_product(qkv[0], qkv[1], qkv[2], mask, self.fused)  # (B, H, N, d)
+        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+
+
+class CrossAttention(nn.Module):
+    """Queries from the decoder stream, keys and values from an encoder latent of the same length."""
+
+    fused: bool = True
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"attention width {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, context: Tensor, mask: Tensor) -> Tensor:
+        B, N, C = x.shape
+        heads, head_dim = self.num_heads, C // self.num_heads
+        q = self.q(x).reshape(B, N, heads, head_dim).transpose(1, 2)
+        kv = self.kv(context).reshape(B, context.shape[1], 2, heads, head_dim).permute(2, 0, 3, 1, 4)
+        out = attention_product(q, kv[0], kv[1], mask, self.fused)
+        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x += attn(norm1(x)); x += mlp(norm2(x))."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        x = x + self.attn(self.norm1(x), mask)
+        return x + self.mlp(self.norm2(x))
+
+
+class DecoderBlock(nn.Module):
+    """Self-attention, cross-attention to one encoder latent, MLP; all pre-norm and all under the same mask."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn1 = Attention(dim, num_heads)
+        self.norm2_1 = nn.LayerNorm(dim, eps=eps)
+        self.norm2_2 = nn.LayerNorm(dim, eps=eps)
+        self.attn2 = CrossAttention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
+
+    def forward(self, x: Tensor, latent: Tensor, mask: Tensor) -> Tensor:
+        x = x + self.attn1(self.norm1(x), mask)
+        x = x + self.attn2(self.norm2_1(x), self.norm2_2(latent), mask)
+        return x + self.mlp(self.norm2(x))
+
+
+def set_fused_attention(model: nn.Module, fused: bool) -> None:
+    """Switch every attention module of ``model`` between SDPA and the explicit softmax path."""
+    for module in model.modules():
+        if isinstance(module, (Attention, CrossAttention)):
+            module.fused = fused
+
+
+def sincos_table_1d(dim: int, positions: Tensor) -> Tensor:
+    """(len(positions), dim): sin of position x frequency in the first half, cos in the second."""
+    if dim % 2:
+        raise ValueError(f"sin-cos width must be even, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0))
+    angles = positions.to(torch.float64)[:, None] * omega[None, :]
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+def sincos_table_2d(dim: int, grid_size: int, cls_row: bool = True) -> Tensor:
+    """MAE-style fixed 2D sin-cos table, (1 [+1], grid_size**2, dim) in float32, raster order.
+
+    The first half of the channels encodes the column, the second half the row (the MAE convention, kept
+    so tables equal the release's); an all-zero row for CLS leads when ``cls_row``.
+    """
+    if dim % 4:
+        raise ValueError(f"2D sin-cos width must be divisible by 4, got {dim}")
+    rows, cols = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")
+    table = torch.cat([sincos_table_1d(dim // 2, cols.flatten()), sincos_table_1d(dim // 2, rows.flatten())], dim=1)
+    if cls_row:
+        table = torch.cat([torch.zeros(1, dim, dtype=table.dtype), table], dim=0)
+    return table.float().unsqueeze(0)
+
+
+def segment_causal_mask(num_visible_segments: int, tokens_per_segment: int) -> Tensor:
+    """Additive (L, L) mask, L = visible segments x tokens + 1 CLS, 0 where attention is allowed, -inf not.
+
+    Token of segment i sees every token of segments <= i. The trailing CLS token counts as a member of the
+    last visible segment: it sees everything and is seen by that segment only.
+    """
+    segment = torch.arange(num_visible_segments).repeat_interleave(tokens_per_segment)
+    segment = torch.cat([segment, torch.tensor([num_visible_segments - 1])])
+    allowed = segment[None, :] <= segment[:, None]
+    return torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
+
+
+def segment_raster_index(grid_size: int, segments_per_side: int) -> Tensor:
+    """(S, T) long: raster patch index of token t of segment s; segments and their tokens in raster order."""
+    if grid_size % segments_per_side:
+        raise ValueError(f"a {grid_size}x{grid_size} grid does not split into {segments_per_side}^2 segments")
+    side = grid_size // segments_per_side
+    grid = torch.arange(grid_size * grid_size).reshape(segments_per_side, side, segments_per_side, side)
+    return grid.permute(0, 2, 1, 3).reshape(segments_per_side**2, side * side)
+
+
+def default_feature_taps(depth: int) -> tuple[int, ...]:
+    """1-based encoder blocks whose outputs feed the decoders: (6, 8, 10, 12) for depth 12."""
+    return tuple(sorted({max(1, round(depth * f)) for f in (1 / 2, 2 / 3, 5 / 6)} | {depth}))

@@ -1,0 +1,168 @@
+"""Frozen teachers whose token features the student predicts.
+
+Both teachers share one contract: ``teacher(images)`` takes the student's ImageNet-normalised batch
+(B, 3, H, W) and returns (B, 1 + grid**2, dim) float tokens, CLS first, without gradients.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+from dataclasses import asdict
+from typing import Any
+
+import fsspec
+import torch
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch import Tensor, nn
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read or does not fit the model it is loaded into."""
+
+
+def read_state_dict(url: str) -> dict[str, Tensor]:
+    """Tensors of a checkpoint on any fsspec filesystem (local, gs://, memory://).
+
+    ``.safetensors`` is read with safetensors; ``.pt``/``.pth``/``.bin`` with ``torch.load(weights_only=True)``.
+    A wrapping ``state_dict``/``model`` entry and a DDP ``module.`` prefix are removed.
+    """
+    suffix = next((s for s in CHECKPOINT_SUFFIXES if url.endswith(s)), None)
+    if suffix is None:
+        raise CheckpointError(f"{url}: unsupported checkpoint type; expected one of {', '.join(CHECKPOINT_SUFFIXES)}")
+    try:
+        with fsspec.open(url, "rb") as f:
+            payload = f.read()
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{url}: checkpoint not found") from e
+    if suffix == ".safetensors":
+        from safetensors.torch import load as load_safetensors
+
+        state = load_safetensors(payload)
+    else:
+        try:
+            state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises several types for corrupt or non-weights-only pickles
+            raise CheckpointError(f"{url}: cannot be read as a weights-only torch checkpoint ({e})") from e
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
+            state = state[wrapper]
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{url}: holds a {type(state).__name__}, not a state dict")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def check_state_dict(expected: Mapping[str, Tensor], found: Mapping[str, Tensor], source: str) -> None:
+    """Raise one CheckpointError naming the first missing, unexpected or mis-shaped key (with shapes)."""
+    for key, ref in expected.items():
+        if key not in found:
+            raise CheckpointError(f"{source}: missing key {key!r} (expected shape {tuple(ref.shape)})")
+        if tuple(found[key].shape) != tuple(ref.shape):
+            raise CheckpointError(
+                f"{source}: key {key!r} has shape {tuple(found[key].shape)}, expected {tuple(ref.shape)}"
+            )
+    for key, value in found.items():
+        if key not in expected:
+            raise CheckpointError(f"{source}: unexpected key {key!r} (shape {tuple(value.shape)})")
+
+
+class ClipTeacher(nn.Module):
+    """Frozen open_clip image tower returning every token after ``ln_post`` and ``proj``, CLS first.
+
+    Only the vision tower is built (no text tower, nothing downloaded). ``checkpoint`` may hold a full
+    open_clip state dict (``visual.*`` keys plus the text tower) or the image tower alone.
+    ``vision_overrides`` changes the tower's open_clip config (e.g. fewer layers, for tests).
+    """
+
+    def __init__(
+        self,
+        model_name: str = "ViT-H-14",
+        checkpoint: str | None = None,
+        vision_overrides: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        import open_clip
+        from open_clip.model import CLIPVisionCfg, _build_vision_tower
+
+        model_cfg = open_clip.get_model_config(model_name)
+        if model_cfg is None:
+            raise ValueError(f"unknown open_clip model {model_name!r}; see open_clip.list_models()")
+        vision_cfg = CLIPVisionCfg(**{**model_cfg["vision_cfg"], **(vision_overrides or {})})
+        self.visual = _build_vision_tower(model_cfg["embed_dim"], vision_cfg, model_cfg.get("quick_gelu", False))
+        if self.visual.proj is None or getattr(self.visual, "attn_pool", None) is not None:
+            raise ValueError(f"{model_name}: only plain ViT towers with a projection are supported as teachers")
+        if getattr(self.visual, "final_ln_after_pool", False):
+            raise ValueError(f"{model_name}: ln_post after pooling leaves patch tokens unnormalised; unsupported")
+        self.model_name = model_name
+        self.image_size = vision_cfg.image_size if isinstance(vision_cfg.image_size, int) else vision_cfg.image_size[0]
+        self.grid_size = self.image_size // vision_cfg.patch_size
+        self.dim = model_cfg["embed_dim"]
+        self.vision_cfg = asdict(vision_cfg)
+        if checkpoint:
+            self.load_checkpoint(checkpoint)
+        # Maps ImageNet-normalised input straight to CLIP-normalised input: x * scale + shift.
+        in_mean, in_std = torch.tensor(IMAGENET_DEFAULT_MEAN), torch.tensor(IMAGENET_DEFAULT_STD)
+        clip_mean, clip_std = torch.tensor(CLIP_MEAN), torch.tensor(CLIP_STD)
+        self.register_buffer("scale", (in_std / clip_std).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("shift", ((in_mean - clip_mean) / clip_std).view(1, 3, 1, 1), persistent=False)
+        self.requires_grad_(False)
+        self.eval()
+
+    def load_checkpoint(self, url: str) -> None:
+        state = read_state_dict(url)
+        if any(k.startswith("visual.") for k in state):
+            state = {k.removeprefix("visual."): v for k, v in state.items() if k.startswith("visual.")}
+        check_state_dict(self.visual.state_dict(), state, url)
+        self.visual.load_state_dict(state, strict=True)
+
+    def train(self, mode: bool = True) -> ClipTeacher:
+        return super().train(False)  # always frozen, whatever the caller's mode
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        x = images * self.scale + self.shift
+        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False)
+        x = self.visual._embeds(x)
+        x = self.visual.transformer(x)
+        return (self.visual.ln_post(x) @ self.visual.proj).float()
+
+
+class PixelTeacher(nn.Module):
+    """Per-patch normalised pixels as targets; needs no weights.
+
+    Patch tokens: each ``patch_size`` x ``patch_size`` patch of the input, flattened as (row, column,
+    channel) and normalised to zero mean and unit variance over its values (MAE's ``norm_pix``).
+    CLS token: a global target, the whole image average-pooled to one patch_size x patch_size thumbnail
+    and normalised the same way. Width ``3 * patch_size**2``.
+    """
+
+    def __init__(self, patch_size: int, image_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        if image_size % patch_size:
+            raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
+        self.patch_size = patch_size
+        self.image_size = image_size
+        self.grid_size = image_size // patch_size
+        self.dim = 3 * patch_size**2
+        self.eps = eps
+
+    def _normalise(self, x: Tensor) -> Tensor:
+        mean, var = x.mean(dim=-1, keepdim=True), x.var(dim=-1, keepdim=True, unbiased=False)
+        return (x - mean) / (var + self.eps).sqrt()
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        B, C, H, W = images.shape
+        if self.image_size != H or self.image_size != W:
+            raise ValueError(f"PixelTeacher expects {self.image_size}px images, got {H}x{W}")
+        p, g = self.patch_size, self.grid_size
+        x = images.float()
+        patches = x.reshape(B, C, g, p, g, p).permute(0, 2, 4, 3, 5, 1).reshape(B, g * g, p * p * C)
+        thumb = F.adaptive_avg_pool2d(x, p).permute(0, 2, 3, 1).reshape(B, 1, p * p * C)
+        return self._normalise(torch.cat([thumb, patches], dim=1))

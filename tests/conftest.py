@@ -1,0 +1,38 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+os.environ.setdefault("PJRT_DEVICE", "CPU")
+
+
+def _has_xla() -> bool:
+    try:
+        import torch_xla  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+HAS_XLA = _has_xla()
+needs_xla = pytest.mark.skipif(not HAS_XLA, reason="torch_xla is not installed")
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("PJRT_DEVICE", "CPU")
+    env.update(extra)
+    return env
+
+
+PYTHON = sys.executable
