@@ -3,7 +3,8 @@ import pytest
 from digpt_xla.config import ConfigError, load_config
 
 REPO_YAML = ["yaml/demo.yaml", "yaml/pretrain/vit_base_gpu.yaml", "yaml/pretrain/vit_base_tpu.yaml",
-             "yaml/pretrain/vit_large_gpu.yaml", "yaml/pretrain/vit_large_tpu.yaml"]  # fmt: skip
+             "yaml/pretrain/vit_large_gpu.yaml", "yaml/pretrain/vit_large_tpu.yaml",
+             "yaml/pretrain/vit_huge_gpu.yaml", "yaml/pretrain/vit_huge_tpu.yaml"]  # fmt: skip
 
 
 def test_defaults_yaml_and_overrides(tmp_path):

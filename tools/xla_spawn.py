@@ -20,7 +20,9 @@ def _worker(index: int, config: str, overrides: list[str]) -> None:
     from digpt_xla.cli import find_config, run_pretrain
     from digpt_xla.config import load_config
 
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [xla:{index}] %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format=f"%(asctime)s [xla:{index}] %(levelname)s %(name)s: %(message)s", force=True
+    )
     cfg = load_config(find_config(config), overrides)
     cfg.backend.name = "xla"
     result = run_pretrain(cfg)

@@ -2,6 +2,7 @@
 
 Run under torchrun (DDP, gloo) or with backend.name=xla-spmd; extra argv are config overrides."""
 
+import logging
 import sys
 
 import torch
@@ -9,6 +10,7 @@ import torch
 from digpt_xla.config import load_config
 from digpt_xla.engine import Pretrainer
 
+logging.basicConfig(level=logging.INFO, force=True)
 out_path, overrides = sys.argv[1], sys.argv[2:]
 cfg = load_config(None, ["run.progress=false", "run.resume=never", *overrides])
 trainer = Pretrainer(cfg)
@@ -16,6 +18,7 @@ batches, orders = trainer.next_step_inputs(trainer.device_batches())
 loss, _, _ = trainer.forward_backward(batches, orders)
 trainer.backend.reduce_gradients(trainer.optimizer)
 loss = trainer.backend.all_reduce_mean(loss.detach())
+trainer.backend.mark_step()  # one graph for the whole step; reading grads one by one would trace one each
 model = trainer.backend.unwrap(trainer.model)
 grads = {n: p.grad.detach().cpu() for n, p in model.named_parameters() if p.grad is not None}
 if trainer.backend.is_main:
