@@ -196,9 +196,11 @@ def parse_override(text: str) -> dict[str, Any]:
     return nested
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults, then the YAML file (if any), then each ``a.b=value`` override in order."""
-    cfg = Config()
+T = typing.TypeVar("T")
+
+
+def load_dataclass(root: T, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> T:
+    """Fill the dataclass ``root`` from a YAML file (if any), then each ``a.b=value`` override in order."""
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -207,9 +209,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
         try:
-            _merge(cfg, data, "")
+            _merge(root, data, "")
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
     for text in overrides:
-        _merge(cfg, parse_override(text), "")
-    return cfg
+        _merge(root, parse_override(text), "")
+    return root
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """The run configuration: defaults, then the YAML file, then the overrides."""
+    return load_dataclass(Config(), path, overrides)

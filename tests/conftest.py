@@ -18,6 +18,13 @@ def _has_xla() -> bool:
 
 
 HAS_XLA = _has_xla()
+if HAS_XLA:
+    # Autograd sizes its per-device queues at the first backward of the process; torch_xla must be loaded before
+    # any test runs one, or a later in-process XLA backward fails (the parity harness does the same up front).
+    import torch_xla
+    import torch_xla.runtime
+
+    torch_xla.runtime.global_runtime_device_count()
 needs_xla = pytest.mark.skipif(not HAS_XLA, reason="torch_xla is not installed")
 
 

@@ -46,7 +46,6 @@ def test_wrong_type_names_key_value_and_type(tmp_path):
 @pytest.mark.parametrize("path", REPO_YAML)
 def test_shipped_configs_load(path):
     from conftest import REPO
-
     from digpt_xla.models import digpt_config
 
     cfg = load_config(REPO / path)

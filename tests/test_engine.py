@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PYTHON, REPO, needs_xla, subprocess_env
 
+from conftest import PYTHON, REPO, needs_xla, subprocess_env
 from digpt_xla.config import load_config
 from digpt_xla.engine import NonFiniteLossError, Pretrainer
 from digpt_xla.engine.checkpoint import CheckpointManager, load_checkpoint

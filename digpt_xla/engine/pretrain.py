@@ -331,9 +331,10 @@ class Pretrainer:
                     now = time.perf_counter()
                     if now - t_last > 2.0:
                         img_s = (self.step - step_last) * self.effective_batch / (now - t_last)
-                        progress.set_postfix(
-                            img_s=f"{img_s:.0f}", loss=f"{self.last_metrics.get('loss', math.nan):.4f}"
-                        )
+                        shown = {"img_s": f"{img_s:.0f}"}
+                        if "loss" in self.last_metrics:
+                            shown["loss"] = f"{self.last_metrics['loss']:.4f}"
+                        progress.set_postfix(shown)
                         t_last, step_last = now, self.step
                 if preempt.requested:
                     stopped = "preempted"

@@ -1,0 +1,67 @@
+"""``python -m parity run --config yaml/parity/NAME.yaml [--backends cpu,xla] [--out DIR] [key=value ...]``
+
+Exit code 0 when every check is within the config's tolerances, 1 when one is not, 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+from pathlib import Path
+
+from digpt_xla.config import ConfigError
+
+from .harness import load_parity_config, run_parity
+from .report import environment, write_report
+from .sides import Side, SideError
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = load_parity_config(args.config, args.overrides)
+    if args.backends:
+        backends = args.backends.split(",")
+        if len(backends) != len(cfg.sides):
+            raise SideError(f"--backends names {len(backends)} backends for {len(cfg.sides)} sides")
+        cfg.sides = [f"{b}:{Side.parse(s).setting}" for b, s in zip(backends, cfg.sides, strict=True)]
+    for s in cfg.sides:
+        Side.parse(s)
+    name = Path(args.config).stem
+    out = args.out or os.path.join("runs", "parity", name)
+    report = run_parity(cfg)
+    report["config"] = dataclasses.asdict(cfg)
+    report["environment"] = environment()
+    files = write_report(report, out, name)
+    for comp in report["comparisons"]:
+        failed = [c["check"] for c in comp["checks"] if not c["ok"]]
+        fd = comp["first_divergent"]
+        print(f"{comp['candidate']} vs {comp['reference']}: {'PASS' if comp['passed'] else 'FAIL'}"
+              + (f" (over tolerance: {', '.join(failed)})" if failed else "")
+              + (f"; first divergent module: {fd['module']} (rel. L2 {fd['rel_l2']:.3g})" if fd else ""))  # fmt: skip
+    print(f"report: {files['md']}")
+    return 0 if report["passed"] else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    parser = argparse.ArgumentParser(prog="python -m parity", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the sides of a parity config and write the report")
+    run.add_argument("--config", required=True)
+    run.add_argument("--backends", default="", help="comma list replacing each side's backend, e.g. cpu,xla")
+    run.add_argument("--out", default="", help="report directory (default runs/parity/<config name>)")
+    run.add_argument("overrides", nargs="*", help="key=value, e.g. steps=5 input.batch_size=4")
+    run.set_defaults(fn=cmd_run)
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ConfigError, SideError) as e:
+        print(f"parity: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""Parity reports: ``report.json`` (everything), ``report.md`` (verdict, tables), PNG plots."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from typing import Any
+
+import torch
+
+
+def environment() -> dict[str, str]:
+    env = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine()}
+    try:
+        import torch_xla
+
+        env["torch_xla"] = torch_xla.__version__
+    except ImportError:
+        pass
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    env["cpu"] = f"{cpu or platform.processor()} ({os.cpu_count()} cores)"
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(0)
+    return env
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.3g}" if isinstance(x, float) else str(x)
+
+
+def render_markdown(report: dict[str, Any], title: str) -> str:
+    lines = [f"# Parity: {title}", ""]
+    verdict = "PASS" if report["passed"] else "FAIL"
+    env = report["environment"]
+    lines += [
+        f"**Verdict: {verdict}**. Model `{report['model']}` ({report['trainable_params'] / 1e6:.1f} M trainable),"
+        f" batch {report['config']['input']['batch_size']}, {report['config']['steps']}-step trajectory, "
+        f"seed {report['config']['seed']}.",
+        "",
+        "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()),
+        "",
+        "| side | device | seconds |",
+        "|---|---|---|",
+        *[f"| `{s['side']}` | {s['device']} | {s['seconds']:.1f} |" for s in report["sides"]],
+        "",
+    ]
+    for comp in report["comparisons"]:
+        lines += [f"## `{comp['candidate']}` against `{comp['reference']}`", "", "| check | value | target | ok |",
+                  "|---|---|---|---|"]  # fmt: skip
+        lines += [
+            f"| {c['check']} | {_fmt(c['value'])} | {c['op']} {_fmt(c['tolerance'])} | {'yes' if c['ok'] else 'NO'} |"
+            for c in comp["checks"]
+        ]
+        losses = comp["losses"]
+        lines += ["", "| loss | reference | candidate | rel. error |", "|---|---|---|---|"]
+        lines += [f"| {k} | {v['ref']:.8f} | {v['cand']:.8f} | {_fmt(v['rel'])} |" for k, v in losses.items()]
+        fd = comp["first_divergent"]
+        lines += ["", "### Localisation", ""]
+        if fd is None:
+            lines.append("Every module output is within tolerance.")
+        else:
+            lines.append(f"First module over tolerance (rel. L2 > {_fmt(fd['tolerance'])}), in execution order: "
+                         f"`{fd['module']}` (call #{fd['index']}), rel. L2 {_fmt(fd['rel_l2'])}, "
+                         f"max abs {_fmt(fd['max_abs'])}.")  # fmt: skip
+        acts = comp["activations"]
+        shown = sorted({0, len(acts) - 1, *(range(0, len(acts), max(1, len(acts) // 12)))})
+        if fd is not None:
+            shown = sorted(set(shown) | {fd["index"]})
+        lines += ["", "| # | module | max abs | rel. L2 | cosine |", "|---|---|---|---|---|"]
+        lines += [f"| {i} | `{acts[i]['module']}` | {_fmt(acts[i]['max_abs'])} | {_fmt(acts[i]['rel_l2'])} | "
+                  f"{acts[i]['cosine']:.8f} |" for i in shown]  # fmt: skip
+        lines += ["", "### Worst 10 gradients (rel. L2)", "", "| parameter | max abs | rel. L2 | cosine |",
+                  "|---|---|---|---|"]  # fmt: skip
+        lines += [f"| `{g['param']}` | {_fmt(g['max_abs'])} | {_fmt(g['rel_l2'])} | {g['cosine']:.8f} |"
+                  for g in comp["worst_grads"]]  # fmt: skip
+        lines += ["", "### Parameters after one AdamW step: worst 5 individually", "",
+                  "Zero-initialised parameters with an analytically zero gradient (attention key biases) take a "
+                  "step of Adam's sign of rounding noise, so individual relative errors there say little; the "
+                  "check above uses all parameters together.", "", "| parameter | max abs | rel. L2 |",
+                  "|---|---|---|"]  # fmt: skip
+        lines += [f"| `{p['param']}` | {_fmt(p['max_abs'])} | {_fmt(p['rel_l2'])} |"
+                  for p in comp["worst_params_after_step"]]  # fmt: skip
+        traj = comp["trajectory"]
+        steps = traj["steps"]
+        pick = sorted({0, len(steps) - 1, *range(0, len(steps), max(1, len(steps) // 10))})
+        lines += ["", "### Loss drift over the trajectory", "", "| step | reference | candidate | rel. error |",
+                  "|---|---|---|---|"]  # fmt: skip
+        lines += [f"| {steps[i]['step']} | {steps[i]['ref']:.6f} | {steps[i]['cand']:.6f} | {_fmt(steps[i]['rel'])} |"
+                  for i in pick]  # fmt: skip
+        lines += [
+            "",
+            f"Parameters after {len(steps)} steps: distance {_fmt(traj['final_param_distance'])}, "
+            f"{_fmt(traj['final_param_rel_distance'])} of their norm, "
+            f"{_fmt(traj['distance_over_movement'])} of the distance they moved from the start.",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def plot(report: dict[str, Any], out_dir: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for k, comp in enumerate(report["comparisons"]):
+        suffix = "" if len(report["comparisons"]) == 1 else f"_{k + 1}"
+        fig, ax = plt.subplots(figsize=(8, 3.5))
+        rel = [max(a["rel_l2"], 1e-12) for a in comp["activations"]]
+        ax.semilogy(rel, lw=1)
+        if comp["first_divergent"] is not None:
+            ax.axvline(comp["first_divergent"]["index"], color="r", ls="--", lw=1, label="first over tolerance")
+            ax.legend()
+        ax.set_xlabel("module call (execution order)")
+        ax.set_ylabel("rel. L2 error of output")
+        ax.set_title(f"{comp['candidate']} vs {comp['reference']}: per-module error")
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"layer_error{suffix}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+
+        steps = comp["trajectory"]["steps"]
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.3))
+        xs = [s["step"] for s in steps]
+        a1.plot(xs, [s["ref"] for s in steps], label=comp["reference"])
+        a1.plot(xs, [s["cand"] for s in steps], "--", label=comp["candidate"])
+        a1.set_xlabel("step")
+        a1.set_ylabel("loss")
+        a1.legend()
+        a2.semilogy(xs, [max(s["rel"], 1e-12) for s in steps])
+        a2.set_xlabel("step")
+        a2.set_ylabel("loss rel. difference")
+        fig.suptitle("loss drift")
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"loss_drift{suffix}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def write_report(report: dict[str, Any], out_dir: str, title: str) -> dict[str, str]:
+    os.makedirs(out_dir, exist_ok=True)
+    report = {**report, "environment": report.get("environment") or environment()}
+    files = {"json": os.path.join(out_dir, "report.json"), "md": os.path.join(out_dir, "report.md")}
+    with open(files["json"], "w") as f:
+        json.dump(report, f, indent=1)
+    with open(files["md"], "w") as f:
+        f.write(render_markdown(report, title))
+    for i, p in enumerate(plot(report, out_dir)):
+        files[f"png{i}"] = p
+    return files
