@@ -96,14 +96,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_command(parser: argparse.ArgumentParser, argv: list[str] | None, errors: tuple[type[Exception], ...]) -> int:
+    """Parse, run the chosen subcommand; expected input errors print one line and exit 2, not a traceback."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    args = build_parser().parse_args(argv)
+    args = parser.parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, BackendError) as e:
-        print(f"digpt: error: {e}", file=sys.stderr)
+    except errors as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build_parser(), argv, (ConfigError, BackendError))
 
 
 if __name__ == "__main__":

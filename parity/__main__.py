@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import os
 import sys
 from pathlib import Path
 
+from digpt_xla.cli import run_command
 from digpt_xla.config import ConfigError
 
 from .harness import load_parity_config, run_parity
@@ -45,7 +45,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     parser = argparse.ArgumentParser(prog="python -m parity", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True)
@@ -55,12 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--out", default="", help="report directory (default runs/parity/<config name>)")
     run.add_argument("overrides", nargs="*", help="key=value, e.g. steps=5 input.batch_size=4")
     run.set_defaults(fn=cmd_run)
-    args = parser.parse_args(argv)
-    try:
-        return args.fn(args)
-    except (ConfigError, SideError) as e:
-        print(f"parity: error: {e}", file=sys.stderr)
-        return 2
+    return run_command(parser, argv, (ConfigError, SideError))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,11 @@ def attention_product(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, fused: bool
     return scores.softmax(dim=-1) @ v
 
 
+def check_heads(dim: int, num_heads: int) -> None:
+    if dim % num_heads:
+        raise ValueError(f"attention width {dim} is not divisible by {num_heads} heads")
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with an additive mask."""
 
@@ -32,8 +37,7 @@ class Attention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"attention width {dim} is not divisible by {num_heads} heads")
+        check_heads(dim, num_heads)
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
@@ -52,8 +56,7 @@ class CrossAttention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"attention width {dim} is not divisible by {num_heads} heads")
+        check_heads(dim, num_heads)
         self.num_heads = num_heads
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
         self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
