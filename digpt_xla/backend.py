@@ -129,6 +129,14 @@ class Backend:
         self.check_precision(precision)
         return None
 
+    def optimizer_options(self) -> dict[str, Any]:
+        """Extra keyword arguments for torch optimizers on this backend."""
+        return {}
+
+    def learning_rate(self, value: float) -> float | Tensor:
+        """The learning rate in the form this backend's optimizer takes it."""
+        return value
+
     def unwrap(self, model: nn.Module) -> nn.Module:
         return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
@@ -267,6 +275,18 @@ class XlaBackend(Backend):
         self.check_precision(precision)
         dtype = PRECISIONS[precision]
         return contextlib.nullcontext() if dtype is None else torch.autocast("xla", dtype=dtype)
+
+    def optimizer_options(self) -> dict[str, Any]:
+        # Capturable AdamW keeps its step count and bias corrections on the device. Otherwise they are Python
+        # scalars that change every step, and torch_xla (which dedups scalar inputs by value) traces a new graph
+        # whenever two of them happen to coincide or stop coinciding: several compilations instead of one.
+        return {"capturable": True}
+
+    def learning_rate(self, value: float) -> float | Tensor:
+        # A fresh device tensor each step: the lr is an input of the step's graph, never a baked-in constant.
+        # Capturable Adam divides by the step size, so the warmup's lr of exactly 0 would give 0/0; 1e-30 is the
+        # same as 0 for fp32 weights (1 - 1e-30 * wd rounds to 1, updates of ~1e-30 vanish) and is finite.
+        return torch.tensor(max(value, 1e-30), dtype=torch.float32).to(self.device)
 
     def reduce_gradients(self, optimizer: torch.optim.Optimizer) -> None:
         if self.world_size > 1:

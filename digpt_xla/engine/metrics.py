@@ -13,31 +13,32 @@ from torch import Tensor
 
 
 class DeferredMeter:
-    """Sums of per-step scalars kept on the device; ``take()`` hands them over and starts a new window."""
+    """Sums of per-step scalars kept on the device; ``take()`` hands them over and starts a new window.
+
+    One vector holds every sum plus the count of non-finite values: separate 0-dim zeros would be deduplicated
+    by value on XLA and give the first step of each window a graph of its own.
+    """
 
     def __init__(self, names: tuple[str, ...], device: torch.device) -> None:
         self.names, self.device = names, device
         self.reset()
 
     def reset(self) -> None:
-        # Zeros made on the host and copied over are plain device data; zeros made on an XLA device would be
-        # constants inside the next step's graph and give the step after each log a graph of its own.
-        self.sums = {n: torch.zeros(()).to(self.device) for n in self.names}
-        self.nonfinite = torch.zeros((), dtype=torch.int32).to(self.device)
+        # Made on the host and copied: plain device data, not a constant inside the next step's graph.
+        self.sums = torch.zeros(len(self.names) + 1).to(self.device)
         self.count = 0
 
     def add(self, **values: Tensor) -> None:
-        for name, value in values.items():
-            value = value.detach().float()
-            self.sums[name] = self.sums[name] + value
-            self.nonfinite = self.nonfinite + (~torch.isfinite(value)).int()
+        step = torch.stack([values[n].detach().float().reshape(()) for n in self.names])
+        nonfinite = (~torch.isfinite(step)).sum().float().reshape(1)
+        self.sums = self.sums + torch.cat([step, nonfinite])
         self.count += 1
 
-    def take(self) -> tuple[list[Tensor], int]:
-        """(sums in ``names`` order followed by the non-finite count, number of steps); then reset."""
-        tensors, count = [*(self.sums[n] for n in self.names), self.nonfinite], self.count
+    def take(self) -> tuple[Tensor, int]:
+        """(the device vector: sums in ``names`` order, then the non-finite count; number of steps); resets."""
+        sums, count = self.sums, self.count
         self.reset()
-        return tensors, count
+        return sums, count
 
 
 class MetricsWriter:

@@ -82,12 +82,14 @@ def init_adamw_state(optimizer: torch.optim.AdamW) -> None:
     On XLA the first step would otherwise trace a graph of its own (state creation inside it) and compile twice.
     """
     for group in optimizer.param_groups:
-        if group["amsgrad"] or group["capturable"] or group["fused"]:
-            raise ValueError("init_adamw_state supports the default AdamW (no amsgrad, capturable or fused)")
+        if group["amsgrad"] or group["fused"]:
+            raise ValueError("init_adamw_state supports AdamW without amsgrad or fused")
         for p in group["params"]:
             state = optimizer.state[p]
             if not state:
-                state["step"] = torch.tensor(0.0)
+                # torch keeps the step count with the parameter when capturable, on the host otherwise
+                on_device = {"device": p.device} if group["capturable"] else {}
+                state["step"] = torch.zeros((), dtype=torch.float32, **on_device)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
@@ -132,8 +134,9 @@ class Pretrainer:
         self.base_lr = opt.lr if opt.lr is not None else scaled_lr(opt.blr, self.effective_batch)
         self.optimizer = torch.optim.AdamW(
             param_groups_weight_decay(b.unwrap(self.model), opt.weight_decay),
-            lr=self.base_lr,
+            lr=b.learning_rate(self.base_lr),
             betas=tuple(opt.betas),
+            **b.optimizer_options(),
         )
         self.scaler = b.grad_scaler(self.precision)
         init_adamw_state(self.optimizer)
@@ -215,17 +218,17 @@ class Pretrainer:
     def _flush_metrics(self, lr: float) -> None:
         if self.meter.count == 0:
             return
-        tensors, count = self.meter.take()
+        sums, count = self.meter.take()
         step = self.step
 
-        def record(*values: Tensor) -> None:
-            sums = [float(v) for v in values[:-1]]
-            if int(values[-1]) > 0:
+        def record(values: Tensor) -> None:
+            *totals, nonfinite = values.tolist()
+            if nonfinite > 0:
                 self.nonfinite_seen = True
-            self.last_metrics = {n: s / count for n, s in zip(METRIC_NAMES, sums, strict=True)} | {"lr": lr}
+            self.last_metrics = {n: t / count for n, t in zip(METRIC_NAMES, totals, strict=True)} | {"lr": lr}
             self.metrics.write(step, self.last_metrics)
 
-        self.backend.on_host(record, *tensors)
+        self.backend.on_host(record, sums)
 
     def _check_finite(self) -> None:
         """Bring the non-finite count of the current window to the host (one sync; used before saving)."""
@@ -256,7 +259,7 @@ class Pretrainer:
         """Reduce gradients across replicas, clip, step, zero; returns the (pre-clip) gradient norm."""
         b, opt = self.backend, self.optimizer
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = b.learning_rate(lr)
         b.reduce_gradients(opt)
         if self.scaler is not None:
             self.scaler.unscale_(opt)
