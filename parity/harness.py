@@ -206,7 +206,9 @@ def run_side(cfg: ParityConfig, side: Side, model_cfg, initial_state, inputs: In
     opt = _optimizer(cfg, model)
     scaler = backend.grad_scaler(side.autocast_precision)
     losses = []
-    for batch in inputs.trajectory:
+    from tqdm import tqdm
+
+    for batch in tqdm(inputs.trajectory, desc=f"{side} trajectory", unit="step", leave=False):
         images, tokens, order = move(batch)
         with side.numerics():
             out = model(images, tokens, order)
