@@ -35,7 +35,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     report["environment"] = environment()
     files = write_report(report, out, name)
     for comp in report["comparisons"]:
-        failed = [c["check"] for c in comp["checks"] if not c["ok"]]
+        failed = [c["check"] for c in comp["checks"] if c["ok"] is False]
         fd = comp["first_divergent"]
         print(f"{comp['candidate']} vs {comp['reference']}: {'PASS' if comp['passed'] else 'FAIL'}"
               + (f" (over tolerance: {', '.join(failed)})" if failed else "")

@@ -31,12 +31,21 @@ def environment() -> dict[str, str]:
 
 
 def _fmt(x: float) -> str:
+    if isinstance(x, float) and 0.999 <= abs(x) < 1:
+        return f"{x:.8f}"  # cosines: 0.99994 must not print as 1
     return f"{x:.3g}" if isinstance(x, float) else str(x)
+
+
+def _target(check: dict[str, Any]) -> tuple[str, str]:
+    if check["tolerance"] is None:
+        return "measured", "-"
+    return f"{check['op']} {_fmt(check['tolerance'])}", "yes" if check["ok"] else "NO"
 
 
 def render_markdown(report: dict[str, Any], title: str) -> str:
     lines = [f"# Parity: {title}", ""]
-    verdict = "PASS" if report["passed"] else "FAIL"
+    judged = [c for comp in report["comparisons"] for c in comp["checks"] if c["ok"] is not None]
+    verdict = ("PASS" if report["passed"] else "FAIL") if judged else "MEASURED (no targets set)"
     env = report["environment"]
     lines += [
         f"**Verdict: {verdict}**. Model `{report['model']}` ({report['trainable_params'] / 1e6:.1f} M trainable),"
@@ -53,10 +62,7 @@ def render_markdown(report: dict[str, Any], title: str) -> str:
     for comp in report["comparisons"]:
         lines += [f"## `{comp['candidate']}` against `{comp['reference']}`", "", "| check | value | target | ok |",
                   "|---|---|---|---|"]  # fmt: skip
-        lines += [
-            f"| {c['check']} | {_fmt(c['value'])} | {c['op']} {_fmt(c['tolerance'])} | {'yes' if c['ok'] else 'NO'} |"
-            for c in comp["checks"]
-        ]
+        lines += [f"| {c['check']} | {_fmt(c['value'])} | {' | '.join(_target(c))} |" for c in comp["checks"]]
         losses = comp["losses"]
         lines += ["", "| loss | reference | candidate | rel. error |", "|---|---|---|---|"]
         lines += [f"| {k} | {v['ref']:.8f} | {v['cand']:.8f} | {_fmt(v['rel'])} |" for k, v in losses.items()]

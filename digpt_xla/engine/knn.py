@@ -1,8 +1,9 @@
-"""kNN accuracy of an encoder's frozen features (cosine distance, distance-weighted vote)."""
+"""kNN accuracy of an encoder's frozen features (cosine similarity, temperature-weighted vote)."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
@@ -20,17 +21,23 @@ def extract_features(model, dataset: Dataset, batch_size: int = 256) -> tuple[Te
     return torch.cat(feats), torch.cat(labels)
 
 
-def knn_classify(ref_feats: Tensor, ref_labels: Tensor, query_feats: Tensor, k: int = 20) -> Tensor:
-    """Predicted labels of the queries by a distance-weighted vote of their k nearest references (cosine)."""
-    from sklearn.neighbors import KNeighborsClassifier
+def knn_classify(
+    ref_feats: Tensor, ref_labels: Tensor, query_feats: Tensor, k: int = 20, temperature: float = 0.07
+) -> Tensor:
+    """Labels of the queries by a vote of their k most cosine-similar references, each weighted by
+    exp(similarity / temperature) (the weighted kNN of DINO and InstDisc)."""
+    ref = F.normalize(ref_feats.float(), dim=1)
+    num_classes = int(ref_labels.max()) + 1
+    preds = []
+    for chunk in F.normalize(query_feats.float(), dim=1).split(1024):
+        sim, idx = (chunk @ ref.T).topk(min(k, len(ref)), dim=1)
+        votes = torch.zeros(len(chunk), num_classes).scatter_add_(1, ref_labels[idx], (sim / temperature).exp())
+        preds.append(votes.argmax(dim=1))
+    return torch.cat(preds)
 
-    clf = KNeighborsClassifier(n_neighbors=min(k, len(ref_labels)), metric="cosine", weights="distance")
-    clf.fit(ref_feats.numpy(), ref_labels.numpy())
-    return torch.from_numpy(clf.predict(query_feats.numpy()))
 
-
-def knn_accuracy(model, ref_set: Dataset, query_set: Dataset, k: int = 20) -> float:
+def knn_accuracy(model, ref_set: Dataset, query_set: Dataset, k: int = 20, temperature: float = 0.07) -> float:
     """Top-1 (%) of kNN on ``query_set`` with ``ref_set`` as the labelled memory."""
     ref_f, ref_y = extract_features(model, ref_set)
     q_f, q_y = extract_features(model, query_set)
-    return 100.0 * (knn_classify(ref_f, ref_y, q_f, k) == q_y).float().mean().item()
+    return 100.0 * (knn_classify(ref_f, ref_y, q_f, k, temperature) == q_y).float().mean().item()
