@@ -153,6 +153,15 @@ class Backend:
     def mark_step(self) -> None:
         """End of a step: cut and run the lazy graph on XLA; nothing to do in eager mode."""
 
+    def synchronize(self) -> None:
+        """Wait until queued device work has finished (for timing)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def debug_counters(self) -> dict[str, Any]:
+        """Compiler counters (compilations, CPU fallbacks, device-to-host transfers); empty for eager backends."""
+        return {}
+
     def all_reduce_mean(self, t: Tensor) -> Tensor:
         if self.world_size == 1:
             return t
@@ -294,6 +303,22 @@ class XlaBackend(Backend):
 
     def mark_step(self) -> None:
         self._torch_xla.sync()
+
+    def synchronize(self) -> None:
+        self._torch_xla.sync()
+        self._xm.wait_device_ops()
+
+    def debug_counters(self) -> dict[str, Any]:
+        import torch_xla.debug.metrics as met
+
+        compile_time = met.metric_data("CompileTime") or (0, 0.0)
+        transfers = met.metric_data("TransferFromDeviceTime") or (0, 0.0)
+        return {
+            "compilations": compile_time[0],
+            "compile_time_s": compile_time[1] / 1e9,
+            "device_to_host_transfers": transfers[0],
+            "aten_fallbacks": {c: met.counter_value(c) for c in met.counter_names() if c.startswith("aten::")},
+        }
 
     def all_reduce_mean(self, t: Tensor) -> Tensor:
         if self.world_size == 1:

@@ -84,24 +84,12 @@ def bench_train(args: argparse.Namespace) -> dict:
     trainer = Pretrainer(cfg)
     b = trainer.backend
     is_xla = b.name.startswith("xla")
-    if is_xla:
-        import torch_xla
-        import torch_xla.debug.metrics as met
 
-        def sync(t=None):
-            torch_xla.sync()
-            torch_xla.core.xla_model.wait_device_ops()
-    elif b.device.type == "cuda":
-
-        def sync(t=None):
-            torch.cuda.synchronize(b.device)
-    else:
-
-        def sync(t=None):
-            pass
+    def sync(t=None):
+        b.synchronize()
 
     stream = trainer.device_batches()
-    times, compile_after_warmup = [], None
+    times, after_warmup = [], {}
     for i in range(args.warmup + args.steps):
         inputs = trainer.next_step_inputs(stream)
         sync()
@@ -111,9 +99,9 @@ def bench_train(args: argparse.Namespace) -> dict:
         b.mark_step()
         sync()
         times.append(time.perf_counter() - t)
-        if is_xla and i == args.warmup - 1:
-            met.clear_counters()
-            compile_after_warmup = (met.metric_data("CompileTime") or (0,))[0]
+        if i == args.warmup - 1:
+            after_warmup = b.debug_counters()
+    end = b.debug_counters()  # before the FLOP count and the matmul peak, which run graphs of their own
     warm = times[args.warmup :]
     flops = count_flops(trainer, *trainer.next_step_inputs(stream))
     peak32 = matmul_peak(b.device, torch.float32, sync)
@@ -140,13 +128,13 @@ def bench_train(args: argparse.Namespace) -> dict:
 
         result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     if is_xla:
-        compiles = (met.metric_data("CompileTime") or (0, 0))[:2]
         result["xla"] = {
-            "compilations_total": compiles[0],
-            "compile_time_s_total": compiles[1] / 1e9,
-            "compilations_after_warmup": compiles[0] - (compile_after_warmup or 0),
-            "aten_fallbacks": {c: met.counter_value(c) for c in met.counter_names() if c.startswith("aten::")},
-            "device_to_host_transfers_after_warmup": (met.metric_data("TransferFromDeviceTime") or (0,))[0],
+            "compilations_total": end["compilations"],
+            "compile_time_s_total": end["compile_time_s"],
+            "compilations_after_warmup": end["compilations"] - after_warmup.get("compilations", 0),
+            "aten_fallbacks": end["aten_fallbacks"],
+            "device_to_host_transfers_after_warmup": end["device_to_host_transfers"]
+            - after_warmup.get("device_to_host_transfers", 0),
         }
     return result
 
