@@ -7,7 +7,6 @@ checkpoint, so a checkpoint is never written after a non-finite loss).
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import os
@@ -363,8 +362,7 @@ class Pretrainer:
         sets = build_eval_datasets(self.cfg.data, self.model_cfg.img_size)
         if sets is None:
             return math.nan
-        model = copy.deepcopy(self.backend.unwrap(self.model)).to("cpu") if self.backend.name == "cpu" else None
-        if model is None:
-            model = DiGPT(self.model_cfg)
-            model.load_state_dict(self.backend.to_cpu(self.backend.unwrap(self.model).state_dict()))
+        model = DiGPT(self.model_cfg)
+        model.load_state_dict(self.backend.to_cpu(self.backend.unwrap(self.model).state_dict()))
+        set_fused_attention(model, self.cfg.model.fused_attention)
         return knn_accuracy(model, *sets)
