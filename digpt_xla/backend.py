@@ -49,7 +49,7 @@ class Backend:
     name = "cpu"
     process_group_backend = "gloo"
 
-    def __init__(self) -> None:
+    def __init__(self, compile_cache: str = "") -> None:
         self.distributed = launched_by_torchrun() and int(os.environ.get("WORLD_SIZE", "1")) > 1
         if self.distributed and not dist.is_initialized():
             dist.init_process_group(self.process_group_backend)
@@ -104,6 +104,12 @@ class Backend:
     def prepare_frozen(self, module: nn.Module) -> nn.Module:
         """A frozen module (the teacher): on the device, outside any data-parallel wrapper."""
         return module.to(self.device)
+
+    def compile_module(self, module: nn.Module) -> nn.Module:
+        """``torch.compile`` the module's forward in place (``nn.Module.compile``), so state-dict keys keep their
+        names; call before ``prepare_model`` wraps it for data parallelism."""
+        module.compile()
+        return module
 
     def move(self, batch: Any) -> Any:
         return tree_map_tensors(lambda t: t.to(self.device, non_blocking=True), batch)
@@ -227,6 +233,9 @@ class CudaBackend(Backend):
         self.check_precision(precision)
         return torch.amp.GradScaler("cuda") if precision == "fp16" else None
 
+    def optimizer_options(self) -> dict[str, Any]:
+        return {"fused": True}  # one kernel launch for the whole AdamW update
+
     def _device_rng_state(self) -> Any:
         return torch.cuda.get_rng_state(self.device)
 
@@ -239,7 +248,8 @@ class XlaBackend(Backend):
 
     name = "xla"
 
-    def __init__(self) -> None:
+    def __init__(self, compile_cache: str = "") -> None:
+        self.compile_cache = compile_cache or os.environ.get("DIGPT_XLA_CACHE", "")
         # torch_xla bakes the scalars 0 and 1 into graphs as constants. The warmup's lr of exactly 0 at step 0 and
         # the metric accumulators' zeros would then each give a step a graph of its own: one more compilation.
         os.environ.setdefault("XLA_NO_SPECIAL_SCALARS", "1")
@@ -258,9 +268,10 @@ class XlaBackend(Backend):
         self.device = torch_xla.device()
 
     def _setup_runtime(self) -> None:
-        cache = os.environ.get("DIGPT_XLA_CACHE")
-        if cache:
-            self._xr.initialize_cache(os.path.join(cache, f"rank{self._xr.global_ordinal()}"), readonly=False)
+        if self.compile_cache:
+            self._xr.initialize_cache(
+                os.path.join(self.compile_cache, f"rank{self._xr.global_ordinal()}"), readonly=False
+            )
 
     def manual_seed(self, seed: int) -> None:
         super().manual_seed(seed)
@@ -271,6 +282,12 @@ class XlaBackend(Backend):
         if self.world_size > 1:
             self._xm.broadcast_master_param(model)
         return model
+
+    def compile_module(self, module: nn.Module) -> nn.Module:
+        raise BackendError(
+            f"backend.compile=true is for the eager backends (cuda, cpu); {self.name} already compiles the whole "
+            "step into one XLA graph"
+        )
 
     def prepare_loader(self, loader: Iterable) -> Iterable:
         import torch_xla.distributed.parallel_loader as pl
@@ -362,8 +379,8 @@ class XlaSpmdBackend(XlaBackend):
         self._xs = xs
         self.mesh = xs.Mesh(np.arange(n), (n,), ("data",))
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, compile_cache: str = "") -> None:
+        super().__init__(compile_cache)
         self.rank = self._xr.process_index()
         self.world_size = self._xr.process_count()
 
@@ -428,8 +445,10 @@ def resolve_backend_name(name: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def create_backend(name: str = "auto") -> Backend:
-    return BACKENDS[resolve_backend_name(name)]()
+def create_backend(name: str = "auto", compile_cache: str = "") -> Backend:
+    """``compile_cache``: a directory for XLA's persistent compilation cache (or $DIGPT_XLA_CACHE); eager
+    backends ignore it."""
+    return BACKENDS[resolve_backend_name(name)](compile_cache)
 
 
 def xla_available() -> bool:

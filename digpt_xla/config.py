@@ -86,6 +86,7 @@ class BackendConfig:
     name: str = "auto"  # auto | cpu | cuda | xla | xla-spmd
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16: CUDA only, with a GradScaler)
     compile_cache: str = ""  # XLA persistent compile cache directory ("" = off)
+    compile: bool = False  # torch.compile student and teacher (cuda/cpu; XLA compiles the step anyway)
 
 
 @dataclass

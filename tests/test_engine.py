@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import PYTHON, REPO, needs_xla, subprocess_env
+from digpt_xla.backend import BackendError, create_backend
 from digpt_xla.config import load_config
 from digpt_xla.engine import NonFiniteLossError, Pretrainer
 from digpt_xla.engine.checkpoint import CheckpointManager, load_checkpoint
@@ -180,3 +181,9 @@ def test_metrics_jsonl_records_every_logged_step(tmp_path):
     assert set(records[0]) == {"step", "loss", "ar_loss", "kd_loss", "grad_norm", "lr"}
     assert (run_dir / "tb").is_dir()
     json.dumps(records)
+
+
+@needs_xla
+def test_xla_rejects_torch_compile():
+    with pytest.raises(BackendError, match="already compiles the whole step"):
+        create_backend("xla").compile_module(torch.nn.Linear(2, 2))

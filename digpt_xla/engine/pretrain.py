@@ -81,13 +81,13 @@ def init_adamw_state(optimizer: torch.optim.AdamW) -> None:
     On XLA the first step would otherwise trace a graph of its own (state creation inside it) and compile twice.
     """
     for group in optimizer.param_groups:
-        if group["amsgrad"] or group["fused"]:
-            raise ValueError("init_adamw_state supports AdamW without amsgrad or fused")
+        if group["amsgrad"]:
+            raise ValueError("init_adamw_state supports AdamW without amsgrad")
         for p in group["params"]:
             state = optimizer.state[p]
             if not state:
-                # torch keeps the step count with the parameter when capturable, on the host otherwise
-                on_device = {"device": p.device} if group["capturable"] else {}
+                # torch keeps the step count with the parameter when capturable or fused, on the host otherwise
+                on_device = {"device": p.device} if group["capturable"] or group["fused"] else {}
                 state["step"] = torch.zeros((), dtype=torch.float32, **on_device)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -114,7 +114,7 @@ def segment_orders(seed: int, step: int, micro: int, global_batch: int, num_segm
 class Pretrainer:
     def __init__(self, cfg: Config, backend: Backend | None = None) -> None:
         self.cfg = cfg
-        self.backend = b = backend or create_backend(cfg.backend.name)
+        self.backend = b = backend or create_backend(cfg.backend.name, cfg.backend.compile_cache)
         self.precision = cfg.backend.precision
         self.teacher_precision = self.precision if cfg.teacher.precision == "auto" else cfg.teacher.precision
         b.check_precision(self.precision)
@@ -123,6 +123,8 @@ class Pretrainer:
 
         model, teacher = build_model_and_teacher(cfg)
         self.model_cfg = model.cfg
+        if cfg.backend.compile:
+            model, teacher = b.compile_module(model), b.compile_module(teacher)
         self.model = b.prepare_model(model)  # on the device before the optimizer is built
         self.teacher = b.prepare_frozen(teacher)
         opt = cfg.optim
