@@ -53,12 +53,20 @@ class TeacherConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "digits"  # digits | synthetic
+    source: str = "digits"  # digits | synthetic | imagefolder | webdataset
     batch_size: int = 64  # per device (per process on multi-process backends)
     num_workers: int = 0
+    root: str = ""  # imagefolder: ImageNet-layout directory root/<class>/<image>
+    urls: str = ""  # webdataset: brace-expanded shard URLs (local, gs://, memory://), several joined by "::"
+    resampled: bool = True  # webdataset: draw shards with replacement; every rank runs the same steps per epoch
+    shuffle_buffer: int = 5000  # webdataset: samples mixed across shards before decoding
+    samples_per_epoch: int | None = None  # webdataset: None = the sum of manifest.json's counts
+    num_classes: int | None = None  # webdataset: labels outside [0, num_classes) are skipped (None: manifest's)
+    read_timeout: float = 120.0  # seconds a shard open or read may stall before the run fails with a clear error
     synthetic_size: int = 4096  # samples of the synthetic source
     train_fraction: float = 0.8  # digits: the rest is held out for kNN evaluation
-    min_scale: float = 0.6  # RandomResizedCrop lower scale for digits (the release uses 0.2 on ImageNet)
+    min_scale: float | None = None  # RandomResizedCrop lower scale; None: 0.2 (the release) or 0.6 for digits
+    hflip: bool = True  # horizontal flip for imagefolder/webdataset (never for digits: they are chiral)
 
 
 @dataclass
@@ -118,7 +126,7 @@ class Config:
 CHOICES: dict[str, tuple[str, ...]] = {
     "teacher.kind": ("pixel", "clip"),
     "teacher.precision": ("auto", "fp32", "bf16", "fp16"),
-    "data.source": ("digits", "synthetic"),
+    "data.source": ("digits", "synthetic", "imagefolder", "webdataset"),
     "backend.name": ("auto", "cpu", "cuda", "xla", "xla-spmd"),
     "backend.precision": ("fp32", "bf16", "fp16"),
 }

@@ -178,7 +178,7 @@ def test_metrics_jsonl_records_every_logged_step(tmp_path):
     _, run_dir = run_cpu(tmp_path, "m", "schedule.max_steps=4", "run.log_every=2")
     records = read_metrics(str(run_dir))
     assert [r["step"] for r in records] == [2, 4]
-    assert set(records[0]) == {"step", "loss", "ar_loss", "kd_loss", "grad_norm", "lr"}
+    assert set(records[0]) == {"step", "loss", "ar_loss", "kd_loss", "grad_norm", "lr", "data_skipped"}
     assert (run_dir / "tb").is_dir()
     json.dumps(records)
 

@@ -3,10 +3,12 @@
 
     python tools/bench.py train --model digpt_vit_base_patch16_224 --backend cpu --batch 8 --steps 5
     python tools/bench.py train --model digpt_tiny --backend xla --batch 32 --steps 20
+    python tools/bench.py data --source webdataset --img-size 224 --workers 0
 
 ``train`` times warm training steps (forward, backward, AdamW; teacher optional) of the real Pretrainer step,
 counts FLOPs with ``torch.utils.flop_counter.FlopCounterMode``, measures the machine's matmul peak in the same
 run, and reports MFU; on XLA also compilations, ``aten::`` CPU fallbacks and device-to-host transfers.
+``data`` times decode + augmentation of a data source on generated ImageNet-sized JPEGs (images/s per core).
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ from digpt_xla.engine import Pretrainer  # noqa: E402
 
 
 def device_name(backend) -> str:
-    if backend.device.type == "cuda":
+    """The GPU's or TPU's name, else the CPU model and core count (``backend=None``: the host CPU)."""
+    if backend is not None and backend.device.type == "cuda":
         return torch.cuda.get_device_name(backend.device).replace(" ", "_")
-    if backend.name.startswith("xla") and os.environ.get("PJRT_DEVICE", "CPU").upper() != "CPU":
+    if backend is not None and backend.name.startswith("xla") and os.environ.get("PJRT_DEVICE", "CPU").upper() != "CPU":
         return os.environ["PJRT_DEVICE"].lower()
     cpu = platform.processor() or platform.machine()
     try:
@@ -149,6 +152,63 @@ def bench_train(args: argparse.Namespace) -> dict:
     return result
 
 
+def sample_images(out: Path, count: int, seed: int = 0) -> Path:
+    """An ImageNet-like folder: ``count`` JPEGs of 500x375 (ImageNet's typical size) with smooth random content
+    at quality 90, about 30-60 KB each, in 10 classes."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        coarse = rng.integers(0, 256, size=(12, 16, 3), dtype=np.uint8)
+        image = Image.fromarray(coarse).resize((500, 375), Image.BICUBIC)
+        noise = rng.normal(0, 12, size=(375, 500, 3))
+        image = Image.fromarray(np.clip(np.asarray(image) + noise, 0, 255).astype(np.uint8))
+        folder = out / f"class{i % 10}"
+        folder.mkdir(parents=True, exist_ok=True)
+        image.save(folder / f"{i:06d}.jpg", quality=90)
+    return out
+
+
+def bench_data(args: argparse.Namespace) -> dict:
+    import tempfile
+
+    from digpt_xla.config import DataConfig
+    from digpt_xla.data import build_train_dataset, build_train_loader
+    from digpt_xla.data.shard_io import image_folder_samples, shard_spec, write_shards
+
+    torch.set_num_threads(1)  # the per-core figure: decode and augmentation of one process on one core
+    tmp = Path(tempfile.mkdtemp(prefix="digpt_bench_data_"))
+    cfg = DataConfig(source=args.source, batch_size=args.batch, num_workers=args.workers)
+    if args.source in ("imagefolder", "webdataset"):
+        folder = sample_images(tmp / "folder", args.images)
+        cfg.root = str(folder)
+        if args.source == "webdataset":
+            samples, total, classes = image_folder_samples(str(folder))
+            manifest = write_shards(samples, total, str(tmp / "shards"), 64, classes, "bench", progress=False)
+            cfg.urls = shard_spec(str(tmp / "shards"), manifest)
+    dataset = build_train_dataset(cfg, args.img_size)
+    loader = iter(build_train_loader(dataset, args.batch, 0, 1, seed=0, start_batch=0, num_workers=args.workers))
+    for _ in range(args.warmup):
+        next(loader)
+    t = time.perf_counter()
+    for _ in range(args.batches):
+        batch = next(loader)
+    seconds = time.perf_counter() - t
+    assert batch["images"].shape == (args.batch, 3, args.img_size, args.img_size)
+    images_per_s = args.batches * args.batch / seconds
+    processes = max(args.workers, 1)
+    return {
+        "name": args.name or f"data_{args.source}_{args.img_size}px_w{args.workers}",
+        "source": args.source, "img_size": args.img_size, "batch": args.batch, "workers": args.workers,
+        "device": device_name(None), "torch": torch.__version__,
+        "images_per_s": images_per_s, "images_per_s_per_core": images_per_s / processes,
+        "transform": "RandomResizedCrop(scale=(0.2, 1), bicubic) + flip + normalise"
+        if args.source in ("imagefolder", "webdataset") else f"{args.source} source's own",
+        "input": "500x375 JPEG q90, smooth random content" if args.source in ("imagefolder", "webdataset") else "",
+    }  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -169,7 +229,25 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--out", default=str(REPO / "bench"))
     t.add_argument("--out-dir", default="/tmp/digpt_bench_run", help="run directory of the benchmarked trainer")
     t.add_argument("overrides", nargs="*", help="extra section.key=value config overrides")
+    d = sub.add_parser("data", help="decode + augmentation images/s of a data source")
+    d.add_argument("--source", default="webdataset", help="digits | synthetic | imagefolder | webdataset")
+    d.add_argument("--img-size", type=int, default=224)
+    d.add_argument("--batch", type=int, default=32)
+    d.add_argument("--batches", type=int, default=10, help="timed batches")
+    d.add_argument("--warmup", type=int, default=2)
+    d.add_argument("--workers", type=int, default=0, help="DataLoader workers (0: the main process, one core)")
+    d.add_argument("--images", type=int, default=512, help="JPEGs generated for imagefolder/webdataset")
+    d.add_argument("--name", default="")
+    d.add_argument("--out", default=str(REPO / "bench"))
     args = parser.parse_args(argv)
+    if args.command == "data":
+        result = bench_data(args)
+        path = Path(args.out) / result["device"] / f"{result['name']}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"{result['name']} on {result['device']}: {result['images_per_s']:.1f} img/s, "
+              f"{result['images_per_s_per_core']:.1f} img/s per core -> {path}")  # fmt: skip
+        return 0
     result = bench_train(args)
     path = Path(args.out) / result["device"] / f"{result['name']}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,22 +1,51 @@
-"""Data sources and the resumable training loader."""
+"""Data sources and the resumable training loader.
+
+``data.source`` chooses: ``digits`` (scikit-learn's embedded set), ``synthetic`` (random tensors, benchmarks),
+``imagefolder`` (ImageNet layout) or ``webdataset`` (tar shards on any fsspec filesystem). Every source yields
+fixed-size batches of ImageNet-normalised images (drop_last) and, where samples were unreadable, a ``skipped``
+count.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import DataConfig
 from .digits import DigitsDataset, split_indices
+from .errors import DataError
+from .imagefolder import ImageFolderDataset
 from .sampler import ResumableBatchSampler
+from .shards import WebDatasetSource
 from .synthetic import SyntheticDataset
+from .transforms import pretrain_transform, timm_transform
+
+RELEASE_MIN_SCALE, DIGITS_MIN_SCALE = 0.2, 0.6
 
 
-def build_train_dataset(cfg: DataConfig, img_size: int) -> Dataset:
+def build_train_dataset(cfg: DataConfig, img_size: int) -> Dataset | WebDatasetSource:
     if cfg.source == "digits":
         train_idx, _ = split_indices(1797, cfg.train_fraction)
-        return DigitsDataset(img_size, train_idx, augment=True, min_scale=cfg.min_scale)
+        min_scale = cfg.min_scale if cfg.min_scale is not None else DIGITS_MIN_SCALE
+        return DigitsDataset(img_size, train_idx, augment=True, min_scale=min_scale)
     if cfg.source == "synthetic":
         return SyntheticDataset(cfg.synthetic_size, img_size)
-    raise ValueError(f"data.source: unknown source {cfg.source!r}")
+    transform = pretrain_transform(
+        img_size, cfg.min_scale if cfg.min_scale is not None else RELEASE_MIN_SCALE, hflip=cfg.hflip
+    )
+    if cfg.source == "imagefolder":
+        if not cfg.root:
+            raise DataError("data.source=imagefolder needs data.root (a directory root/<class>/<image>)")
+        return ImageFolderDataset(cfg.root, transform)
+    if cfg.source == "webdataset":
+        if not cfg.urls:
+            raise DataError("data.source=webdataset needs data.urls (e.g. gs://bucket/train-{000000..001023}.tar)")
+        return WebDatasetSource(
+            cfg.urls, transform, resampled=cfg.resampled, shuffle_buffer=cfg.shuffle_buffer,
+            samples_per_epoch=cfg.samples_per_epoch, num_classes=cfg.num_classes, read_timeout=cfg.read_timeout,
+        )  # fmt: skip
+    raise DataError(f"data.source: unknown source {cfg.source!r}")
 
 
 def build_eval_datasets(cfg: DataConfig, img_size: int) -> tuple[Dataset, Dataset] | None:
@@ -28,19 +57,28 @@ def build_eval_datasets(cfg: DataConfig, img_size: int) -> tuple[Dataset, Datase
 
 
 def build_train_loader(
-    dataset: Dataset, batch_size: int, rank: int, world_size: int, seed: int, start_batch: int, num_workers: int
-) -> tuple[DataLoader, ResumableBatchSampler]:
-    """An endless loader of this rank's batches starting ``start_batch`` batches into the stream."""
+    dataset: Dataset | WebDatasetSource, batch_size: int, rank: int, world_size: int, seed: int, start_batch: int,
+    num_workers: int,
+) -> DataLoader:  # fmt: skip
+    """An endless loader of this rank's fixed-size batches, starting ``start_batch`` batches into the stream
+    (counted over all epochs): the same batches an uninterrupted run would have reached there."""
+    common: dict[str, Any] = dict(num_workers=num_workers, persistent_workers=num_workers > 0)
+    if isinstance(dataset, WebDatasetSource):
+        return DataLoader(dataset.batches(batch_size, rank, world_size, seed, start_batch), batch_size=None, **common)
     sampler = ResumableBatchSampler(len(dataset), batch_size, rank, world_size, seed, start_batch=start_batch)
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, persistent_workers=num_workers > 0)
-    return loader, sampler
+    return DataLoader(dataset, batch_sampler=sampler, **common)
 
 
 __all__ = [
+    "DataError",
     "DigitsDataset",
+    "ImageFolderDataset",
     "ResumableBatchSampler",
     "SyntheticDataset",
+    "WebDatasetSource",
     "build_eval_datasets",
     "build_train_dataset",
     "build_train_loader",
+    "pretrain_transform",
+    "timm_transform",
 ]

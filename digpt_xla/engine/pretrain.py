@@ -146,6 +146,8 @@ class Pretrainer:
         self.run_dir = cfg.run.out_dir
         self.checkpoints = CheckpointManager(os.path.join(self.run_dir, "checkpoints"), cfg.run.keep_last)
         self.step = 0
+        self.data_skipped = 0  # unreadable samples skipped by the loader (all ranks' own counts, this rank's)
+        self._resumed_data: dict[str, Any] = {}
         resume_from = self._resume_source()
         if resume_from:
             self._restore(resume_from)
@@ -157,6 +159,8 @@ class Pretrainer:
         self.total_steps = max(1, round(sched.epochs * self.steps_per_epoch))
         self.warmup_steps = sched.warmup_epochs * self.steps_per_epoch
         self.end_step = min(self.total_steps, sched.max_steps) if sched.max_steps is not None else self.total_steps
+        if resume_from:
+            self._check_resumed_data_position(self._resumed_data)
 
         self.metrics = MetricsWriter(self.run_dir, b.is_main, resume_step=self.step if resume_from else None)
         self.meter = DeferredMeter(METRIC_NAMES, b.device)
@@ -186,6 +190,7 @@ class Pretrainer:
             self.scaler.load_state_dict(state["scaler"])
         self.backend.set_rng_state(state["rng"])
         self.step = state["step"]
+        self._resumed_data = state.get("data", {})
         log.info("resumed from %s at step %d", url, self.step)
 
     def state_dict(self) -> dict[str, Any]:
@@ -195,12 +200,36 @@ class Pretrainer:
             "optimizer": b.to_cpu(self.optimizer.state_dict()),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "step": self.step,
-            "data": {"consumed_batches": self.step * self.accum, "process_batch": self.process_batch},
+            "data": self.data_position(),
             "rng": b.rng_state(),
             "config": self.cfg.to_dict(),
             "model_config": self.model_cfg.__dict__ | {"feature_taps": list(self.model_cfg.feature_taps)},
             "git_revision": git_revision(),
         }
+
+    def data_position(self) -> dict[str, Any]:
+        """Where this rank's data stream stands; a resume restarts the loader at ``consumed_batches``."""
+        consumed = self.step * self.accum
+        return {
+            "source": self.cfg.data.source,
+            "consumed_batches": consumed,
+            "process_batch": self.process_batch,
+            "world_size": self.backend.data_world_size,
+            "num_workers": self.cfg.data.num_workers,
+            "epoch": consumed // (self.steps_per_epoch * self.accum),
+            "samples_consumed": consumed * self.process_batch * self.backend.data_world_size,
+            "skipped_samples": self.data_skipped,
+        }
+
+    def _check_resumed_data_position(self, saved: dict[str, Any]) -> None:
+        now = self.data_position() | {"consumed_batches": saved.get("consumed_batches")}
+        for key in ("source", "process_batch", "world_size", "num_workers"):
+            if key in saved and saved[key] != now[key]:
+                log.warning(
+                    "resuming with data %s=%s where the checkpoint has %s: the data order after the resume differs "
+                    "from the uninterrupted run's", key, now[key], saved[key],
+                )  # fmt: skip
+        self.data_skipped = saved.get("skipped_samples", 0)
 
     def save_checkpoint(self) -> str | None:
         """Save unless a non-finite loss has been seen (then the last good checkpoint stays the newest)."""
@@ -226,7 +255,9 @@ class Pretrainer:
             *totals, nonfinite = values.tolist()
             if nonfinite > 0:
                 self.nonfinite_seen = True
-            self.last_metrics = {n: t / count for n, t in zip(METRIC_NAMES, totals, strict=True)} | {"lr": lr}
+            self.last_metrics = {n: t / count for n, t in zip(METRIC_NAMES, totals, strict=True)} | {
+                "lr": lr, "data_skipped": self.data_skipped,
+            }  # fmt: skip
             self.metrics.write(step, self.last_metrics)
 
         self.backend.on_host(record, sums)
@@ -292,11 +323,11 @@ class Pretrainer:
     def device_batches(self):
         """This rank's endless stream of device batches, starting where the current step's data begins."""
         cfg, b = self.cfg, self.backend
-        loader, _ = build_train_loader(
+        loader = build_train_loader(
             self.dataset, self.process_batch, b.data_rank, b.data_world_size, cfg.run.seed,
             start_batch=self.step * self.accum, num_workers=cfg.data.num_workers,
         )  # fmt: skip
-        return iter(b.prepare_loader(loader))
+        return iter(b.prepare_loader(_CountSkipped(loader, self)))
 
     def _orders(self, step: int, micro: int) -> Tensor:
         b = self.backend
@@ -368,3 +399,21 @@ class Pretrainer:
         model.load_state_dict(self.backend.to_cpu(self.backend.unwrap(self.model).state_dict()))
         set_fused_attention(model, self.cfg.model.fused_attention)
         return knn_accuracy(model, *sets)
+
+
+class _CountSkipped:
+    """Host-side pass over the loader's batches: adds each batch's ``skipped`` count (a CPU tensor, so no device
+    sync) to the trainer's ``data_skipped`` and drops it before the batch moves to the device."""
+
+    def __init__(self, loader, trainer: Pretrainer) -> None:
+        self.loader, self.trainer = loader, trainer
+
+    def __iter__(self):
+        for batch in self.loader:
+            skipped = batch.pop("skipped", None)
+            if skipped is not None:
+                self.trainer.data_skipped += int(skipped.sum())
+            yield batch
+
+    def __len__(self) -> int:
+        return len(self.loader)

@@ -1,0 +1,73 @@
+"""ImageNet-layout folders (``root/<class>/<image>``), indexed by ``(i, seed)`` like every map-style source."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+from .errors import DataError, SkipCounter, log
+from .transforms import decode_image, seeded
+
+MAX_CONSECUTIVE_FAILURES = 50
+
+
+def scan_image_folder(root: str) -> tuple[list[tuple[str, int]], dict[str, int]]:
+    """(path, label) pairs and the class map; a clear DataError for a missing or empty folder."""
+    if not os.path.isdir(root):
+        raise DataError(f"data.root: {root!r} is not a directory (expected ImageNet layout root/<class>/<image>)")
+    try:
+        classes, class_to_idx = find_classes(root)
+    except FileNotFoundError as e:
+        raise DataError(f"data.root: no class folders under {root!r} (expected root/<class>/<image>)") from e
+    samples = make_dataset(root, class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+    if not samples:
+        raise DataError(
+            f"data.root: no images ({', '.join(IMG_EXTENSIONS)}) in the {len(classes)} class folders of {root!r}"
+        )
+    present = {label for _, label in samples}
+    for name in classes:
+        if class_to_idx[name] not in present:
+            log.warning("%s: class folder %r holds no image", root, name)
+    return samples, class_to_idx
+
+
+class ImageFolderDataset(Dataset):
+    """``dataset[(i, seed)]`` decodes image i and augments it with ``transform`` seeded by ``seed``.
+
+    An unreadable image is logged (file and index), counted in ``"skipped"``, and replaced by the next readable
+    one, so batches keep their fixed size; more than ``MAX_CONSECUTIVE_FAILURES`` unreadable images in a row
+    raise DataError.
+    """
+
+    def __init__(self, root: str, transform: Callable) -> None:
+        self.root = root
+        self.samples, self.class_to_idx = scan_image_folder(root)
+        self.transform = transform
+        self.skips = SkipCounter()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: tuple[int, int] | int) -> dict[str, Tensor]:
+        i, seed = key if isinstance(key, tuple) else (key, 0)
+        for attempt in range(MAX_CONSECUTIVE_FAILURES):
+            j = (i + attempt) % len(self.samples)
+            path, label = self.samples[j]
+            try:
+                with open(path, "rb") as f:
+                    image = decode_image(f.read())
+            except Exception as e:  # PIL raises many types for bad files
+                self.skips.skip(self.root, path, e)
+                continue
+            return {
+                "images": seeded(self.transform, image, seed),
+                "labels": torch.tensor(label),
+                "index": torch.tensor(j),
+                "skipped": torch.tensor(self.skips.take()),
+            }
+        raise DataError(f"{self.root}: {MAX_CONSECUTIVE_FAILURES} unreadable images in a row from index {i}")
