@@ -250,9 +250,6 @@ class XlaBackend(Backend):
 
     def __init__(self, compile_cache: str = "") -> None:
         self.compile_cache = compile_cache or os.environ.get("DIGPT_XLA_CACHE", "")
-        # torch_xla bakes the scalars 0 and 1 into graphs as constants. The warmup's lr of exactly 0 at step 0 and
-        # the metric accumulators' zeros would then each give a step a graph of its own: one more compilation.
-        os.environ.setdefault("XLA_NO_SPECIAL_SCALARS", "1")
         try:
             import torch_xla
             import torch_xla.core.xla_model as xm

@@ -1,4 +1,4 @@
-"""``digpt pretrain|demo``: command-line entry points."""
+"""``digpt pretrain|demo|probe``: command-line entry points."""
 
 from __future__ import annotations
 
@@ -82,6 +82,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_probe(args: argparse.Namespace) -> int:
+    from .engine.probe_run import run_probe
+
+    cfg = load_config(find_config(args.config), args.overrides)
+    result = run_probe(cfg)
+    shown = ", ".join(f"{k} {result[k]:.1f}%" for k in ("knn_top1", "linear_top1") if k in result)
+    print(f"probe of {result['checkpoint']} ({result['train_samples']} train / {result['val_samples']} held out): "
+          f"{shown} -> {os.path.join(cfg.run.out_dir, 'probe.json')}")  # fmt: skip
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="digpt", description="D-iGPT pretraining on CPU, CUDA and XLA")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -93,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--config", default="yaml/demo.yaml")
     d.add_argument("overrides", nargs="*")
     d.set_defaults(fn=cmd_demo)
+    pr = sub.add_parser("probe", help="kNN and linear probe of a pretrained encoder's frozen features")
+    pr.add_argument("--config", default="yaml/demo.yaml")
+    pr.add_argument("overrides", nargs="*", help="e.g. probe.checkpoint=runs/demo/checkpoints/ckpt-00000198.pt")
+    pr.set_defaults(fn=cmd_probe)
     return parser
 
 
@@ -108,7 +123,10 @@ def run_command(parser: argparse.ArgumentParser, argv: list[str] | None, errors:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_command(build_parser(), argv, (ConfigError, BackendError))
+    from .data import DataError
+    from .teacher import CheckpointError
+
+    return run_command(build_parser(), argv, (ConfigError, BackendError, DataError, CheckpointError))
 
 
 if __name__ == "__main__":

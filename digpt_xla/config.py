@@ -110,6 +110,21 @@ class RunConfig:
 
 
 @dataclass
+class ProbeConfig:
+    """``digpt probe``: kNN and/or a linear classifier on frozen encoder features."""
+
+    checkpoint: str = ""  # pretraining checkpoint (ours or the release's); "" = the randomly initialised encoder
+    kind: str = "both"  # knn | linear | both
+    k: int = 20
+    temperature: float = 0.07
+    epochs: int = 100  # linear probe
+    lr: float = 0.1
+    weight_decay: float = 0.0
+    batch_size: int = 256
+    val_root: str = ""  # imagefolder: held-out folder (data.root is the training side)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -118,6 +133,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -129,6 +145,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.source": ("digits", "synthetic", "imagefolder", "webdataset"),
     "backend.name": ("auto", "cpu", "cuda", "xla", "xla-spmd"),
     "backend.precision": ("fp32", "bf16", "fp16"),
+    "probe.kind": ("knn", "linear", "both"),
 }
 
 

@@ -1,4 +1,5 @@
 """``python -m parity run --config yaml/parity/NAME.yaml [--backends cpu,xla] [--out DIR] [key=value ...]``
+``python -m parity gap add|report --ledger FILE ...``: the downstream gap ledger (parity/gap.py).
 
 Exit code 0 when every check is within the config's tolerances, 1 when one is not, 2 on bad input.
 """
@@ -44,6 +45,34 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0 if report["passed"] else 1
 
 
+def cmd_gap_add(args: argparse.Namespace) -> int:
+    from digpt_xla.engine.pretrain import git_revision
+
+    from .gap import GapResult, append_result, config_hash
+
+    chash = args.config_hash
+    if args.config:
+        from digpt_xla.config import load_config
+
+        chash = config_hash(load_config(args.config, []).to_dict())
+    result = GapResult(args.backend, args.setting, args.seed, chash or "unknown", git_revision(), args.data,
+                       args.metric, args.value)  # fmt: skip
+    append_result(args.ledger, result)
+    print(f"appended {args.backend}:{args.setting} seed {args.seed} {args.metric}={args.value} to {args.ledger}")
+    return 0
+
+
+def cmd_gap_report(args: argparse.Namespace) -> int:
+    from .gap import read_ledger, render_markdown
+
+    text = render_markdown(read_ledger(args.ledger), args.metric, args.baseline, args.alpha)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+    print(text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m parity", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -54,7 +83,26 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--out", default="", help="report directory (default runs/parity/<config name>)")
     run.add_argument("overrides", nargs="*", help="key=value, e.g. steps=5 input.batch_size=4")
     run.set_defaults(fn=cmd_run)
-    return run_command(parser, argv, (ConfigError, SideError))
+    gap = sub.add_parser("gap", help="the downstream gap ledger").add_subparsers(dest="gap", required=True)
+    add = gap.add_parser("add", help="append one downstream result")
+    add.add_argument("--ledger", required=True)
+    for key in ("backend", "setting", "metric", "data"):
+        add.add_argument(f"--{key}", required=key != "data", default="")
+    add.add_argument("--seed", type=int, required=True)
+    add.add_argument("--value", type=float, required=True)
+    add.add_argument("--config", default="", help="the run's YAML (hashed without seed, out_dir and backend)")
+    add.add_argument("--config-hash", default="")
+    add.set_defaults(fn=cmd_gap_add)
+    rep = gap.add_parser("report", help="table of the ledger beside the paper's rows, with Welch t-tests")
+    rep.add_argument("--ledger", required=True)
+    rep.add_argument("--metric", required=True)
+    rep.add_argument("--baseline", required=True, help="backend:setting the others are tested against")
+    rep.add_argument("--alpha", type=float, default=0.05)
+    rep.add_argument("--out", default="", help="write the Markdown table here as well")
+    rep.set_defaults(fn=cmd_gap_report)
+    from .gap import GapError
+
+    return run_command(parser, argv, (ConfigError, SideError, GapError, FileNotFoundError))
 
 
 if __name__ == "__main__":

@@ -1,25 +1,36 @@
-"""XLA: after warm-up the training step never compiles again (log flushes and checkpoints included)."""
+"""XLA: after warm-up the training step never compiles again, falls back to no ``aten::`` CPU op, and reads
+nothing on the host except at the log interval and at checkpoints (asserted through torch_xla's counters)."""
 
 from conftest import REPO, needs_xla
 from digpt_xla.config import load_config
 from digpt_xla.engine import Pretrainer
 
+STEPS, LOG_EVERY, CHECKPOINT_AT = 50, 5, 23
+
 
 @needs_xla
-def test_no_compilation_after_warmup(tmp_path):
+def test_one_compilation_no_fallbacks_no_host_reads_inside_steps(tmp_path):
     overrides = ["backend.name=xla", f"run.out_dir={tmp_path}", "run.progress=false", "run.knn_eval=false",
-                 "run.log_every=3", "run.ckpt_every=0", "data.batch_size=8", "run.resume=never"]  # fmt: skip
+                 f"run.log_every={LOG_EVERY}", "run.ckpt_every=0", "data.batch_size=8", "run.resume=never"]  # fmt: skip
     trainer = Pretrainer(load_config(REPO / "yaml/demo.yaml", overrides))
+    b = trainer.backend
     stream = trainer.device_batches()
-    compiles = []
-    for _ in range(14):  # changing images and segment orders every step; lr changes every step (warmup)
+    counters = [b.debug_counters()]
+    for _ in range(STEPS):  # new images and segment orders every step; the lr changes every step (warmup)
         trainer.train_step(*trainer.next_step_inputs(stream))
         trainer.step += 1
-        if trainer.step % 3 == 0:
+        if trainer.step % LOG_EVERY == 0:
             trainer._flush_metrics(trainer._lr(trainer.step - 1))
-        trainer.backend.mark_step()
-        if trainer.step == 7:
+        b.mark_step()
+        if trainer.step == CHECKPOINT_AT:
             trainer.save_checkpoint()
-        compiles.append(trainer.backend.debug_counters()["compilations"])
-    assert compiles[1] == compiles[-1], f"compilations per step: {compiles}"
+        counters.append(b.debug_counters())
+    compiles = [c["compilations"] for c in counters]
+    assert compiles[1] - compiles[0] == 1, f"the first step compiles the step graph once: {compiles}"
+    assert compiles[2:] == [compiles[1]] * (STEPS - 1), f"no compilation after the first step: {compiles}"
+    assert counters[-1]["aten_fallbacks"] == {}, "no aten:: op falls back to the CPU"
+    reads = [s for s in range(1, STEPS + 1)
+             if counters[s]["device_to_host_transfers"] > counters[s - 1]["device_to_host_transfers"]]  # fmt: skip
+    expected = sorted({s for s in range(LOG_EVERY, STEPS + 1, LOG_EVERY)} | {CHECKPOINT_AT})
+    assert reads == expected, "device-to-host transfers only at the log interval and the checkpoint"
     assert trainer.last_metrics["loss"] > 0 and not trainer.nonfinite_seen

@@ -4,6 +4,7 @@
     python tools/bench.py train --model digpt_vit_base_patch16_224 --backend cpu --batch 8 --steps 5
     python tools/bench.py train --model digpt_tiny --backend xla --batch 32 --steps 20
     python tools/bench.py data --source webdataset --img-size 224 --workers 0
+    python tools/bench.py baseline --timm-model vit_base_patch16_224 --batch 8
 
 ``train`` times warm training steps (forward, backward, AdamW; teacher optional) of the real Pretrainer step,
 counts FLOPs with ``torch.utils.flop_counter.FlopCounterMode``, measures the machine's matmul peak in the same
@@ -209,6 +210,44 @@ def bench_data(args: argparse.Namespace) -> dict:
     }  # fmt: skip
 
 
+def bench_baseline(args: argparse.Namespace) -> dict:
+    """A straightforward reference on the same machine: timm's ViT (fused attention, eager), forward + backward of
+    a mean-square loss on its tokens, timed like ``train`` and held to the same matmul peak."""
+    import timm
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = timm.create_model(args.timm_model, num_classes=0, global_pool="")
+    x = torch.randn(args.batch, 3, 224, 224)
+
+    def step() -> None:
+        model(x).square().mean().backward()
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    times = []
+    for _ in range(args.warmup + args.steps):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    median = statistics.median(times[args.warmup :])
+    peak = matmul_peak(torch.device("cpu"), torch.float32, lambda t=None: None)
+    flops = counter.get_total_flops()
+    return {
+        "name": args.name or f"baseline_timm_{args.timm_model}_b{args.batch}", "model": args.timm_model,
+        "device": device_name(None), "torch": torch.__version__, "batch": args.batch,
+        "step_time_s": {"median": median, "min": min(times[args.warmup :]), "max": max(times[args.warmup :])},
+        "flops_per_step": flops, "achieved_gflops": flops / median / 1e9, "matmul_peak_gflops": {"fp32": peak},
+        "mfu": flops / median / 1e9 / peak,
+    }  # fmt: skip
+
+
+def write_result(result: dict, out: str) -> Path:
+    path = Path(out) / result["device"] / f"{result['name']}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -239,19 +278,28 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--images", type=int, default=512, help="JPEGs generated for imagefolder/webdataset")
     d.add_argument("--name", default="")
     d.add_argument("--out", default=str(REPO / "bench"))
+    r = sub.add_parser("baseline", help="a straightforward reference: timm ViT forward + backward on the CPU")
+    r.add_argument("--timm-model", default="vit_base_patch16_224")
+    r.add_argument("--batch", type=int, default=8)
+    r.add_argument("--steps", type=int, default=3)
+    r.add_argument("--warmup", type=int, default=1)
+    r.add_argument("--name", default="")
+    r.add_argument("--out", default=str(REPO / "bench"))
     args = parser.parse_args(argv)
+    if args.command == "baseline":
+        result = bench_baseline(args)
+        path = write_result(result, args.out)
+        speed = f"{result['achieved_gflops']:.1f} GFLOP/s = {100 * result['mfu']:.0f}% of the matmul peak"
+        print(f"{result['name']} on {result['device']}: step {result['step_time_s']['median']:.3f}s, {speed} -> {path}")
+        return 0
     if args.command == "data":
         result = bench_data(args)
-        path = Path(args.out) / result["device"] / f"{result['name']}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=1) + "\n")
+        path = write_result(result, args.out)
         print(f"{result['name']} on {result['device']}: {result['images_per_s']:.1f} img/s, "
               f"{result['images_per_s_per_core']:.1f} img/s per core -> {path}")  # fmt: skip
         return 0
     result = bench_train(args)
-    path = Path(args.out) / result["device"] / f"{result['name']}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1) + "\n")
+    path = write_result(result, args.out)
     xla = result.get("xla", {})
     print(
         f"{result['name']} on {result['device']}: {result['images_per_s']:.1f} img/s, step "

@@ -9,13 +9,14 @@ from torch.utils.data import DataLoader, Dataset
 
 
 @torch.no_grad()
-def extract_features(model, dataset: Dataset, batch_size: int = 256) -> tuple[Tensor, Tensor]:
-    """(N, D) features from ``model.forward_features`` and (N,) labels, on the CPU."""
+def extract_features(model, dataset: Dataset, batch_size: int = 256, num_workers: int = 0) -> tuple[Tensor, Tensor]:
+    """(N, D) features from ``model.forward_features`` (on the model's device) and (N,) labels, on the CPU."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     feats, labels = [], []
-    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        feats.append(model.forward_features(batch["images"]).float())
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers):
+        feats.append(model.forward_features(batch["images"].to(device)).float().cpu())
         labels.append(batch["labels"])
     model.train(was_training)
     return torch.cat(feats), torch.cat(labels)

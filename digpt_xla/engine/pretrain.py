@@ -135,7 +135,7 @@ class Pretrainer:
         self.base_lr = opt.lr if opt.lr is not None else scaled_lr(opt.blr, self.effective_batch)
         self.optimizer = torch.optim.AdamW(
             param_groups_weight_decay(b.unwrap(self.model), opt.weight_decay),
-            lr=b.learning_rate(self.base_lr),
+            lr=self.base_lr,  # a float: torch checks it on the host; optimizer_step sets the backend's form
             betas=tuple(opt.betas),
             **b.optimizer_options(),
         )

@@ -1,0 +1,126 @@
+"""The gap ledger: downstream results per backend and numeric setting, beside the paper's reference rows, with a
+Welch t-test of each setting against a baseline so a difference is only called one when it exceeds the
+seed-to-seed noise.
+
+One JSON object per line: backend, setting, seed, config_hash, git_revision, data, metric, value, time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+# The published ImageNet-1K finetuning top-1 of D-iGPT ViT-B/16 (CLIP ViT-H/14 teacher).
+PAPER_ROWS = (
+    {"backend": "cuda", "setting": "torch + GPU (paper)", "metric": "in1k_finetune_top1", "value": 86.2},
+    {"backend": "xla", "setting": "torch_xla + TPU (paper)", "metric": "in1k_finetune_top1", "value": 85.9},
+)
+
+
+class GapError(ValueError):
+    """A ledger that cannot be read or a report that cannot be made from it."""
+
+
+FIELDS = ("backend", "setting", "seed", "config_hash", "git_revision", "data", "metric", "value")
+
+
+@dataclass
+class GapResult:
+    backend: str
+    setting: str
+    seed: int
+    config_hash: str
+    git_revision: str
+    data: str
+    metric: str
+    value: float
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """Short stable hash of a run's config, with the fields that legitimately differ between rows removed."""
+    cleaned = json.loads(json.dumps(config, default=str))
+    for section, key in (("run", "seed"), ("run", "out_dir"), ("backend", "name"), ("backend", "precision")):
+        cleaned.get(section, {}).pop(key, None)
+    return hashlib.sha256(json.dumps(cleaned, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def append_result(ledger: str, result: GapResult) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(ledger)), exist_ok=True)
+    with open(ledger, "a") as f:
+        f.write(json.dumps(asdict(result) | {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}) + "\n")
+
+
+def read_ledger(ledger: str) -> list[dict[str, Any]]:
+    rows = []
+    with open(ledger) as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise GapError(f"{ledger}:{n}: not JSON ({e})") from e
+            missing = [k for k in FIELDS if k not in row]
+            if missing:
+                raise GapError(f"{ledger}:{n}: missing {', '.join(missing)}")
+            rows.append(row)
+    return rows
+
+
+def welch_p(a: list[float], b: list[float]) -> float:
+    """Two-sided p-value of Welch's t-test (unequal variances); nan when either side has fewer than 2 values."""
+    if len(a) < 2 or len(b) < 2:
+        return math.nan
+    from scipy.stats import ttest_ind
+
+    if statistics.pvariance(a) == 0 and statistics.pvariance(b) == 0:
+        return 1.0 if statistics.mean(a) == statistics.mean(b) else 0.0
+    return float(ttest_ind(a, b, equal_var=False).pvalue)
+
+
+def summarize(rows: list[dict[str, Any]], metric: str, baseline: str, alpha: float = 0.05) -> list[dict[str, Any]]:
+    """Per ``backend:setting``: n, mean, std, difference from ``baseline`` and whether it exceeds the noise."""
+    groups: dict[str, list[float]] = {}
+    for r in rows:
+        if r["metric"] == metric:
+            groups.setdefault(f"{r['backend']}:{r['setting']}", []).append(float(r["value"]))
+    if baseline not in groups:
+        raise GapError(f"baseline {baseline!r} has no {metric} rows; have {sorted(groups)}")
+    base = groups[baseline]
+    out = []
+    for name, values in groups.items():
+        p = math.nan if name == baseline else welch_p(values, base)
+        out.append({
+            "side": name, "n": len(values), "mean": statistics.mean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else math.nan,
+            "diff": statistics.mean(values) - statistics.mean(base), "p": p,
+            "significant": bool(p < alpha) if not math.isnan(p) else None,
+        })  # fmt: skip
+    return sorted(out, key=lambda s: (s["side"] != baseline, s["side"]))
+
+
+def render_markdown(rows: list[dict[str, Any]], metric: str, baseline: str, alpha: float = 0.05) -> str:
+    lines = [
+        f"# Gap ledger: `{metric}`",
+        "",
+        f"Welch t-test of each setting against `{baseline}`; a difference counts when p < {alpha}.",
+        "",
+        "| setting | n | mean | std | diff vs baseline | p | exceeds noise |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for ref in PAPER_ROWS:
+        if ref["metric"] == metric:
+            lines.append(f"| {ref['setting']} | 1 | {ref['value']:.2f} | - | - | - | - |")
+    for s in summarize(rows, metric, baseline, alpha):
+        std = "-" if math.isnan(s["std"]) else f"{s['std']:.2f}"
+        p = "-" if math.isnan(s["p"]) else f"{s['p']:.3g}"
+        verdict = "-" if s["significant"] is None else ("**yes**" if s["significant"] else "no")
+        diff = "-" if s["side"] == baseline else f"{s['diff']:+.2f}"
+        lines.append(f"| `{s['side']}` | {s['n']} | {s['mean']:.2f} | {std} | {diff} | {p} | {verdict} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,65 @@
+#!/usr/bin/env python
+"""Convert a D-iGPT pretraining checkpoint (ours or the published release) into a timm classifier state dict.
+
+    python tools/convert_checkpoint.py runs/vit_base/checkpoints/ckpt-00100000.pt vit_b_digpt.safetensors \\
+        --num-classes 1000
+
+The result loads with ``strict=True`` into
+``timm.create_model("vit_base_patch16_224", global_pool="avg", fc_norm=True, num_classes=1000)``: the encoder
+is kept as is, fc_norm starts as the identity LayerNorm and the head from a truncated normal (std 2e-5). The
+decoders, their projections and norms, the query tokens and the mask are dropped and listed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from pathlib import Path
+
+import fsspec
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from digpt_xla.models.classifier import classifier_state, encoder_config_from_state, read_pretrain_state  # noqa: E402
+from digpt_xla.teacher import CheckpointError  # noqa: E402
+
+TIMM_NAMES = {(768, 12, 16): "vit_base_patch16_224", (384, 12, 16): "vit_small_patch16_224",
+              (1024, 24, 16): "vit_large_patch16_224", (1280, 32, 14): "vit_huge_patch14_224"}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="pretraining checkpoint (.pt/.pth/.safetensors), local or fsspec URL")
+    parser.add_argument("out", help="output state dict: .safetensors or .pth, local or fsspec URL")
+    parser.add_argument("--num-classes", type=int, required=True)
+    args = parser.parse_args(argv)
+    try:
+        state = read_pretrain_state(args.checkpoint)
+        converted, dropped = classifier_state(state, args.num_classes)
+    except (CheckpointError, KeyError) as e:
+        print(f"error: {args.checkpoint}: {e}", file=sys.stderr)
+        return 2
+    if args.out.endswith(".safetensors"):
+        from safetensors.torch import save
+
+        payload = save({k: v.contiguous() for k, v in converted.items()})
+        with fsspec.open(args.out, "wb") as f:
+            f.write(payload)
+    else:
+        with fsspec.open(args.out, "wb") as f:
+            torch.save(converted, f)
+    groups = Counter(k.split(".")[0] for k in dropped)
+    print(f"kept {len(converted) - 4} encoder tensors, added fc_norm + head ({args.num_classes} classes)")
+    print("dropped: " + ", ".join(f"{name} ({n})" for name, n in sorted(groups.items())))
+    cfg = encoder_config_from_state(state)
+    name = TIMM_NAMES.get((cfg.embed_dim, cfg.depth, cfg.patch_size))
+    if name:
+        print(f'load: timm.create_model("{name}", global_pool="avg", fc_norm=True, num_classes={args.num_classes})')
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
