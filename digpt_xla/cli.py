@@ -1,4 +1,4 @@
-"""``digpt pretrain|demo|probe``: command-line entry points."""
+"""``digpt pretrain|demo|probe|finetune``: command-line entry points."""
 
 from __future__ import annotations
 
@@ -93,6 +93,16 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from .engine.finetune import Finetuner
+
+    cfg = load_config(find_config(args.config), args.overrides)
+    result = Finetuner(cfg).train()
+    scores = f"top-1 {result['top1']:.2f}%, top-5 {result['top5']:.2f}% on {result['eval_samples']} held-out samples"
+    print(f"finetuned {cfg.model.name} for {result['step']} steps: {scores} -> {cfg.run.out_dir}/finetune.json")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="digpt", description="D-iGPT pretraining on CPU, CUDA and XLA")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -108,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--config", default="yaml/demo.yaml")
     pr.add_argument("overrides", nargs="*", help="e.g. probe.checkpoint=runs/demo/checkpoints/ckpt-00000198.pt")
     pr.set_defaults(fn=cmd_probe)
+    ft = sub.add_parser("finetune", help="finetune a classifier from a pretrained encoder (timm ViT)")
+    ft.add_argument("--config", default="yaml/finetune/tiny_digits.yaml")
+    ft.add_argument("overrides", nargs="*", help="e.g. finetune.checkpoint=runs/demo/checkpoints/ckpt-00000198.pt")
+    ft.set_defaults(fn=cmd_finetune)
     return parser
 
 

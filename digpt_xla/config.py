@@ -125,6 +125,25 @@ class ProbeConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """``digpt finetune``: the release's recipe (see DIGPT_REFERENCE.md) on a timm ViT with the encoder's shape."""
+
+    checkpoint: str = ""  # pretraining checkpoint (ours or the release's); "" = from scratch
+    num_classes: int = 1000
+    val_root: str = ""  # imagefolder: the evaluation folder
+    drop_path: float = 0.1
+    layer_decay: float = 0.65
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    smoothing: float = 0.1
+    auto_augment: str = "rand-m9-mstd0.5-inc1"  # imagefolder only ("" = off)
+    reprob: float = 0.25  # random erasing, imagefolder only
+    ema: bool = False
+    ema_decay: float = 0.9999
+    eval_batch_size: int = 256
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -134,6 +153,7 @@ class Config:
     backend: BackendConfig = field(default_factory=BackendConfig)
     run: RunConfig = field(default_factory=RunConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -146,7 +146,7 @@ class Pretrainer:
         self.run_dir = cfg.run.out_dir
         self.checkpoints = CheckpointManager(os.path.join(self.run_dir, "checkpoints"), cfg.run.keep_last)
         self.step = 0
-        self.data_skipped = 0  # unreadable samples skipped by the loader (all ranks' own counts, this rank's)
+        self.data_skipped = 0  # unreadable samples this rank's loader skipped (the checkpoint holds rank 0's)
         self._resumed_data: dict[str, Any] = {}
         resume_from = self._resume_source()
         if resume_from:
