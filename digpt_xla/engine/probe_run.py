@@ -34,6 +34,7 @@ def probe_datasets(cfg: Config, img_size: int):
 
 def run_probe(cfg: Config) -> dict[str, Any]:
     p = cfg.probe
+    torch.manual_seed(cfg.run.seed)  # without a checkpoint: the same initial encoder pretraining starts from
     model = DiGPT(digpt_config(cfg.model.name, **cfg.model.shape_overrides()))
     if p.checkpoint:
         model.load_state_dict(read_pretrain_state(p.checkpoint), strict=True)
