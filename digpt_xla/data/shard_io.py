@@ -19,9 +19,7 @@ from webdataset import TarWriter
 
 from .errors import DataError, SkipCounter
 from .imagefolder import scan_image_folder
-from .shards import decode_sample, expand_urls, raw_samples
-
-MANIFEST = "manifest.json"
+from .shards import MANIFEST, decode_sample, expand_urls, find_manifest, raw_samples
 
 
 @dataclass
@@ -130,19 +128,13 @@ def check_shards(spec: str, timeout: float = 120.0, progress: bool = True) -> Ch
     fs, path = fsspec.core.url_to_fs(spec)
     manifest = None
     if "{" not in spec and fs.isdir(path):
-        manifest_url = posixpath.join(spec.rstrip("/"), MANIFEST)
-        if not fs.exists(posixpath.join(path, MANIFEST)):
+        manifest = find_manifest(spec, timeout)
+        if manifest is None:
             raise DataError(f"{spec}: a directory without {MANIFEST}; pass the shard URLs instead")
-        with fsspec.open(manifest_url, "r") as f:
-            manifest = json.load(f)
         spec = shard_spec(spec, manifest)
     urls = expand_urls(spec)
     if manifest is None:
-        manifest_url = posixpath.join(posixpath.dirname(urls[0]), MANIFEST)
-        mfs, mpath = fsspec.core.url_to_fs(manifest_url)
-        if mfs.exists(mpath):
-            with fsspec.open(manifest_url, "r") as f:
-                manifest = json.load(f)
+        manifest = find_manifest(posixpath.dirname(urls[0]), timeout)
     expected = (manifest or {}).get("shards", {})
     num_classes = (manifest or {}).get("num_classes")
     report = CheckReport()

@@ -38,6 +38,7 @@ from .sampler import sample_seed
 from .transforms import decode_image, seeded
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+MANIFEST = "manifest.json"
 MAX_UNREADABLE_IN_A_ROW = 1000
 _POOLS: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
 
@@ -63,7 +64,11 @@ def _timed(fn: Callable[[], Any], timeout: float, what: str) -> Any:
     try:
         return future.result(timeout=timeout)
     except concurrent.futures.TimeoutError:
-        raise DataError(f"{what}: no answer in {timeout:g}s (data.read_timeout); the storage is stalled") from None
+        raise _stalled(what, timeout) from None
+
+
+def _stalled(what: str, timeout: float) -> DataError:
+    return DataError(f"{what}: no answer in {timeout:g}s (data.read_timeout); the storage is stalled")
 
 
 def check_shards_exist(urls: list[str], timeout: float) -> None:
@@ -73,7 +78,18 @@ def check_shards_exist(urls: list[str], timeout: float) -> None:
         fs, path = fsspec.core.url_to_fs(url)
         return fs.exists(path)
 
-    found = [_timed(lambda u=u: exists(u), timeout, u) for u in urls]
+    # In parallel: a thousand gs:// shards checked one by one would add a minute to every rank's start.
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="digpt-shard-check")
+    try:
+        futures = {u: pool.submit(exists, u) for u in urls}
+        found = []
+        for url, future in futures.items():
+            try:
+                found.append(future.result(timeout=timeout))
+            except concurrent.futures.TimeoutError:
+                raise _stalled(url, timeout) from None
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)  # never wait on a stalled check
     missing = [u for u, ok in zip(urls, found, strict=True) if not ok]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
@@ -108,9 +124,9 @@ def open_shard(url: str, timeout: float) -> io.BufferedReader:
     return io.BufferedReader(_TimeoutRaw(f, url, timeout), buffer_size=1 << 20)
 
 
-def find_manifest(urls: list[str], timeout: float) -> dict[str, Any] | None:
-    """``manifest.json`` beside the first shard (written by tools/make_shards.py), if there is one."""
-    url = posixpath.join(posixpath.dirname(urls[0]), "manifest.json")
+def find_manifest(directory: str, timeout: float) -> dict[str, Any] | None:
+    """``directory/manifest.json`` (written by tools/make_shards.py beside its shards), if there is one."""
+    url = posixpath.join(directory.rstrip("/"), MANIFEST)
 
     def read() -> str | None:
         fs, path = fsspec.core.url_to_fs(url)
@@ -200,7 +216,7 @@ class WebDatasetSource:
         self.read_timeout = read_timeout
         if check:
             check_shards_exist(self.urls, read_timeout)
-        manifest = find_manifest(self.urls, read_timeout)
+        manifest = find_manifest(posixpath.dirname(self.urls[0]), read_timeout)
         counts = (manifest or {}).get("shards", {})
         self.expected = {u: counts.get(posixpath.basename(u)) for u in self.urls}
         self.num_classes = num_classes or ((manifest or {}).get("num_classes"))

@@ -24,15 +24,21 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..backend import Backend, create_backend
 from ..config import Config
-from ..data import DataError, DigitsDataset, ImageFolderDataset, build_train_loader, timm_transform
-from ..data.digits import split_indices
+from ..data import (
+    DataError,
+    ImageFolderDataset,
+    build_eval_datasets,
+    build_train_dataset,
+    build_train_loader,
+    timm_transform,
+)
 from ..models import digpt_config
 from ..models.classifier import create_classifier, load_pretrained_encoder, read_pretrain_state
 from .checkpoint import CheckpointManager, load_checkpoint
 from .metrics import DeferredMeter, MetricsWriter
 from .mixup import FixedShapeMixup
-from .pretrain import accumulation_steps, git_revision, init_adamw_state
-from .schedule import cosine_lr, scaled_lr
+from .pretrain import accumulation_steps, clip_grad_norm, git_revision, init_adamw_state
+from .schedule import cosine_lr, plan_steps, scaled_lr
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +54,8 @@ def finetune_datasets(cfg: Config, img_size: int) -> tuple[Dataset, Dataset]:
     """(augmented training set, evaluation set) of the configured source."""
     d, f = cfg.data, cfg.finetune
     if d.source == "digits":
-        train_idx, val_idx = split_indices(1797, d.train_fraction)
-        min_scale = d.min_scale if d.min_scale is not None else 0.6
-        return (DigitsDataset(img_size, train_idx, augment=True, min_scale=min_scale),
-                DigitsDataset(img_size, val_idx, augment=False))  # fmt: skip
+        _, held_out = build_eval_datasets(d, img_size)  # type: ignore[misc]
+        return build_train_dataset(d, img_size), held_out
     if d.source == "imagefolder":
         if not d.root or not f.val_root:
             raise DataError("finetuning on imagefolder needs data.root (train) and finetune.val_root (evaluation)")
@@ -132,12 +136,8 @@ class Finetuner:
         self.train_set, self.eval_set = finetune_datasets(cfg, self.model_cfg.img_size)
         self.mixup = FixedShapeMixup(f.num_classes, f.mixup, f.cutmix, f.smoothing, seed=cfg.run.seed)
         self.criterion = SoftTargetCrossEntropy()
-        sched = cfg.schedule
-        batches = len(self.train_set) // (self.process_batch * b.data_world_size)  # type: ignore[arg-type]
-        self.steps_per_epoch = sched.steps_per_epoch or max(1, batches // self.accum)
-        self.total_steps = max(1, round(sched.epochs * self.steps_per_epoch))
-        self.warmup_steps = sched.warmup_epochs * self.steps_per_epoch
-        self.end_step = min(self.total_steps, sched.max_steps or self.total_steps)
+        plan = plan_steps(cfg.schedule, len(self.train_set), self.process_batch * b.data_world_size, self.accum)  # type: ignore[arg-type]
+        self.total_steps, self.warmup_steps, self.end_step = plan.total_steps, plan.warmup_steps, plan.end_step
         self.checkpoints = CheckpointManager(os.path.join(cfg.run.out_dir, "checkpoints"), cfg.run.keep_last)
         self.step = 0
         latest = self.checkpoints.latest() if cfg.run.resume == "auto" else None
@@ -165,10 +165,7 @@ class Finetuner:
         for group in opt.param_groups:
             group["lr"] = b.learning_rate(lr * group.get("lr_scale", 1.0))
         b.reduce_gradients(opt)
-        params = [p for p in model.parameters() if p.grad is not None]
-        clip = self.cfg.optim.clip_grad
-        norm = (torch.nn.utils.clip_grad_norm_(params, clip) if clip
-                else torch.nn.utils.get_total_norm([p.grad for p in params]))  # fmt: skip
+        norm = clip_grad_norm(model, self.cfg.optim.clip_grad)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if self.ema is not None:

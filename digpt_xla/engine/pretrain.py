@@ -28,7 +28,7 @@ from ..teacher import ClipTeacher, PixelTeacher
 from .checkpoint import CheckpointManager, load_checkpoint
 from .knn import knn_accuracy
 from .metrics import DeferredMeter, MetricsWriter
-from .schedule import cosine_lr, scaled_lr
+from .schedule import cosine_lr, plan_steps, scaled_lr
 from .signals import PreemptionFlag
 
 log = logging.getLogger(__name__)
@@ -93,6 +93,14 @@ def init_adamw_state(optimizer: torch.optim.AdamW) -> None:
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
+def clip_grad_norm(model: nn.Module, clip: float | None) -> Tensor:
+    """The total gradient norm (a device tensor), after clipping the gradients to ``clip`` when it is set."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if clip:
+        return torch.nn.utils.clip_grad_norm_(params, clip)
+    return torch.nn.utils.get_total_norm([p.grad for p in params])
+
+
 def accumulation_steps(accum_steps: int, effective_batch: int | None, global_micro_batch: int) -> int:
     if effective_batch is None:
         return accum_steps
@@ -153,12 +161,9 @@ class Pretrainer:
             self._restore(resume_from)
         b.mark_step()  # materialise the initial (or restored) state before the first step's graph
 
-        batches = len(self.dataset) // (self.process_batch * b.data_world_size)
-        sched = cfg.schedule
-        self.steps_per_epoch = sched.steps_per_epoch or max(1, batches // self.accum)
-        self.total_steps = max(1, round(sched.epochs * self.steps_per_epoch))
-        self.warmup_steps = sched.warmup_epochs * self.steps_per_epoch
-        self.end_step = min(self.total_steps, sched.max_steps) if sched.max_steps is not None else self.total_steps
+        plan = plan_steps(cfg.schedule, len(self.dataset), self.process_batch * b.data_world_size, self.accum)
+        self.steps_per_epoch, self.total_steps = plan.steps_per_epoch, plan.total_steps
+        self.warmup_steps, self.end_step = plan.warmup_steps, plan.end_step
         if resume_from:
             self._check_resumed_data_position(self._resumed_data)
 
@@ -295,12 +300,7 @@ class Pretrainer:
         b.reduce_gradients(opt)
         if self.scaler is not None:
             self.scaler.unscale_(opt)
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        clip = self.cfg.optim.clip_grad
-        if clip:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-        else:
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        grad_norm = clip_grad_norm(self.model, self.cfg.optim.clip_grad)
         if self.scaler is not None:
             self.scaler.step(opt)
             self.scaler.update()

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+
+from ..config import ScheduleConfig
 
 
 def cosine_lr(step: float, total_steps: float, warmup_steps: float, base_lr: float, min_lr: float = 0.0) -> float:
@@ -17,3 +20,19 @@ def cosine_lr(step: float, total_steps: float, warmup_steps: float, base_lr: flo
 def scaled_lr(blr: float, effective_batch: int) -> float:
     """lr = blr x effective batch / 256 (the MAE / D-iGPT rule)."""
     return blr * effective_batch / 256
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: float
+    end_step: int  # where this run stops: total_steps, or schedule.max_steps if smaller
+
+
+def plan_steps(sched: ScheduleConfig, samples: int, global_batch: int, accum: int) -> StepPlan:
+    """Optimizer steps of a run over ``samples`` per epoch (drop_last) at ``global_batch`` per micro-step."""
+    steps_per_epoch = sched.steps_per_epoch or max(1, samples // global_batch // accum)
+    total = max(1, round(sched.epochs * steps_per_epoch))
+    end = min(total, sched.max_steps) if sched.max_steps is not None else total
+    return StepPlan(steps_per_epoch, total, sched.warmup_epochs * steps_per_epoch, end)
