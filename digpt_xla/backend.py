@@ -21,7 +21,13 @@ from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Numeric settings of a step: fp32, autocast to bf16/fp16, or TPU emulation (fp32 with every matmul-like op on
+# bf16-rounded operands, as a TPU's default precision computes it; digpt_xla.tpu_emulation).
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16, "tpu-emulation": None}
+_WHERE = {
+    "fp16": "fp16 with loss scaling needs the cuda backend",
+    "tpu-emulation": "tpu-emulation runs on the cpu backend",
+}
 
 
 class BackendError(RuntimeError):
@@ -118,14 +124,20 @@ class Backend:
         """An iterable of device batches."""
         return _MappedIterable(loader, self.move)
 
+    precisions: tuple[str, ...] = ("fp32", "bf16", "tpu-emulation")
+
     def check_precision(self, precision: str) -> None:
         if precision not in PRECISIONS:
             raise BackendError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
-        if precision == "fp16":
-            raise BackendError(f"fp16 with loss scaling needs the cuda backend; on {self.name} use bf16 or fp32")
+        if precision not in self.precisions:
+            raise BackendError(f"{_WHERE[precision]}; on {self.name} use one of {', '.join(self.precisions)}")
 
     def autocast(self, precision: str) -> contextlib.AbstractContextManager:
         self.check_precision(precision)
+        if precision == "tpu-emulation":
+            from .tpu_emulation import tpu_matmul_emulation
+
+            return tpu_matmul_emulation()
         dtype = PRECISIONS[precision]
         if dtype is None:
             return contextlib.nullcontext()
@@ -225,9 +237,7 @@ class CudaBackend(Backend):
         torch.backends.cudnn.allow_tf32 = False
         return torch.device("cuda", self.local_rank)
 
-    def check_precision(self, precision: str) -> None:
-        if precision not in PRECISIONS:
-            raise BackendError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    precisions = ("fp32", "bf16", "fp16")
 
     def grad_scaler(self, precision: str) -> torch.amp.GradScaler | None:
         self.check_precision(precision)
@@ -247,6 +257,7 @@ class XlaBackend(Backend):
     """torch_xla PJRT: one process per device (``torch_xla.launch``), gradients all-reduced at the step."""
 
     name = "xla"
+    precisions = ("fp32", "bf16")
 
     def __init__(self, compile_cache: str = "") -> None:
         self.compile_cache = compile_cache or os.environ.get("DIGPT_XLA_CACHE", "")

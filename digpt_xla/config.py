@@ -92,7 +92,7 @@ class ScheduleConfig:
 @dataclass
 class BackendConfig:
     name: str = "auto"  # auto | cpu | cuda | xla | xla-spmd
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16: CUDA only, with a GradScaler)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (CUDA only, with a GradScaler) | tpu-emulation (cpu only)
     compile_cache: str = ""  # XLA persistent compile cache directory ("" = off)
     compile: bool = False  # torch.compile student and teacher (cuda/cpu; XLA compiles the step anyway)
 
@@ -161,10 +161,10 @@ class Config:
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "teacher.kind": ("pixel", "clip"),
-    "teacher.precision": ("auto", "fp32", "bf16", "fp16"),
+    "teacher.precision": ("auto", "fp32", "bf16", "fp16", "tpu-emulation"),
     "data.source": ("digits", "synthetic", "imagefolder", "webdataset"),
     "backend.name": ("auto", "cpu", "cuda", "xla", "xla-spmd"),
-    "backend.precision": ("fp32", "bf16", "fp16"),
+    "backend.precision": ("fp32", "bf16", "fp16", "tpu-emulation"),
     "probe.kind": ("knn", "linear", "both"),
 }
 

@@ -1,5 +1,7 @@
 """``python -m parity run --config yaml/parity/NAME.yaml [--backends cpu,xla] [--out DIR] [key=value ...]``
 ``python -m parity gap add|report --ledger FILE ...``: the downstream gap ledger (parity/gap.py).
+``python -m parity gap study --config yaml/parity/gap_study_digits.yaml [key=value ...]``: pretrain, probe and
+finetune per side and seed into the ledger, then write the study's report (parity/gap_study.py).
 
 Exit code 0 when every check is within the config's tolerances, 1 when one is not, 2 on bad input.
 """
@@ -73,6 +75,16 @@ def cmd_gap_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gap_study(args: argparse.Namespace) -> int:
+    from .gap_study import GapStudy, load_study_config
+
+    cfg = load_study_config(args.config, args.overrides)
+    result = GapStudy(cfg).run()
+    print(f"gap study: {result['ran']} of {result['runs']} runs done now; "
+          f"report {os.path.join(cfg.out_dir, 'report.md')}")  # fmt: skip
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m parity", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -100,9 +112,16 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--alpha", type=float, default=0.05)
     rep.add_argument("--out", default="", help="write the Markdown table here as well")
     rep.set_defaults(fn=cmd_gap_report)
+    study = gap.add_parser("study", help="pretrain + probe + finetune per side and seed, then the study's report")
+    study.add_argument("--config", default="yaml/parity/gap_study_digits.yaml")
+    study.add_argument("overrides", nargs="*", help="key=value, e.g. seeds=[0] sides=[cpu:fp32,cpu:bf16]")
+    study.set_defaults(fn=cmd_gap_study)
+    from digpt_xla.backend import BackendError
+    from digpt_xla.data import DataError
+
     from .gap import GapError
 
-    return run_command(parser, argv, (ConfigError, SideError, GapError, FileNotFoundError))
+    return run_command(parser, argv, (ConfigError, SideError, GapError, BackendError, DataError, FileNotFoundError))
 
 
 if __name__ == "__main__":

@@ -105,7 +105,8 @@ def summarize(rows: list[dict[str, Any]], metric: str, baseline: str, alpha: flo
     return sorted(out, key=lambda s: (s["side"] != baseline, s["side"]))
 
 
-def render_markdown(rows: list[dict[str, Any]], metric: str, baseline: str, alpha: float = 0.05) -> str:
+def render_markdown(rows: list[dict[str, Any]], metric: str, baseline: str, alpha: float = 0.05,
+                    decimals: int = 2) -> str:  # fmt: skip
     lines = [
         f"# Gap ledger: `{metric}`",
         "",
@@ -117,10 +118,11 @@ def render_markdown(rows: list[dict[str, Any]], metric: str, baseline: str, alph
     for ref in PAPER_ROWS:
         if ref["metric"] == metric:
             lines.append(f"| {ref['setting']} | 1 | {ref['value']:.2f} | - | - | - | - |")
+    d = decimals
     for s in summarize(rows, metric, baseline, alpha):
-        std = "-" if math.isnan(s["std"]) else f"{s['std']:.2f}"
+        std = "-" if math.isnan(s["std"]) else f"{s['std']:.{d}f}"
         p = "-" if math.isnan(s["p"]) else f"{s['p']:.3g}"
         verdict = "-" if s["significant"] is None else ("**yes**" if s["significant"] else "no")
-        diff = "-" if s["side"] == baseline else f"{s['diff']:+.2f}"
-        lines.append(f"| `{s['side']}` | {s['n']} | {s['mean']:.2f} | {std} | {diff} | {p} | {verdict} |")
+        diff = "-" if s["side"] == baseline else f"{s['diff']:+.{d}f}"
+        lines.append(f"| `{s['side']}` | {s['n']} | {s['mean']:.{d}f} | {std} | {diff} | {p} | {verdict} |")
     return "\n".join(lines) + "\n"

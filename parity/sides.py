@@ -2,7 +2,7 @@
 
 Settings: ``fp32``; ``bf16`` (autocast); ``fp16`` (autocast + GradScaler, CUDA only); ``xla-default``,
 ``xla-high``, ``xla-highest`` (torch_xla matmul precision, XLA only); ``tpu-emulation`` (CPU only: every
-matmul-like op with bf16-rounded operands and fp32 accumulation, see ``parity.precision``).
+matmul-like op with bf16-rounded operands and fp32 accumulation, see ``digpt_xla.tpu_emulation``).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class Side:
 
     @property
     def autocast_precision(self) -> str:
-        return self.setting if self.setting in ("bf16", "fp16") else "fp32"
+        return self.setting if self.setting in ("bf16", "fp16", "tpu-emulation") else "fp32"
 
     def backend_object(self) -> Backend:
         """One backend object per kind per process (an XLA runtime is initialised once)."""
@@ -57,14 +57,11 @@ class Side:
 
     @contextlib.contextmanager
     def numerics(self):
-        """The side's numeric context: autocast, TPU emulation, or torch_xla's matmul precision."""
+        """The side's numeric context: the backend's autocast (TPU emulation included) or torch_xla's matmul
+        precision."""
         backend = self.backend_object()
         with contextlib.ExitStack() as stack:
             stack.enter_context(backend.autocast(self.autocast_precision))
-            if self.setting == "tpu-emulation":
-                from .precision import tpu_matmul_emulation
-
-                stack.enter_context(tpu_matmul_emulation())
             if self.setting.startswith("xla-"):
                 import torch_xla.backends
 

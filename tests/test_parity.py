@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import REPO, needs_xla
+from digpt_xla.tpu_emulation import round_bf16, tpu_matmul_emulation
 from parity.__main__ import main as parity_main
-from parity.precision import round_bf16, tpu_matmul_emulation
 from parity.sides import Side, SideError
 
 TINY = str(REPO / "yaml/parity/tiny_fp32.yaml")

@@ -84,14 +84,17 @@ class _Shard(Dataset):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: Dataset, backend: Backend, batch_size: int, num_workers: int = 0):
-    """Top-1 / top-5 (%) over every sample of ``dataset`` exactly once, summed over all ranks."""
+def evaluate(model: nn.Module, dataset: Dataset, backend: Backend, batch_size: int, num_workers: int = 0,
+             precision: str = "fp32"):  # fmt: skip
+    """Top-1 / top-5 (%) over every sample of ``dataset`` exactly once, summed over all ranks, in the numeric
+    setting the model was trained in."""
     model.eval()
     shard = _Shard(dataset, backend.data_rank, backend.data_world_size, batch_size)
     loader = backend.prepare_loader(DataLoader(shard, batch_size=batch_size, num_workers=num_workers))
     totals = torch.zeros(3).to(backend.device)
     for batch in loader:
-        logits = model(batch["images"])
+        with backend.autocast(precision):
+            logits = model(batch["images"]).float()
         k = min(5, logits.shape[1])
         top = logits.topk(k, dim=1).indices
         hit = top == batch["labels"][:, None]
@@ -220,11 +223,11 @@ class Finetuner:
         finally:
             self.metrics.close()
         bs = cfg.finetune.eval_batch_size
-        result = evaluate(self.model, self.eval_set, b, bs, cfg.data.num_workers)
+        result = evaluate(self.model, self.eval_set, b, bs, cfg.data.num_workers, self.precision)
         out: dict[str, Any] = {"step": self.step, "checkpoint": checkpoint, "top1": result.top1, "top5": result.top5,
                                "eval_samples": result.samples}  # fmt: skip
         if self.ema is not None:
-            ema = evaluate(self.ema.module, self.eval_set, b, bs, cfg.data.num_workers)
+            ema = evaluate(self.ema.module, self.eval_set, b, bs, cfg.data.num_workers, self.precision)
             out |= {"ema_top1": ema.top1, "ema_top5": ema.top5}
         if b.is_main:
             with open(os.path.join(cfg.run.out_dir, "finetune.json"), "w") as f:

@@ -9,6 +9,9 @@ speed (real bf16 matmuls are ~600x slower on these CPUs).
 mm, bmm, addmm, baddbmm, einsum, conv, scaled-dot-product attention) in the forward pass and, through
 straight-through autograd functions, for the matmuls of the backward pass: the gradient flowing into each of
 those ops is rounded as well. Everything else (LayerNorm, softmax, GELU, additions) stays fp32.
+
+Training uses it as ``backend.precision=tpu-emulation`` on the cpu backend (``Backend.autocast``); the parity
+harness as the side setting ``cpu:tpu-emulation``.
 """
 
 from __future__ import annotations
@@ -82,7 +85,9 @@ def _emulated_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False,
         raise NotImplementedError("tpu emulation of SDPA supports attn_mask only (no dropout, causal or GQA)")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     scores = _output(torch.matmul(_operand(q), _operand(k).transpose(-2, -1))) * scale
-    if attn_mask is not None:
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    elif attn_mask is not None:
         scores = scores + attn_mask
     return _output(torch.matmul(_operand(scores.softmax(dim=-1)), _operand(v)))
 
