@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-slow bench lint format clean
+.PHONY: install demo test test-slow bench gap-study lint format clean
 
 install: $(STAMP)
 
@@ -27,6 +27,10 @@ test-slow: install
 
 bench: install
 	PJRT_DEVICE=CPU $(PY) tools/bench.py train --model digpt_tiny --backend cpu --batch 32
+
+# About an hour on 2 cores; reruns skip what parity/reports/gap_study_digits/ledger.jsonl already holds.
+gap-study: install
+	PJRT_DEVICE=CPU $(PY) -m parity gap study --config yaml/parity/gap_study_digits.yaml
 
 lint: install
 	$(VENV)/bin/ruff check .

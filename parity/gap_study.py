@@ -129,6 +129,8 @@ class GapStudy:
 
     def run(self) -> dict[str, Any]:
         runs, done = self.runs(), self.done()
+        for run in runs:  # before any backward: autograd sizes its per-device queues at its first run
+            self.backend(run.pretrain.backend.name)
         todo = [r for r in runs if any((r.side, r.seed, m) not in done for m in self.cfg.metrics)]
         log.info("gap study: %d runs, %d already in %s, %d to do", len(runs), len(runs) - len(todo), self.ledger,
                  len(todo))  # fmt: skip
