@@ -30,3 +30,46 @@ def test_bench_data_reports_images_per_core_for_generated_jpeg_shards(tmp_path):
     assert result["source"] == "webdataset" and result["workers"] == 0
     assert result["images_per_s"] > 0 and result["images_per_s_per_core"] == result["images_per_s"]
     assert "img/s per core" in proc.stdout
+
+
+def test_flop_counter_counts_fused_cpu_attention_kernels():
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from digpt_xla.flops import flop_counter
+
+    batch, length, width, heads = 2, 10, 64, 4
+    mha = torch.nn.MultiheadAttention(width, heads, batch_first=True).eval()
+    x = torch.randn(batch, length, width)
+    projections = 2 * batch * length * width * 4 * width
+    attention = 2 * 2 * batch * length * length * width
+    with flop_counter() as fast, torch.no_grad():  # no_grad: nn.MultiheadAttention's fused inference path
+        mha(x, x, x, need_weights=False)
+    with flop_counter() as plain:  # with autograd: linears + SDPA's CPU kernel
+        mha(x, x, x, need_weights=False)
+    assert fast.get_total_flops() == plain.get_total_flops() == projections + attention
+    with FlopCounterMode(display=False) as torch_only, torch.no_grad():
+        mha(x, x, x, need_weights=False)
+    assert torch_only.get_total_flops() == 0, "torch now counts the fused path itself: drop our formula"
+
+    q = torch.randn(batch, heads, length, width // heads, requires_grad=True)
+    with flop_counter() as sdpa:
+        out = torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=torch.zeros(length, length))
+        out.sum().backward()
+    # backward: torch's formula counts 5 products (the 4 gradients and the recomputed scores) to the forward's 2
+    assert sdpa.get_total_flops() == attention + 5 * attention // 2
+
+
+def test_recount_updates_flops_and_mfu_and_keeps_the_previous_count(tmp_path):
+    stale = {"name": "t", "model": "digpt_tiny", "teacher": "pixel", "precision": "fp32", "per_device_batch": 4,
+             "effective_batch": 4, "step_time_s": {"median": 0.5, "min": 0.5, "max": 0.5}, "flops_per_step": 1000,
+             "achieved_gflops": 2e-6, "matmul_peak_gflops": {"fp32": 10.0}, "mfu": 2e-7}  # fmt: skip
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(stale))
+    proc = subprocess.run([PYTHON, "tools/bench.py", "recount", str(path)], cwd=REPO, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(path.read_text())
+    assert 1e8 < result["flops_per_step"] < 1e10 and result["recounted"]["previous_flops_per_step"] == 1000
+    assert abs(result["mfu"] - result["flops_per_step"] / 0.5 / 1e9 / 10.0) < 1e-12
+    assert result["step_time_s"] == stale["step_time_s"], "measured times are never rewritten"

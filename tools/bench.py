@@ -5,6 +5,7 @@
     python tools/bench.py train --model digpt_tiny --backend xla --batch 32 --steps 20
     python tools/bench.py data --source webdataset --img-size 224 --workers 0
     python tools/bench.py baseline --timm-model vit_base_patch16_224 --batch 8
+    python tools/bench.py recount bench/*/*.json
 
 ``train`` times warm training steps (forward, backward, AdamW; teacher optional) of the real Pretrainer step,
 counts FLOPs with ``torch.utils.flop_counter.FlopCounterMode``, measures the machine's matmul peak in the same
@@ -61,23 +62,73 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, sync, n: int = 2048, r
     return 2 * n**3 / best / 1e9
 
 
+FLOP_COUNTER = "FlopCounterMode + digpt_xla.flops formulas for fused CPU attention kernels"
+
+
 def count_flops(trainer: Pretrainer, batches, orders) -> int:
     """FLOPs of one training step's forward and backward (optimizer excluded).
 
     Counted on the CPU for one sample and scaled by the step's samples: every op of the step is linear in the
     batch, and the count is then cheap even for a ViT-H/14 teacher at a GPU-sized batch."""
-    from torch.utils.flop_counter import FlopCounterMode
+    teacher = copy.deepcopy(trainer.backend.unwrap(trainer.teacher))
+    per_sample = sample_flops(trainer.model_cfg, teacher, batches[0]["images"][:1].cpu(), orders[0][:1].cpu())
+    return per_sample * batches[0]["images"].shape[0] * trainer.accum
 
+
+def sample_flops(model_cfg, teacher: torch.nn.Module, image: torch.Tensor, order: torch.Tensor) -> int:
+    """Teacher forward (under no_grad, as in training) + student forward and backward for one sample, in fp32 on
+    the CPU, with the fused attention kernels counted (digpt_xla.flops)."""
+    from digpt_xla.flops import flop_counter
     from digpt_xla.models import DiGPT
 
-    model = DiGPT(trainer.model_cfg)
-    teacher = copy.deepcopy(trainer.backend.unwrap(trainer.teacher)).to("cpu").float()
-    images = batches[0]["images"][:1].cpu()
-    with FlopCounterMode(display=False) as counter:
-        targets = teacher(images).float()
-        out = model(images, targets, orders[0][:1].cpu())
+    model, teacher = DiGPT(model_cfg), teacher.to("cpu").float()
+    with flop_counter() as counter:
+        with torch.no_grad():
+            targets = teacher(image).float()
+        out = model(image, targets, order)
         (out.ar_loss + out.kd_loss).backward()
-    return counter.get_total_flops() * batches[0]["images"].shape[0] * trainer.accum
+    return counter.get_total_flops()
+
+
+def timm_flops(model: torch.nn.Module, batch: int) -> int:
+    """Forward + backward FLOPs of the baseline's step, counted for one sample and scaled by the batch."""
+    from digpt_xla.flops import flop_counter
+
+    with flop_counter() as counter:
+        model(torch.randn(1, 3, 224, 224)).square().mean().backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() * batch
+
+
+def recount(path: Path) -> dict:
+    """Recount ``flops_per_step`` of a committed train/baseline result with the current counter; step times and
+    the matmul peak stay as measured. The previous count and MFU are kept under ``recounted``."""
+    result = json.loads(path.read_text())
+    if "per_device_batch" in result:
+        from digpt_xla.engine.pretrain import build_model_and_teacher, segment_orders
+
+        cfg = load_config(None, [f"model.name={result['model']}", f"teacher.kind={result['teacher']}"])
+        model, teacher = build_model_and_teacher(cfg)
+        image = torch.randn(1, 3, model.cfg.img_size, model.cfg.img_size)
+        per_sample = sample_flops(model.cfg, teacher, image, segment_orders(0, 0, 0, 1, model.cfg.num_segments))
+        flops = per_sample * result["effective_batch"]
+    elif "batch" in result:
+        import timm
+
+        flops = timm_flops(timm.create_model(result["model"], num_classes=0, global_pool=""), result["batch"])
+    else:
+        raise SystemExit(f"{path}: not a train or baseline result (no per_device_batch or batch)")
+    if flops != result["flops_per_step"]:
+        result.setdefault("recounted", {"previous_flops_per_step": result["flops_per_step"],
+                                        "previous_mfu": result["mfu"]})  # fmt: skip
+    peak = result["matmul_peak_gflops"].get("bf16" if result.get("precision") == "bf16" else "fp32")
+    peak = peak or result["matmul_peak_gflops"]["fp32"]
+    result["flops_per_step"] = flops
+    result["achieved_gflops"] = flops / result["step_time_s"]["median"] / 1e9
+    result["mfu"] = result["achieved_gflops"] / peak
+    result["flop_counter"] = FLOP_COUNTER
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    return result
 
 
 def default_name(args: argparse.Namespace, cfg) -> str:
@@ -127,7 +178,7 @@ def bench_train(args: argparse.Namespace) -> dict:
         "step_time_s": {"median": statistics.median(warm), "min": min(warm), "max": max(warm)},
         "first_steps_s": times[: args.warmup],
         "images_per_s": trainer.effective_batch / statistics.median(warm),
-        "flops_per_step": flops,
+        "flops_per_step": flops, "flop_counter": FLOP_COUNTER,
         "achieved_gflops": flops / statistics.median(warm) / 1e9,
         "matmul_peak_gflops": {"fp32": peak32},
     }  # fmt: skip
@@ -214,7 +265,6 @@ def bench_baseline(args: argparse.Namespace) -> dict:
     """A straightforward reference on the same machine: timm's ViT (fused attention, eager), forward + backward of
     a mean-square loss on its tokens, timed like ``train`` and held to the same matmul peak."""
     import timm
-    from torch.utils.flop_counter import FlopCounterMode
 
     model = timm.create_model(args.timm_model, num_classes=0, global_pool="")
     x = torch.randn(args.batch, 3, 224, 224)
@@ -222,8 +272,7 @@ def bench_baseline(args: argparse.Namespace) -> dict:
     def step() -> None:
         model(x).square().mean().backward()
 
-    with FlopCounterMode(display=False) as counter:
-        step()
+    flops = timm_flops(model, args.batch)
     times = []
     for _ in range(args.warmup + args.steps):
         t = time.perf_counter()
@@ -231,12 +280,12 @@ def bench_baseline(args: argparse.Namespace) -> dict:
         times.append(time.perf_counter() - t)
     median = statistics.median(times[args.warmup :])
     peak = matmul_peak(torch.device("cpu"), torch.float32, lambda t=None: None)
-    flops = counter.get_total_flops()
     return {
         "name": args.name or f"baseline_timm_{args.timm_model}_b{args.batch}", "model": args.timm_model,
         "device": device_name(None), "torch": torch.__version__, "batch": args.batch,
         "step_time_s": {"median": median, "min": min(times[args.warmup :]), "max": max(times[args.warmup :])},
-        "flops_per_step": flops, "achieved_gflops": flops / median / 1e9, "matmul_peak_gflops": {"fp32": peak},
+        "flops_per_step": flops, "flop_counter": FLOP_COUNTER, "achieved_gflops": flops / median / 1e9,
+        "matmul_peak_gflops": {"fp32": peak},
         "mfu": flops / median / 1e9 / peak,
     }  # fmt: skip
 
@@ -285,7 +334,16 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--warmup", type=int, default=1)
     r.add_argument("--name", default="")
     r.add_argument("--out", default=str(REPO / "bench"))
+    rc = sub.add_parser("recount", help="recount FLOPs and MFU of committed train/baseline JSON files")
+    rc.add_argument("files", nargs="+", type=Path)
     args = parser.parse_args(argv)
+    if args.command == "recount":
+        for path in args.files:
+            result = recount(path)
+            before = result.get("recounted", {}).get("previous_mfu", result["mfu"])
+            print(f"{path}: {result['flops_per_step'] / 1e9:.1f} GFLOP per step, MFU {100 * before:.1f}% -> "
+                  f"{100 * result['mfu']:.1f}%")  # fmt: skip
+        return 0
     if args.command == "baseline":
         result = bench_baseline(args)
         path = write_result(result, args.out)

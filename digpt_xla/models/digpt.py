@@ -197,8 +197,8 @@ class DiGPT(nn.Module):
     def forward_decoder(self, queries: Tensor, latent: Tensor, blocks: nn.ModuleList, norm, pred) -> Tensor:
         """Run one decoder; block d cross-attends to latent[..., d]. Returns (B, L, teacher_dim)."""
         x = queries
-        for d, block in enumerate(blocks):
-            x = block(x, latent[..., d], self.mask)
+        for block, channels in zip(blocks, latent.unbind(-1), strict=True):
+            x = block(x, channels, self.mask)
         return pred(norm(x))
 
     def select_targets(self, teacher_tokens: Tensor, teacher_index: Tensor, segments: slice) -> Tensor:

@@ -45,7 +45,9 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = attention_product(qkv[0], qkv[1], qkv[2], mask, self.fused)  # (B, H, N, d)
+        # unbind, not qkv[0..2]: the backward of three selects zero-fills and sums three full-size buffers.
+        q, k, v = qkv.unbind(0)
+        out = attention_product(q, k, v, mask, self.fused)  # (B, H, N, d)
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
 
 
@@ -66,8 +68,8 @@ class CrossAttention(nn.Module):
         B, N, C = x.shape
         heads, head_dim = self.num_heads, C // self.num_heads
         q = self.q(x).reshape(B, N, heads, head_dim).transpose(1, 2)
-        kv = self.kv(context).reshape(B, context.shape[1], 2, heads, head_dim).permute(2, 0, 3, 1, 4)
-        out = attention_product(q, kv[0], kv[1], mask, self.fused)
+        k, v = self.kv(context).reshape(B, context.shape[1], 2, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        out = attention_product(q, k, v, mask, self.fused)
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
 
 
