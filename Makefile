@@ -28,7 +28,7 @@ test-slow: install
 bench: install
 	PJRT_DEVICE=CPU $(PY) tools/bench.py train --model digpt_tiny --backend cpu --batch 32
 
-# About an hour on 2 cores; reruns skip what parity/reports/gap_study_digits/ledger.jsonl already holds.
+# About 70 minutes on 2 cores; reruns skip what parity/reports/gap_study_digits/ledger.jsonl already holds.
 gap-study: install
 	PJRT_DEVICE=CPU $(PY) -m parity gap study --config yaml/parity/gap_study_digits.yaml
 

@@ -54,6 +54,7 @@ class Backend:
 
     name = "cpu"
     process_group_backend = "gloo"
+    precisions: tuple[str, ...] = ("fp32", "bf16", "tpu-emulation")  # of PRECISIONS, those this backend runs
 
     def __init__(self, compile_cache: str = "") -> None:
         self.distributed = launched_by_torchrun() and int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -123,8 +124,6 @@ class Backend:
     def prepare_loader(self, loader: Iterable) -> Iterable:
         """An iterable of device batches."""
         return _MappedIterable(loader, self.move)
-
-    precisions: tuple[str, ...] = ("fp32", "bf16", "tpu-emulation")
 
     def check_precision(self, precision: str) -> None:
         if precision not in PRECISIONS:

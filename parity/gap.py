@@ -1,6 +1,7 @@
 """The gap ledger: downstream results per backend and numeric setting, beside the paper's reference rows, with a
-Welch t-test of each setting against a baseline so a difference is only called one when it exceeds the
-seed-to-seed noise.
+t-test of each setting against a baseline so a difference is only called one when it exceeds the seed-to-seed
+noise: paired over the seeds both sides ran (same seed, same initial weights and data order, so the seed's own
+effect cancels), Welch's unpaired test where fewer than two seeds match.
 
 One JSON object per line: backend, setting, seed, config_hash, git_revision, data, metric, value, time.
 """
@@ -84,22 +85,41 @@ def welch_p(a: list[float], b: list[float]) -> float:
     return float(ttest_ind(a, b, equal_var=False).pvalue)
 
 
+def paired_p(differences: list[float]) -> float:
+    """Two-sided p-value of the paired t-test on per-seed differences; nan for fewer than 2 pairs."""
+    if len(differences) < 2:
+        return math.nan
+    if statistics.pvariance(differences) == 0:  # the same shift on every seed: no noise to compare with
+        return 1.0 if differences[0] == 0 else 0.0
+    from scipy.stats import ttest_1samp
+
+    return float(ttest_1samp(differences, 0.0).pvalue)
+
+
 def summarize(rows: list[dict[str, Any]], metric: str, baseline: str, alpha: float = 0.05) -> list[dict[str, Any]]:
-    """Per ``backend:setting``: n, mean, std, difference from ``baseline`` and whether it exceeds the noise."""
+    """Per ``backend:setting``: n, mean, std, difference from ``baseline``, the Welch and paired p-values and
+    whether the difference exceeds the noise (paired test when >= 2 seeds match, else Welch)."""
     groups: dict[str, list[float]] = {}
+    by_seed: dict[str, dict[int, float]] = {}
     for r in rows:
         if r["metric"] == metric:
-            groups.setdefault(f"{r['backend']}:{r['setting']}", []).append(float(r["value"]))
+            side = f"{r['backend']}:{r['setting']}"
+            groups.setdefault(side, []).append(float(r["value"]))
+            by_seed.setdefault(side, {})[int(r["seed"])] = float(r["value"])
     if baseline not in groups:
         raise GapError(f"baseline {baseline!r} has no {metric} rows; have {sorted(groups)}")
-    base = groups[baseline]
+    base, base_seeds = groups[baseline], by_seed[baseline]
     out = []
     for name, values in groups.items():
-        p = math.nan if name == baseline else welch_p(values, base)
+        diffs = [v - base_seeds[seed] for seed, v in by_seed[name].items() if seed in base_seeds]
+        welch, paired = (math.nan, math.nan) if name == baseline else (welch_p(values, base), paired_p(diffs))
+        p = paired if len(diffs) >= 2 else welch
         out.append({
             "side": name, "n": len(values), "mean": statistics.mean(values),
             "std": statistics.stdev(values) if len(values) > 1 else math.nan,
-            "diff": statistics.mean(values) - statistics.mean(base), "p": p,
+            "diff": statistics.mean(values) - statistics.mean(base), "p": p, "welch_p": welch,
+            "paired_p": paired, "paired_n": 0 if name == baseline else len(diffs),
+            "test": "paired" if len(diffs) >= 2 else "welch",
             "significant": bool(p < alpha) if not math.isnan(p) else None,
         })  # fmt: skip
     return sorted(out, key=lambda s: (s["side"] != baseline, s["side"]))
@@ -110,19 +130,22 @@ def render_markdown(rows: list[dict[str, Any]], metric: str, baseline: str, alph
     lines = [
         f"# Gap ledger: `{metric}`",
         "",
-        f"Welch t-test of each setting against `{baseline}`; a difference counts when p < {alpha}.",
+        f"Each setting against `{baseline}`: a paired t-test over the seeds both ran (the seed's own effect cancels)"
+        f", Welch's t-test where fewer than 2 seeds match; a difference counts when p < {alpha}.",
         "",
-        "| setting | n | mean | std | diff vs baseline | p | exceeds noise |",
-        "|---|---|---|---|---|---|---|",
+        "| setting | n | mean | std | diff vs baseline | Welch p | paired p (pairs) | exceeds noise |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for ref in PAPER_ROWS:
         if ref["metric"] == metric:
-            lines.append(f"| {ref['setting']} | 1 | {ref['value']:.2f} | - | - | - | - |")
+            lines.append(f"| {ref['setting']} | 1 | {ref['value']:.2f} | - | - | - | - | - |")
     d = decimals
     for s in summarize(rows, metric, baseline, alpha):
         std = "-" if math.isnan(s["std"]) else f"{s['std']:.{d}f}"
-        p = "-" if math.isnan(s["p"]) else f"{s['p']:.3g}"
+        welch = "-" if math.isnan(s["welch_p"]) else f"{s['welch_p']:.3g}"
+        paired = "-" if math.isnan(s["paired_p"]) else f"{s['paired_p']:.3g} ({s['paired_n']})"
         verdict = "-" if s["significant"] is None else ("**yes**" if s["significant"] else "no")
         diff = "-" if s["side"] == baseline else f"{s['diff']:+.{d}f}"
-        lines.append(f"| `{s['side']}` | {s['n']} | {s['mean']:.{d}f} | {std} | {diff} | {p} | {verdict} |")
+        cells = [f"`{s['side']}`", str(s["n"]), f"{s['mean']:.{d}f}", std, diff, welch, paired, verdict]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -143,7 +143,9 @@ class GapStudy:
             for metric, value in self.run_one(run, missing):
                 append_result(self.ledger, GapResult(backend, precision, run.seed, self.config_hash, self.revision,
                                                      self.data, metric, value))  # fmt: skip
-            seconds[f"{run.side} seed {run.seed}"] = time.perf_counter() - t0
+            took = seconds[f"{run.side} seed {run.seed}"] = time.perf_counter() - t0
+            left = (len(todo) - i) * sum(seconds.values()) / i
+            log.info("%s seed %d took %.0f s; about %.0f min left", run.side, run.seed, took, left / 60)
         self.write_report()
         return {"runs": len(runs), "ran": len(todo), "seconds": seconds}
 
@@ -178,7 +180,7 @@ class GapStudy:
         # A metric is reported once its baseline has a value (partial studies report what they have).
         metrics = [m for m in cfg.metrics if any(r["metric"] == m and _side(r) == cfg.baseline for r in rows)]
         png = os.path.join(cfg.out_dir, "gap_study.png")
-        plot_study(rows, metrics, cfg.sides, png)
+        plot_study(rows, metrics, cfg.sides, cfg.baseline, png)
         text = render_study(rows, metrics, cfg, self.config_hash)
         with open(os.path.join(cfg.out_dir, "report.md"), "w") as f:
             f.write(text)
@@ -218,32 +220,58 @@ def render_study(rows: list[dict[str, Any]], metrics: list[str], cfg: StudyConfi
         "",
     ]
     for metric in metrics:
-        table = render_markdown(rows, metric, cfg.baseline, cfg.alpha, decimals=4 if metric == "pretrain_loss" else 2)
-        table = table.splitlines()
-        lines += [f"## {_LABELS[metric]}", "", *table[2:], ""]
+        decimals = 4 if metric == "pretrain_loss" else 2
+        table = render_markdown(rows, metric, cfg.baseline, cfg.alpha, decimals=decimals).splitlines()
+        lines += [f"## {_LABELS[metric]}", "", *table[2:], *per_seed_table(rows, metric, cfg.sides, decimals), ""]
     return "\n".join(lines)
 
 
-def plot_study(rows: list[dict[str, Any]], metrics: list[str], sides: list[str], out_png: str) -> None:
-    """One panel per metric: each seed's value per side, with the mean and +- one standard deviation."""
+def per_seed_table(rows: list[dict[str, Any]], metric: str, sides: list[str], decimals: int) -> list[str]:
+    """Seeds down, sides across: the pairs the paired test compares."""
+    value = {(_side(r), int(r["seed"])): float(r["value"]) for r in rows if r["metric"] == metric}
+    seeds = sorted({seed for _, seed in value})
+    header = "| seed | " + " | ".join(f"`{s}`" for s in sides) + " |"
+    out = ["", "Per seed:", "", header, "|---" * (len(sides) + 1) + "|"]
+    for seed in seeds:
+        cells = [f"{value[(s, seed)]:.{decimals}f}" if (s, seed) in value else "-" for s in sides]
+        out.append(f"| {seed} | " + " | ".join(cells) + " |")
+    return out
+
+
+def plot_study(rows: list[dict[str, Any]], metrics: list[str], sides: list[str], baseline: str, out_png: str) -> None:
+    """Per metric: each seed's value per side with mean +- std (top), and each seed's difference from the
+    baseline's value at the same seed (bottom: what the paired test sees once the seed's own effect is gone)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.6), squeeze=False)
-    for ax, metric in zip(axes[0], metrics, strict=True):
+    def mean_std(ax, x: float, values: list[float]) -> None:
+        std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+        ax.errorbar([x + 0.15], [float(np.mean(values))], yerr=[std], fmt="o", color="black", capsize=3, ms=4)
+
+    fig, axes = plt.subplots(2, len(metrics), figsize=(3.6 * len(metrics), 6.4), squeeze=False)
+    for col, metric in enumerate(metrics):
+        top, bottom = axes[0][col], axes[1][col]
+        value = {(_side(r), int(r["seed"])): float(r["value"]) for r in rows if r["metric"] == metric}
         for x, side in enumerate(sides):
-            values = [float(r["value"]) for r in rows if r["metric"] == metric and _side(r) == side]
-            if not values:
+            seeds = sorted(seed for s, seed in value if s == side)
+            if not seeds:
                 continue
-            ax.scatter([x] * len(values), values, s=14, alpha=0.6, color=f"C{x}")
-            std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-            ax.errorbar([x + 0.15], [float(np.mean(values))], yerr=[std], fmt="o", color="black", capsize=3, ms=4)
-        ax.set_xticks(range(len(sides)))
-        ax.set_xticklabels(sides, rotation=30, ha="right", fontsize=8)
-        ax.set_title(_LABELS[metric], fontsize=9)
+            values = [value[(side, seed)] for seed in seeds]
+            top.scatter([x] * len(values), values, s=14, alpha=0.6, color=f"C{x}")
+            mean_std(top, x, values)
+            diffs = [value[(side, seed)] - value[(baseline, seed)] for seed in seeds if (baseline, seed) in value]
+            if side != baseline and diffs:
+                bottom.scatter([x] * len(diffs), diffs, s=14, alpha=0.6, color=f"C{x}")
+                mean_std(bottom, x, diffs)
+        bottom.axhline(0.0, color="grey", lw=0.8, ls="--")
+        for ax in (top, bottom):
+            ax.set_xticks(range(len(sides)))
+            ax.set_xticklabels(sides, rotation=30, ha="right", fontsize=8)
+        top.set_title(_LABELS[metric], fontsize=9)
+        bottom.set_title(f"minus {baseline} at the same seed", fontsize=8)
     fig.suptitle("digpt_tiny on digits: seeds (dots), mean +- std (black)", fontsize=10)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)

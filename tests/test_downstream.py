@@ -124,6 +124,22 @@ def test_gap_ledger_flags_a_real_difference_and_ignores_a_null_one(tmp_path):
     assert math.isclose(summary["cpu:fp32"]["mean"], sum(base) / 5)
     text = render_markdown(rows, "knn_top1", "cpu:fp32")
     assert "| `cpu:tpu-emulation` | 5 | 68.14 |" in text and "**yes**" in text
+    # Seeds matched across settings: a small shift that the seed spread hides from Welch's test but every seed shows.
+    spread = [60.0, 70.0, 80.0, 65.0]
+    shifted = [v - 0.5 + d for v, d in zip(spread, (0.02, -0.03, 0.01, 0.0), strict=True)]
+    paired_rows = []
+    for setting, values in (
+        ("fp32", spread),
+        ("tpu-emulation", shifted),
+        ("xla-noise", [v + 0.3 * (-1) ** i for i, v in enumerate(spread)]),
+    ):
+        paired_rows += [
+            {"backend": "cpu", "setting": setting, "seed": i, "metric": "m", "value": v} for i, v in enumerate(values)
+        ]
+    paired = {s["side"]: s for s in summarize(paired_rows, "m", "cpu:fp32")}
+    shift = paired["cpu:tpu-emulation"]
+    assert shift["welch_p"] > 0.9 and shift["paired_p"] < 1e-3 and shift["test"] == "paired" and shift["significant"]
+    assert paired["cpu:xla-noise"]["significant"] is False, "alternating +-0.3 per seed is noise, not a shift"
     in1k = render_markdown(rows + [dict(rows[0], metric="in1k_finetune_top1")], "in1k_finetune_top1", "cpu:fp32")
     assert "torch + GPU (paper) | 1 | 86.20" in in1k and "torch_xla + TPU (paper) | 1 | 85.90" in in1k
 

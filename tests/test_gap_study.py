@@ -39,6 +39,8 @@ def test_study_fills_the_ledger_reports_and_skips_what_is_done(tmp_path):
     for heading in ("## finetune top-1 (%)", "## linear probe top-1 (%)", "## kNN top-1 (%)", "## final pretraining"):
         assert heading in report
     assert "| `cpu:tpu-emulation` | 1 |" in report and "85.9" in report
+    fp32_finetune = f"{got[('cpu', 'fp32', 'finetune_top1')]:.2f}"
+    assert f"| seed | `cpu:fp32` | `cpu:tpu-emulation` |\n|---|---|---|\n| 0 | {fp32_finetune} |" in report
     assert (out / "gap_study.png").stat().st_size > 10_000
     assert set(json.loads((out / "study.json").read_text())["summary"]) == set(metrics)
 
