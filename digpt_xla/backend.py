@@ -304,11 +304,6 @@ class XlaBackend(Backend):
     def move(self, batch: Any) -> Any:
         return tree_map_tensors(lambda t: t.to(self.device), batch)
 
-    def autocast(self, precision: str) -> contextlib.AbstractContextManager:
-        self.check_precision(precision)
-        dtype = PRECISIONS[precision]
-        return contextlib.nullcontext() if dtype is None else torch.autocast("xla", dtype=dtype)
-
     def optimizer_options(self) -> dict[str, Any]:
         # Capturable AdamW keeps its step count and bias corrections on the device. Otherwise they are Python
         # scalars that change every step, and torch_xla (which dedups scalar inputs by value) traces a new graph

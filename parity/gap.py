@@ -85,6 +85,16 @@ def welch_p(a: list[float], b: list[float]) -> float:
     return float(ttest_ind(a, b, equal_var=False).pvalue)
 
 
+def side_name(row: dict[str, Any]) -> str:
+    """A ledger row's side, ``backend:setting``."""
+    return f"{row['backend']}:{row['setting']}"
+
+
+def seed_values(rows: list[dict[str, Any]], metric: str) -> dict[tuple[str, int], float]:
+    """``metric`` by (side, seed); a seed logged twice for a side keeps its last value."""
+    return {(side_name(r), int(r["seed"])): float(r["value"]) for r in rows if r["metric"] == metric}
+
+
 def paired_p(differences: list[float]) -> float:
     """Two-sided p-value of the paired t-test on per-seed differences; nan for fewer than 2 pairs."""
     if len(differences) < 2:
@@ -100,12 +110,12 @@ def summarize(rows: list[dict[str, Any]], metric: str, baseline: str, alpha: flo
     """Per ``backend:setting``: n, mean, std, difference from ``baseline``, the Welch and paired p-values and
     whether the difference exceeds the noise (paired test when >= 2 seeds match, else Welch)."""
     groups: dict[str, list[float]] = {}
-    by_seed: dict[str, dict[int, float]] = {}
     for r in rows:
         if r["metric"] == metric:
-            side = f"{r['backend']}:{r['setting']}"
-            groups.setdefault(side, []).append(float(r["value"]))
-            by_seed.setdefault(side, {})[int(r["seed"])] = float(r["value"])
+            groups.setdefault(side_name(r), []).append(float(r["value"]))
+    by_seed: dict[str, dict[int, float]] = {}
+    for (side, seed), value in seed_values(rows, metric).items():
+        by_seed.setdefault(side, {})[seed] = value
     if baseline not in groups:
         raise GapError(f"baseline {baseline!r} has no {metric} rows; have {sorted(groups)}")
     base, base_seeds = groups[baseline], by_seed[baseline]

@@ -25,7 +25,17 @@ from digpt_xla.config import Config, ConfigError, load_config, load_dataclass
 from digpt_xla.engine.metrics import read_metrics
 from digpt_xla.engine.pretrain import git_revision
 
-from .gap import PAPER_ROWS, GapResult, append_result, config_hash, read_ledger, render_markdown, summarize
+from .gap import (
+    PAPER_ROWS,
+    GapResult,
+    append_result,
+    config_hash,
+    read_ledger,
+    render_markdown,
+    seed_values,
+    side_name,
+    summarize,
+)
 from .report import environment
 
 log = logging.getLogger(__name__)
@@ -119,7 +129,7 @@ class GapStudy:
         if not os.path.exists(self.ledger):
             return set()
         rows = read_ledger(self.ledger)
-        return {(_side(r), int(r["seed"]), r["metric"]) for r in rows if r["config_hash"] == self.config_hash}
+        return {(side_name(r), int(r["seed"]), r["metric"]) for r in rows if r["config_hash"] == self.config_hash}
 
     def backend(self, name: str) -> Backend:
         """One backend object per kind for the whole study (an XLA runtime is set up once per process)."""
@@ -176,9 +186,9 @@ class GapStudy:
     def write_report(self) -> None:
         rows = [r for r in read_ledger(self.ledger) if r["config_hash"] == self.config_hash]
         cfg = self.cfg
-        rows = [r for r in rows if _side(r) in cfg.sides]
+        rows = [r for r in rows if side_name(r) in cfg.sides]
         # A metric is reported once its baseline has a value (partial studies report what they have).
-        metrics = [m for m in cfg.metrics if any(r["metric"] == m and _side(r) == cfg.baseline for r in rows)]
+        metrics = [m for m in cfg.metrics if any(r["metric"] == m and side_name(r) == cfg.baseline for r in rows)]
         png = os.path.join(cfg.out_dir, "gap_study.png")
         plot_study(rows, metrics, cfg.sides, cfg.baseline, png)
         text = render_study(rows, metrics, cfg, self.config_hash)
@@ -190,10 +200,6 @@ class GapStudy:
                        "summary": {m: summarize(rows, m, cfg.baseline, cfg.alpha) for m in metrics}},
                       f, indent=1, default=str)  # fmt: skip
         log.info("report: %s", os.path.join(cfg.out_dir, "report.md"))
-
-
-def _side(row: dict[str, Any]) -> str:
-    return f"{row['backend']}:{row['setting']}"
 
 
 def render_study(rows: list[dict[str, Any]], metrics: list[str], cfg: StudyConfig, chash: str) -> str:
@@ -228,7 +234,7 @@ def render_study(rows: list[dict[str, Any]], metrics: list[str], cfg: StudyConfi
 
 def per_seed_table(rows: list[dict[str, Any]], metric: str, sides: list[str], decimals: int) -> list[str]:
     """Seeds down, sides across: the pairs the paired test compares."""
-    value = {(_side(r), int(r["seed"])): float(r["value"]) for r in rows if r["metric"] == metric}
+    value = seed_values(rows, metric)
     seeds = sorted({seed for _, seed in value})
     header = "| seed | " + " | ".join(f"`{s}`" for s in sides) + " |"
     out = ["", "Per seed:", "", header, "|---" * (len(sides) + 1) + "|"]
@@ -254,7 +260,7 @@ def plot_study(rows: list[dict[str, Any]], metrics: list[str], sides: list[str],
     fig, axes = plt.subplots(2, len(metrics), figsize=(3.6 * len(metrics), 6.4), squeeze=False)
     for col, metric in enumerate(metrics):
         top, bottom = axes[0][col], axes[1][col]
-        value = {(_side(r), int(r["seed"])): float(r["value"]) for r in rows if r["metric"] == metric}
+        value = seed_values(rows, metric)
         for x, side in enumerate(sides):
             seeds = sorted(seed for s, seed in value if s == side)
             if not seeds:

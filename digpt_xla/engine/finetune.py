@@ -191,18 +191,14 @@ class Finetuner:
         return url
 
     def _flush(self) -> None:
-        if self.meter.count == 0:
-            return
-        sums, count = self.meter.take()
         step = self.step
 
-        def record(values: Tensor) -> None:
-            loss, norm, nonfinite = values.tolist()
+        def record(means: dict[str, float], nonfinite: float) -> None:
             if nonfinite > 0:
                 raise FloatingPointError(f"non-finite finetuning loss by step {step}")
-            self.metrics.write(step, {"loss": loss / count, "grad_norm": norm / count})
+            self.metrics.write(step, means)
 
-        self.backend.on_host(record, sums)
+        self.meter.flush(self.backend, record)
 
     def train(self) -> dict[str, Any]:
         cfg, b = self.cfg, self.backend

@@ -6,10 +6,14 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from ..backend import Backend
 
 
 class DeferredMeter:
@@ -39,6 +43,19 @@ class DeferredMeter:
         sums, count = self.sums, self.count
         self.reset()
         return sums, count
+
+    def flush(self, backend: Backend, fn: Callable[[dict[str, float], float], None]) -> None:
+        """Hand the window's means by name and its non-finite count to ``fn`` on the host (after the step on XLA)
+        and start a new window; nothing when the window is empty."""
+        if self.count == 0:
+            return
+        sums, count = self.take()
+
+        def record(values: Tensor) -> None:
+            *totals, nonfinite = values.tolist()
+            fn({n: t / count for n, t in zip(self.names, totals, strict=True)}, nonfinite)
+
+        backend.on_host(record, sums)
 
 
 class MetricsWriter:

@@ -251,21 +251,15 @@ class Pretrainer:
 
     # ------------------------------------------------------------------ metrics
     def _flush_metrics(self, lr: float) -> None:
-        if self.meter.count == 0:
-            return
-        sums, count = self.meter.take()
         step = self.step
 
-        def record(values: Tensor) -> None:
-            *totals, nonfinite = values.tolist()
+        def record(means: dict[str, float], nonfinite: float) -> None:
             if nonfinite > 0:
                 self.nonfinite_seen = True
-            self.last_metrics = {n: t / count for n, t in zip(METRIC_NAMES, totals, strict=True)} | {
-                "lr": lr, "data_skipped": self.data_skipped,
-            }  # fmt: skip
+            self.last_metrics = means | {"lr": lr, "data_skipped": self.data_skipped}
             self.metrics.write(step, self.last_metrics)
 
-        self.backend.on_host(record, sums)
+        self.meter.flush(self.backend, record)
 
     def _check_finite(self) -> None:
         """Bring the non-finite count of the current window to the host (one sync; used before saving)."""
