@@ -19,16 +19,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .precision import PRECISIONS, precision_problem
+
 log = logging.getLogger(__name__)
-
-# Numeric settings of a step: fp32, autocast to bf16/fp16, or TPU emulation (fp32 with every matmul-like op on
-# bf16-rounded operands, as a TPU's default precision computes it; digpt_xla.tpu_emulation).
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16, "tpu-emulation": None}
-_WHERE = {
-    "fp16": "fp16 with loss scaling needs the cuda backend",
-    "tpu-emulation": "tpu-emulation runs on the cpu backend",
-}
-
 
 class BackendError(RuntimeError):
     """A backend that cannot run here, or a setting it does not support."""
@@ -54,7 +47,7 @@ class Backend:
 
     name = "cpu"
     process_group_backend = "gloo"
-    precisions: tuple[str, ...] = ("fp32", "bf16", "tpu-emulation")  # of PRECISIONS, those this backend runs
+    compiles_step = False  # True where the first step traces and compiles a graph (XLA): the loop says so
 
     def __init__(self, compile_cache: str = "") -> None:
         self.distributed = launched_by_torchrun() and int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -125,14 +118,16 @@ class Backend:
         """An iterable of device batches."""
         return _MappedIterable(loader, self.move)
 
-    def check_precision(self, precision: str) -> None:
-        if precision not in PRECISIONS:
-            raise BackendError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
-        if precision not in self.precisions:
-            raise BackendError(f"{_WHERE[precision]}; on {self.name} use one of {', '.join(self.precisions)}")
+    def check_precision(self, precision: str, role: str = "training") -> None:
+        """Refuse a precision this backend cannot run as ``role`` ("training" or "teacher"), naming the ones it can."""
+        problem = precision_problem(self.name, precision, role)
+        if problem:
+            raise BackendError(problem)
 
     def autocast(self, precision: str) -> contextlib.AbstractContextManager:
-        self.check_precision(precision)
+        """The numeric context of a forward pass; callers check the precision for their role first."""
+        if precision not in PRECISIONS:
+            raise BackendError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
         if precision == "tpu-emulation":
             from .tpu_emulation import tpu_matmul_emulation
 
@@ -199,16 +194,19 @@ class Backend:
         return tree_map_tensors(lambda t: t.detach().cpu(), tree)
 
     def rng_state(self) -> dict[str, Any]:
+        """Every random generator a step may draw from, as tensors and tuples (loadable with weights_only=True)."""
+        name, keys, pos, has_gauss, cached = np.random.get_state()
         return {
             "python": random.getstate(),
-            "numpy": np.random.get_state(),
+            "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
             "torch": torch.get_rng_state(),
             "device": self._device_rng_state(),
         }
 
     def set_rng_state(self, state: dict[str, Any]) -> None:
         random.setstate(state["python"])
-        np.random.set_state(state["numpy"])
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, cached))
         torch.set_rng_state(state["torch"])
         if state.get("device") is not None:
             self._set_device_rng_state(state["device"])
@@ -236,8 +234,6 @@ class CudaBackend(Backend):
         torch.backends.cudnn.allow_tf32 = False
         return torch.device("cuda", self.local_rank)
 
-    precisions = ("fp32", "bf16", "fp16")
-
     def grad_scaler(self, precision: str) -> torch.amp.GradScaler | None:
         self.check_precision(precision)
         return torch.amp.GradScaler("cuda") if precision == "fp16" else None
@@ -256,7 +252,7 @@ class XlaBackend(Backend):
     """torch_xla PJRT: one process per device (``torch_xla.launch``), gradients all-reduced at the step."""
 
     name = "xla"
-    precisions = ("fp32", "bf16")
+    compiles_step = True
 
     def __init__(self, compile_cache: str = "") -> None:
         self.compile_cache = compile_cache or os.environ.get("DIGPT_XLA_CACHE", "")

@@ -6,22 +6,12 @@ import argparse
 import logging
 import os
 import sys
-from pathlib import Path
 
 from .backend import BackendError, xla_available
 from .config import Config, ConfigError, load_config
+from .repo import find_config
 
 log = logging.getLogger("digpt")
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def find_config(path: str) -> Path:
-    """A config path as given, or relative to the repository (so ``digpt demo`` works from any directory)."""
-    candidate = Path(path)
-    if candidate.is_file() or candidate.is_absolute():
-        return candidate
-    in_repo = REPO_ROOT / path
-    return in_repo if in_repo.is_file() else candidate
 
 
 def run_pretrain(cfg: Config):
@@ -30,13 +20,17 @@ def run_pretrain(cfg: Config):
     return Pretrainer(cfg).train()
 
 
-def plot_losses(run_dir: str, out_png: str) -> None:
+def plot_losses(run_dir: str, title: str) -> str:
+    """``loss_curve.png`` of a run's logged losses, written into the run directory (any fsspec URL)."""
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from .engine.metrics import read_metrics
+    from .rundir import RunDir
 
     records = [r for r in read_metrics(run_dir) if r.get("loss") is not None]
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -44,17 +38,21 @@ def plot_losses(run_dir: str, out_png: str) -> None:
         ax.plot([r["step"] for r in records], [r[key] for r in records], label=key)
     ax.set_xlabel("step")
     ax.set_ylabel("2 - 2 cos")
-    ax.set_title("D-iGPT tiny on digits")
+    ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out_png, dpi=120)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
+    return RunDir(run_dir).write_bytes("loss_curve.png", buffer.getvalue())
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     cfg = load_config(find_config(args.config), args.overrides)
     result = run_pretrain(cfg)
     log.info("stopped (%s) at step %d; checkpoint %s", result.stopped, result.step, result.checkpoint)
+    for key, value in result.knn.items():
+        print(f"{key}: {value:.2f}%")
     return 0
 
 
@@ -67,17 +65,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if cfg.backend.name.startswith("xla"):
         os.environ.setdefault("PJRT_DEVICE", "CPU")
     result = run_pretrain(cfg)
-    png = os.path.join(cfg.run.out_dir, "loss_curve.png")
-    plot_losses(cfg.run.out_dir, png)
-    knn = result.knn
+    png = plot_losses(cfg.run.out_dir, f"D-iGPT {cfg.model.name} on {cfg.data.source}")
+    from .engine.metrics import read_metrics
+
+    logged = [r for r in read_metrics(cfg.run.out_dir) if r.get("loss") is not None]
+    first = logged[0] if logged else {"step": 0, "loss": float("nan")}
+    last, knn, nan = result.last_metrics, result.knn, float("nan")
     print(
         f"\nD-iGPT demo ({cfg.model.name} on digits, backend {cfg.backend.name}, {result.step} steps)\n"
-        f"  final loss       {result.last_metrics.get('loss', float('nan')):.4f} "
-        f"(ar {result.last_metrics.get('ar_loss', float('nan')):.4f}, "
-        f"kd {result.last_metrics.get('kd_loss', float('nan')):.4f})\n"
-        f"  kNN top-1        {knn.get('knn_top1_init', float('nan')):.1f}% at initialisation -> "
-        f"{knn.get('knn_top1', float('nan')):.1f}% pretrained\n"
-        f"  run directory    {cfg.run.out_dir} (checkpoint, metrics.jsonl, tb/, loss_curve.png)"
+        f"  loss             {first['loss']:.4f} (mean of steps 1-{first['step']}) -> {last.get('loss', nan):.4f} "
+        f"(mean of the last {cfg.run.log_every} steps; ar {last.get('ar_loss', nan):.4f}, kd {last.get('kd_loss', nan):.4f})\n"
+        f"  kNN top-1        {knn.get('knn_top1_init', nan):.1f}% at initialisation -> "
+        f"{knn.get('knn_top1', nan):.1f}% pretrained\n"
+        f"  run directory    {cfg.run.out_dir} (checkpoints/, metrics.jsonl, tb/, {png.rsplit('/', 1)[-1]})"
     )
     return 0
 
@@ -98,8 +98,15 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     cfg = load_config(find_config(args.config), args.overrides)
     result = Finetuner(cfg).train()
-    scores = f"top-1 {result['top1']:.2f}%, top-5 {result['top5']:.2f}% on {result['eval_samples']} held-out samples"
-    print(f"finetuned {cfg.model.name} for {result['step']} steps: {scores} -> {cfg.run.out_dir}/finetune.json")
+    if "top1" not in result:
+        print(f"finetuning stopped ({result['stopped']}) at step {result['step']}; checkpoint {result['checkpoint']}")
+        return 0
+    scores = (f"top-1 {result['top1']:.2f}%, top-5 {result['top5']:.2f}% on {result['eval_samples']} held-out samples"
+              f" (best top-1 {result['best_top1']:.2f}% at epoch {result['best_epoch']:.2f})")  # fmt: skip
+    if "ema_top1" in result:
+        scores += f", EMA top-1 {result['ema_top1']:.2f}%"
+    print(f"finetuned {cfg.model.name} for {result['step']} steps ({result['stopped']}): {scores} "
+          f"-> {cfg.run.out_dir}/finetune.json")  # fmt: skip
     return 0
 
 
@@ -129,18 +136,29 @@ def run_command(parser: argparse.ArgumentParser, argv: list[str] | None, errors:
     """Parse, run the chosen subcommand; expected input errors print one line and exit 2, not a traceback."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     args = parser.parse_args(argv)
+    from .engine.trainer import NonFiniteLossError
+
     try:
         return args.fn(args)
     except errors as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as e:  # not the user's mistake, but a clean stop all the same
+        print(f"{parser.prog}: {e}", file=sys.stderr)
+        return 1
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """The exceptions that mean a mistake in what the user handed us: one line and exit 2, no traceback."""
+    from .checkpoint_io import CheckpointError
+    from .data import DataError
+    from .rundir import RunDirError
+
+    return ConfigError, BackendError, DataError, CheckpointError, RunDirError
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .data import DataError
-    from .teacher import CheckpointError
-
-    return run_command(build_parser(), argv, (ConfigError, BackendError, DataError, CheckpointError))
+    return run_command(build_parser(), argv, user_errors())
 
 
 if __name__ == "__main__":

@@ -1,15 +1,18 @@
 """Run configuration: nested dataclasses, loaded from YAML, with ``a.b=value`` overrides from the command line.
 
 Every section is a dataclass; unknown keys and values of the wrong type fail with a message naming the key,
-the value, the expected type and the closest valid keys.
+the value, the expected type and the closest valid keys. Once loaded, every numeric and list field is checked
+against its allowed range (``RULES``), so a bad value fails at load time naming the key, never deep inside a run.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -76,6 +79,7 @@ class OptimConfig:
     min_lr: float = 0.0
     weight_decay: float = 0.05
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8  # AdamW's denominator term
     clip_grad: float | None = None
     accum_steps: int = 1
     effective_batch: int | None = None  # when set, accum_steps = effective_batch / (batch_size x devices)
@@ -126,7 +130,7 @@ class ProbeConfig:
 
 @dataclass
 class FinetuneConfig:
-    """``digpt finetune``: the release's recipe (see DIGPT_REFERENCE.md) on a timm ViT with the encoder's shape."""
+    """``digpt finetune``: the release's recipe (README, "Finetuning") on a timm ViT with the encoder's shape."""
 
     checkpoint: str = ""  # pretraining checkpoint (ours or the release's); "" = from scratch
     num_classes: int = 1000
@@ -141,6 +145,7 @@ class FinetuneConfig:
     ema: bool = False
     ema_decay: float = 0.9999
     eval_batch_size: int = 256
+    eval_every_epochs: int = 1  # evaluate (top-1, top-5, EMA) every N epochs and at the end; 0 = at the end only
 
 
 @dataclass
@@ -206,7 +211,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: value {value!r} is a {type(value).__name__}, expected {_type_name(tp)}")
 
 
-def _merge(obj: Any, values: dict[str, Any], prefix: str) -> None:
+def merge_values(obj: Any, values: dict[str, Any], prefix: str) -> None:
     hints = typing.get_type_hints(type(obj))
     names = [f.name for f in dataclasses.fields(obj)]
     for name, value in values.items():
@@ -219,7 +224,7 @@ def _merge(obj: Any, values: dict[str, Any], prefix: str) -> None:
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"{key}: is a section, expected a mapping, got {value!r}")
-            _merge(current, value, f"{key}.")
+            merge_values(current, value, f"{key}.")
             continue
         value = _convert(value, hints[name], key)
         if key in CHOICES and value not in CHOICES[key]:
@@ -232,7 +237,10 @@ def parse_override(text: str) -> dict[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not of the form section.key=value")
     dotted, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({_yaml_problem(e)})") from None
     nested: dict[str, Any] = {}
     node = nested
     parts = dotted.strip().split(".")
@@ -251,18 +259,169 @@ def load_dataclass(root: T, path: str | Path | None = None, overrides: list[str]
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: {_yaml_problem(e)}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
         try:
-            _merge(root, data, "")
+            merge_values(root, data, "")
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
     for text in overrides:
-        _merge(root, parse_override(text), "")
+        merge_values(root, parse_override(text), "")
     return root
 
 
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}YAML syntax error ({problem})"
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """The run configuration: defaults, then the YAML file, then the overrides."""
-    return load_dataclass(Config(), path, overrides)
+    """The run configuration: defaults, then the YAML file, then the overrides, then the range checks."""
+    cfg = load_dataclass(Config(), path, overrides)
+    try:
+        validate(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path is not None else str(e)) from None
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------- range checks
+Rule = tuple[Callable[[Any], bool], str]
+
+
+def _num(lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False,
+         optional: bool = False) -> Rule:  # fmt: skip
+    def ok(v: Any) -> bool:
+        if v is None:
+            return optional
+        if not math.isfinite(v):
+            return False
+        if lo is not None and (v <= lo if lo_open else v < lo):
+            return False
+        return not (hi is not None and (v >= hi if hi_open else v > hi))
+
+    bounds = [f">{'' if lo_open else '='} {lo}" if lo is not None else "",
+              f"<{'' if hi_open else '='} {hi}" if hi is not None else ""]  # fmt: skip
+    desc = "a finite number " + " and ".join(b for b in bounds if b)
+    return ok, desc.rstrip() + (" (or null)" if optional else "")
+
+
+def _betas(v: Any) -> bool:
+    return len(v) == 2 and all(math.isfinite(b) and 0 <= b < 1 for b in v)
+
+
+def _balanced_braces(spec: str) -> bool:
+    for part in spec.split("::"):
+        depth = 0
+        for ch in part:
+            depth += {"{": 1, "}": -1}.get(ch, 0)
+            if depth < 0:
+                return False
+        if depth:
+            return False
+    return True
+
+
+def _model_name(v: Any) -> bool:
+    from .models import MODEL_SIZES
+
+    return v in MODEL_SIZES
+
+
+def _model_names() -> str:
+    from .models import MODEL_SIZES
+
+    return "one of " + ", ".join(MODEL_SIZES)
+
+
+POSITIVE_INT = _num(1)
+POSITIVE_INT_OR_NONE = _num(1, optional=True)
+FRACTION_OPEN = _num(0, 1, lo_open=True, hi_open=True)
+RULES: dict[tuple[type, str], Rule] = {
+    (ModelConfig, "name"): (_model_name, "a model name"),
+    **{(ModelConfig, k): POSITIVE_INT_OR_NONE for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads",
+                                                        "decoder_dim", "decoder_depth", "decoder_heads",
+                                                        "segments_per_side")},  # fmt: skip
+    (DataConfig, "batch_size"): POSITIVE_INT,
+    (DataConfig, "num_workers"): _num(0),
+    (DataConfig, "urls"): (_balanced_braces, "shard URLs with balanced braces, e.g. shard-{000000..000127}.tar"),
+    (DataConfig, "shuffle_buffer"): _num(0),
+    (DataConfig, "samples_per_epoch"): POSITIVE_INT_OR_NONE,
+    (DataConfig, "num_classes"): POSITIVE_INT_OR_NONE,
+    (DataConfig, "read_timeout"): _num(0, lo_open=True),
+    (DataConfig, "synthetic_size"): POSITIVE_INT,
+    (DataConfig, "train_fraction"): FRACTION_OPEN,
+    (DataConfig, "min_scale"): _num(0, 1, lo_open=True, optional=True),
+    (OptimConfig, "blr"): _num(0, lo_open=True),
+    (OptimConfig, "lr"): _num(0, lo_open=True, optional=True),
+    (OptimConfig, "min_lr"): _num(0),
+    (OptimConfig, "weight_decay"): _num(0),
+    (OptimConfig, "betas"): (_betas, "two numbers [beta1, beta2], each with 0 <= value < 1"),
+    (OptimConfig, "eps"): _num(0, lo_open=True),
+    (OptimConfig, "clip_grad"): _num(0, lo_open=True, optional=True),
+    (OptimConfig, "accum_steps"): POSITIVE_INT,
+    (OptimConfig, "effective_batch"): POSITIVE_INT_OR_NONE,
+    (ScheduleConfig, "epochs"): _num(0, lo_open=True),
+    (ScheduleConfig, "warmup_epochs"): _num(0),
+    (ScheduleConfig, "steps_per_epoch"): POSITIVE_INT_OR_NONE,
+    (ScheduleConfig, "max_steps"): POSITIVE_INT_OR_NONE,
+    (RunConfig, "log_every"): POSITIVE_INT,
+    (RunConfig, "ckpt_every"): _num(0),
+    (RunConfig, "keep_last"): _num(0),
+    (RunConfig, "resume"): (lambda v: bool(v.strip()), "auto, never or a checkpoint path"),
+    (RunConfig, "out_dir"): (lambda v: bool(v.strip()), "a directory or URL"),
+    (ProbeConfig, "k"): POSITIVE_INT,
+    (ProbeConfig, "temperature"): _num(0, lo_open=True),
+    (ProbeConfig, "epochs"): POSITIVE_INT,
+    (ProbeConfig, "lr"): _num(0, lo_open=True),
+    (ProbeConfig, "weight_decay"): _num(0),
+    (ProbeConfig, "batch_size"): POSITIVE_INT,
+    (FinetuneConfig, "num_classes"): POSITIVE_INT,
+    (FinetuneConfig, "drop_path"): _num(0, 1, hi_open=True),
+    (FinetuneConfig, "layer_decay"): _num(0, 1, lo_open=True),
+    (FinetuneConfig, "mixup"): _num(0),
+    (FinetuneConfig, "cutmix"): _num(0),
+    (FinetuneConfig, "smoothing"): _num(0, 1, hi_open=True),
+    (FinetuneConfig, "reprob"): _num(0, 1),
+    (FinetuneConfig, "ema_decay"): FRACTION_OPEN,
+    (FinetuneConfig, "eval_batch_size"): POSITIVE_INT,
+    (FinetuneConfig, "eval_every_epochs"): _num(0),
+}
+
+
+def validate(obj: Any, prefix: str = "") -> None:
+    """Check every field of a (nested) config dataclass against ``RULES``; the first failure is a ConfigError
+    naming the key, the value and what is allowed. A ``Config`` also gets its cross-field checks."""
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            validate(value, f"{key}.")
+            continue
+        rule = RULES.get((type(obj), f.name))
+        if rule is not None and not rule[0](value):
+            allowed = _model_names() if rule[1] == "a model name" else rule[1]
+            raise ConfigError(f"{key}={value!r} is out of range: expected {allowed}")
+    if isinstance(obj, Config):
+        _check_combinations(obj)
+
+
+def _check_combinations(cfg: Config) -> None:
+    from .precision import precision_problem
+
+    problem = precision_problem(cfg.backend.name, cfg.backend.precision)
+    if problem:
+        raise ConfigError(f"backend.precision={cfg.backend.precision!r} with backend.name={cfg.backend.name!r}: {problem}")
+    teacher = cfg.backend.precision if cfg.teacher.precision == "auto" else cfg.teacher.precision
+    problem = precision_problem(cfg.backend.name, teacher, role="teacher")
+    if problem:
+        raise ConfigError(f"teacher.precision={cfg.teacher.precision!r} with backend.name={cfg.backend.name!r}: "
+                          f"{problem}")  # fmt: skip
+    if cfg.schedule.warmup_epochs > cfg.schedule.epochs:
+        raise ConfigError(f"schedule.warmup_epochs={cfg.schedule.warmup_epochs} is longer than schedule.epochs="
+                          f"{cfg.schedule.epochs}")  # fmt: skip

@@ -6,69 +6,19 @@ Both teachers share one contract: ``teacher(images)`` takes the student's ImageN
 
 from __future__ import annotations
 
-import io
 from collections.abc import Mapping
 from dataclasses import asdict
 from typing import Any
 
-import fsspec
 import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 
+from .checkpoint_io import check_state_dict, read_state_dict
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be read or does not fit the model it is loaded into."""
-
-
-def read_state_dict(url: str) -> dict[str, Tensor]:
-    """Tensors of a checkpoint on any fsspec filesystem (local, gs://, memory://).
-
-    ``.safetensors`` is read with safetensors; ``.pt``/``.pth``/``.bin`` with ``torch.load(weights_only=True)``.
-    A wrapping ``state_dict``/``model`` entry and a DDP ``module.`` prefix are removed.
-    """
-    suffix = next((s for s in CHECKPOINT_SUFFIXES if url.endswith(s)), None)
-    if suffix is None:
-        raise CheckpointError(f"{url}: unsupported checkpoint type; expected one of {', '.join(CHECKPOINT_SUFFIXES)}")
-    try:
-        with fsspec.open(url, "rb") as f:
-            payload = f.read()
-    except FileNotFoundError as e:
-        raise CheckpointError(f"{url}: checkpoint not found") from e
-    if suffix == ".safetensors":
-        from safetensors.torch import load as load_safetensors
-
-        state = load_safetensors(payload)
-    else:
-        try:
-            state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
-        except Exception as e:  # torch raises several types for corrupt or non-weights-only pickles
-            raise CheckpointError(f"{url}: cannot be read as a weights-only torch checkpoint ({e})") from e
-    for wrapper in ("state_dict", "model"):
-        if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
-            state = state[wrapper]
-    if not isinstance(state, Mapping):
-        raise CheckpointError(f"{url}: holds a {type(state).__name__}, not a state dict")
-    return {k.removeprefix("module."): v for k, v in state.items()}
-
-
-def check_state_dict(expected: Mapping[str, Tensor], found: Mapping[str, Tensor], source: str) -> None:
-    """Raise one CheckpointError naming the first missing, unexpected or mis-shaped key (with shapes)."""
-    for key, ref in expected.items():
-        if key not in found:
-            raise CheckpointError(f"{source}: missing key {key!r} (expected shape {tuple(ref.shape)})")
-        if tuple(found[key].shape) != tuple(ref.shape):
-            raise CheckpointError(
-                f"{source}: key {key!r} has shape {tuple(found[key].shape)}, expected {tuple(ref.shape)}"
-            )
-    for key, value in found.items():
-        if key not in expected:
-            raise CheckpointError(f"{source}: unexpected key {key!r} (shape {tuple(value.shape)})")
 
 
 class ClipTeacher(nn.Module):

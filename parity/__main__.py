@@ -48,7 +48,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_gap_add(args: argparse.Namespace) -> int:
-    from digpt_xla.engine.pretrain import git_revision
+    from digpt_xla.repo import git_revision
 
     from .gap import GapResult, append_result, config_hash
 

@@ -1,8 +1,12 @@
 """Run the same D-iGPT work on several sides and compare them.
 
-Every side starts from the same initial weights, sees the same batch, the same segment orders and the same
-teacher tokens (made once, on the CPU, in fp32) and runs: a forward pass with every module's output recorded
-(forward hooks, execution order), a backward pass, one AdamW step, and an independent N-step trajectory.
+Every side starts from the same initial weights, sees the same batch and segment orders, and trains with the
+trainer's own optimizer step (``digpt_xla.engine.step``: AdamW with the backend's options, the weight-decay
+parameter groups of ``digpt pretrain``, the lr schedule, clipping and, for fp16, the loss scaler), built from the
+config's ``optim`` and ``schedule`` sections as pretraining builds it. Teacher tokens are made once on the CPU
+(``input.teacher`` random or pixel) or by an open_clip tower inside each side's step (``clip``: random weights from
+the seed, run in the side's teacher precision). Each side runs a forward pass with every module's output recorded
+(forward hooks, execution order), a backward pass, one optimizer step, and an independent N-step trajectory.
 """
 
 from __future__ import annotations
@@ -17,21 +21,34 @@ import torch
 from timm.optim import param_groups_weight_decay
 from torch import Tensor, nn
 
-from digpt_xla.config import ModelConfig, load_dataclass
+from digpt_xla.config import (
+    ConfigError,
+    ModelConfig,
+    OptimConfig,
+    ScheduleConfig,
+    load_dataclass,
+    merge_values,
+    parse_override,
+)
+from digpt_xla.config import validate as validate_config
+from digpt_xla.engine.schedule import cosine_lr, plan_steps, scaled_lr
+from digpt_xla.engine.step import OptimizerStep, build_adamw
 from digpt_xla.models import DiGPT, digpt_config, set_fused_attention
-from digpt_xla.teacher import PixelTeacher
+from digpt_xla.teacher import ClipTeacher, PixelTeacher
 
 from .compare import diff, first_divergent, relative_error
 from .sides import Side
 
 log = logging.getLogger(__name__)
+TUNABLE_SECTIONS = ("optim.", "schedule.")
 
 
 @dataclass
 class InputConfig:
     source: str = "random"  # random | digits (digits needs a 32 px model)
-    teacher: str = "random"  # random | pixel
+    teacher: str = "random"  # random | pixel | clip
     batch_size: int = 2
+    clip_model: str = "ViT-B-16"  # input.teacher=clip: the open_clip image tower (random weights from `seed`)
 
 
 @dataclass
@@ -43,6 +60,12 @@ class Tolerances:
     param_rel: float | None = 1e-6  # all parameters together, relative L2 after one optimizer step
     activation_rel_l2: float | None = 1e-5  # None: localisation is reported but is no pass/fail check
     trajectory_loss_rel: float | None = None  # None: the drift is measured and shown, not judged
+    teacher_rel_l2: float | None = None  # input.teacher=clip: teacher tokens of the first batch
+
+
+def _parity_schedule() -> ScheduleConfig:
+    # One "epoch" is the trajectory: the lr starts at optim.lr and follows the cosine of the trajectory's steps.
+    return ScheduleConfig(epochs=1.0, warmup_epochs=0.0)
 
 
 @dataclass
@@ -51,23 +74,52 @@ class ParityConfig:
     input: InputConfig = field(default_factory=InputConfig)
     sides: list[str] = field(default_factory=lambda: ["cpu:fp32", "xla:fp32"])
     steps: int = 10  # trajectory length
-    lr: float = 1e-4
-    weight_decay: float = 0.05
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4))
+    schedule: ScheduleConfig = field(default_factory=_parity_schedule)
     seed: int = 0
-    perturb: str = ""  # "module.attr=value" applied to every side after the first (harness self-checks)
+    # Applied to every side after the first, to check that the harness catches it: "module.attr=value" changes a
+    # module of the student (blocks.1.norm1.eps=1e-3); "optim.key=value" / "schedule.key=value" that side's
+    # optimizer or lr schedule (optim.eps=1e-3).
+    perturb: str = ""
     tolerances: Tolerances = field(default_factory=Tolerances)
 
 
 def load_parity_config(path, overrides=()) -> ParityConfig:
-    return load_dataclass(ParityConfig(), path, overrides)
+    cfg = load_dataclass(ParityConfig(), path, overrides)
+    validate_config(cfg.optim, "optim.")
+    validate_config(cfg.schedule, "schedule.")
+    if cfg.steps < 1 or cfg.input.batch_size < 1:
+        raise ConfigError(f"steps={cfg.steps} and input.batch_size={cfg.input.batch_size} must be >= 1")
+    for key, value, choices in (("input.source", cfg.input.source, ("random", "digits")),
+                                ("input.teacher", cfg.input.teacher, ("random", "pixel", "clip"))):  # fmt: skip
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
+    if cfg.perturb.startswith(TUNABLE_SECTIONS):
+        side_sections(cfg, perturb=True)  # a bad key fails now, naming it
+    return cfg
+
+
+@dataclass
+class _Sections:
+    optim: OptimConfig
+    schedule: ScheduleConfig
+
+
+def side_sections(cfg: ParityConfig, perturb: bool) -> tuple[OptimConfig, ScheduleConfig]:
+    """The optimizer and schedule sections of one side: the config's, with an optim./schedule. perturbation."""
+    sections = _Sections(copy.deepcopy(cfg.optim), copy.deepcopy(cfg.schedule))
+    if perturb and cfg.perturb.startswith(TUNABLE_SECTIONS):
+        merge_values(sections, parse_override(cfg.perturb), "perturb: ")
+        validate_config(sections, "perturb: ")
+    return sections.optim, sections.schedule
 
 
 @dataclass
 class Inputs:
     images: Tensor
-    teacher_tokens: Tensor
+    teacher_tokens: Tensor | None  # None: the side's CLIP teacher makes them
     order: Tensor
-    trajectory: list[tuple[Tensor, Tensor, Tensor]]
+    trajectory: list[tuple[Tensor, Tensor | None, Tensor]]
 
 
 @dataclass
@@ -83,11 +135,20 @@ class SideResult:
     trajectory_losses: list[float]
     final_params: dict[str, Tensor]
     seconds: float
+    optimizer: dict[str, Any]
+    lrs: list[float]
+    teacher_tokens: Tensor | None
 
 
-def make_inputs(cfg: ParityConfig, model: DiGPT) -> Inputs:
-    """The batch, orders and teacher tokens of the single-step checks and of every trajectory step."""
-    mc = model.cfg
+def build_clip_teacher(cfg: ParityConfig) -> ClipTeacher:
+    """The open_clip tower of ``input.clip_model`` with random weights drawn from ``seed`` (no download)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.seed)
+        return ClipTeacher(cfg.input.clip_model)
+
+
+def make_inputs(cfg: ParityConfig, mc) -> Inputs:
+    """The batch, orders and (CPU-made) teacher tokens of the single-step checks and of every trajectory step."""
     g = torch.Generator().manual_seed(cfg.seed)
     pixel = PixelTeacher(mc.patch_size, mc.img_size) if cfg.input.teacher == "pixel" else None
     if pixel is not None and (pixel.grid_size, pixel.dim) != (mc.teacher_grid, mc.teacher_dim):
@@ -99,7 +160,7 @@ def make_inputs(cfg: ParityConfig, model: DiGPT) -> Inputs:
 
         digits = normalize(load_digits_images(mc.img_size)[0])
 
-    def batch() -> tuple[Tensor, Tensor, Tensor]:
+    def batch() -> tuple[Tensor, Tensor | None, Tensor]:
         B = cfg.input.batch_size
         if digits is not None:
             images = digits[torch.randint(0, len(digits), (B,), generator=g)]
@@ -107,8 +168,10 @@ def make_inputs(cfg: ParityConfig, model: DiGPT) -> Inputs:
             images = torch.randn(B, mc.in_chans, mc.img_size, mc.img_size, generator=g)
         if pixel is not None:
             tokens = pixel(images)
-        else:
+        elif cfg.input.teacher == "random":
             tokens = torch.randn(B, 1 + mc.teacher_grid**2, mc.teacher_dim, generator=g)
+        else:
+            tokens = None
         order = torch.stack([torch.randperm(mc.num_segments, generator=g) for _ in range(B)])
         return images, tokens, order
 
@@ -151,81 +214,83 @@ def _cpu_float(t: Tensor) -> Tensor:
     return t.detach().float().cpu()
 
 
-def build_side_model(cfg: ParityConfig, model_cfg, initial_state, side: Side, perturb: bool) -> DiGPT:
-    model = DiGPT(model_cfg)
-    model.load_state_dict(initial_state, strict=True)
-    set_fused_attention(model, cfg.model.fused_attention)
-    if perturb and cfg.perturb:
-        apply_perturbation(model, cfg.perturb)
-    return model.to(side.backend_object().device)
+class _SideTrainer:
+    """One side's student, teacher and optimizer step, built as ``digpt pretrain`` builds them."""
+
+    def __init__(self, cfg: ParityConfig, side: Side, model_cfg, initial: dict[str, Tensor],
+                 teacher_state: dict[str, Tensor] | None, perturb: bool) -> None:  # fmt: skip
+        self.side, self.backend = side, side.backend_object()
+        model = DiGPT(model_cfg)
+        model.load_state_dict(initial, strict=True)
+        set_fused_attention(model, cfg.model.fused_attention)
+        if perturb and cfg.perturb and not cfg.perturb.startswith(TUNABLE_SECTIONS):
+            apply_perturbation(model, cfg.perturb)
+        self.model = model.to(self.backend.device)
+        self.teacher = None
+        if teacher_state is not None:
+            teacher = build_clip_teacher(cfg)
+            teacher.load_state_dict(teacher_state, strict=True)
+            self.teacher = teacher.to(self.backend.device)
+        optim, schedule = side_sections(cfg, perturb)
+        batch = cfg.input.batch_size
+        base_lr = optim.lr if optim.lr is not None else scaled_lr(optim.blr, batch)
+        plan = plan_steps(schedule, cfg.steps * batch, batch, 1)
+        self.lrs = [cosine_lr(i, plan.total_steps, plan.warmup_steps, base_lr, optim.min_lr) for i in range(cfg.steps)]
+        groups = param_groups_weight_decay(self.model, optim.weight_decay)
+        self.step = OptimizerStep(build_adamw(groups, optim, self.backend, base_lr), self.backend,
+                                  side.autocast_precision, optim.clip_grad)  # fmt: skip
+
+    def loss(self, images: Tensor, tokens: Tensor | None, order: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(teacher tokens, ar_loss, kd_loss) on the side's device and in its numeric setting."""
+        images, tokens, order = self.backend.move((images, tokens, order))
+        if self.teacher is not None:
+            with self.side.numerics(self.side.teacher_precision):
+                tokens = self.teacher(images).float()
+        with self.side.numerics():
+            out = self.model(images, tokens, order)
+        return tokens, out.ar_loss, out.kd_loss
 
 
-def _optimizer(cfg: ParityConfig, model: nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(param_groups_weight_decay(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
-
-
-def _backward(loss: Tensor, scaler, opt) -> None:
-    if scaler is None:
-        loss.backward()
-    else:
-        scaler.scale(loss).backward()
-        scaler.unscale_(opt)
-
-
-def _step(scaler, opt) -> None:
-    if scaler is None:
-        opt.step()
-    else:
-        scaler.step(opt)
-        scaler.update()
-
-
-def run_side(cfg: ParityConfig, side: Side, model_cfg, initial_state, inputs: Inputs, perturb: bool) -> SideResult:
+def run_side(cfg: ParityConfig, side: Side, model_cfg, initial_state, teacher_state, inputs: Inputs,
+             perturb: bool) -> SideResult:  # fmt: skip
     t0 = time.perf_counter()
     backend = side.backend_object()
-    move = backend.move
-    model = build_side_model(cfg, model_cfg, initial_state, side, perturb)
-    opt = _optimizer(cfg, model)
-    scaler = backend.grad_scaler(side.autocast_precision)
+    run = _SideTrainer(cfg, side, model_cfg, initial_state, teacher_state, perturb)
+    names, outputs, handles = _record_outputs(run.model)
+    tokens, ar, kd = run.loss(inputs.images, inputs.teacher_tokens, inputs.order)
+    run.step.backward(ar + kd)
+    seen: dict[str, Any] = {}
 
-    names, outputs, handles = _record_outputs(model)
-    images, tokens, order = move((inputs.images, inputs.teacher_tokens, inputs.order))
-    with side.numerics():
-        out = model(images, tokens, order)
-    _backward(out.ar_loss + out.kd_loss, scaler, opt)
+    def inspect() -> None:  # gradients reduced and unscaled, before clipping and the update
+        backend.mark_step()
+        seen["grads"] = {n: _cpu_float(p.grad) for n, p in run.model.named_parameters() if p.grad is not None}
+
+    run.step.step(run.lrs[0], inspect=inspect)
     backend.mark_step()
     for h in handles:
         h.remove()
     activations = [_cpu_float(t) for t in outputs]
-    grads = {n: _cpu_float(p.grad) for n, p in model.named_parameters() if p.grad is not None}
-    ar_loss, kd_loss = float(out.ar_loss.detach()), float(out.kd_loss.detach())
-    _step(scaler, opt)
-    backend.mark_step()
-    params_after = {n: _cpu_float(p) for n, p in model.named_parameters() if p.requires_grad}
+    teacher_tokens = _cpu_float(tokens) if run.teacher is not None else None
+    ar_loss, kd_loss = float(ar.detach()), float(kd.detach())
+    params_after = {n: _cpu_float(p) for n, p in run.model.named_parameters() if p.requires_grad}
 
     # The trajectory starts again from the initial weights, with its own optimizer.
-    model = build_side_model(cfg, model_cfg, initial_state, side, perturb)
-    opt = _optimizer(cfg, model)
-    scaler = backend.grad_scaler(side.autocast_precision)
+    run = _SideTrainer(cfg, side, model_cfg, initial_state, teacher_state, perturb)
     losses = []
     from tqdm import tqdm
 
-    for batch in tqdm(inputs.trajectory, desc=f"{side} trajectory", unit="step", leave=False):
-        images, tokens, order = move(batch)
-        with side.numerics():
-            out = model(images, tokens, order)
-        loss = out.ar_loss + out.kd_loss
-        _backward(loss, scaler, opt)
-        _step(scaler, opt)
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
+    for i, batch in enumerate(tqdm(inputs.trajectory, desc=f"{side} trajectory", unit="step", leave=False)):
+        _, ar, kd = run.loss(*batch)
+        run.step.backward(ar + kd)
+        run.step.step(run.lrs[i])
+        losses.append((ar + kd).detach())
         backend.mark_step()  # losses stay on the device: no host read inside the trajectory
-    final = {n: _cpu_float(p) for n, p in model.named_parameters() if p.requires_grad}
+    final = {n: _cpu_float(p) for n, p in run.model.named_parameters() if p.requires_grad}
     seconds = time.perf_counter() - t0
     log.info("side %s done in %.1fs", side, seconds)
     return SideResult(
-        str(side), str(backend.device), ar_loss, kd_loss, names, activations, grads, params_after,
-        [float(v) for v in losses], final, seconds,
+        str(side), str(backend.device), ar_loss, kd_loss, names, activations, seen["grads"], params_after,
+        [float(v) for v in losses], final, seconds, run.step.settings(), run.lrs, teacher_tokens,
     )  # fmt: skip
 
 
@@ -271,7 +336,24 @@ def compare_sides(ref: SideResult, cand: SideResult, initial: dict[str, Tensor],
     checks.append(_check("max module-output rel. L2 error", worst_act, tol.activation_rel_l2, "<="))
     checks.append(_check("max trajectory loss rel. error", max(s["rel"] for s in steps), tol.trajectory_loss_rel,
                          "<="))  # fmt: skip
+    teacher = None
+    if ref.teacher_tokens is not None and cand.teacher_tokens is not None:
+        token_cos = torch.nn.functional.cosine_similarity(ref.teacher_tokens.double(), cand.teacher_tokens.double(),
+                                                          dim=-1)  # fmt: skip
+        teacher = diff(ref.teacher_tokens, cand.teacher_tokens).as_dict() | {
+            "min_token_cosine": token_cos.min().item(), "mean_token_cosine": token_cos.mean().item()}
+        checks.insert(0, _check("teacher tokens rel. L2 error", teacher["rel_l2"], tol.teacher_rel_l2, "<="))
+    optimizer_differences = [
+        {"setting": k, "ref": ref.optimizer[k], "cand": cand.optimizer.get(k)}
+        for k in ref.optimizer if ref.optimizer[k] != cand.optimizer.get(k)
+    ]  # fmt: skip
+    lr_steps = [i + 1 for i, (a, b) in enumerate(zip(ref.lrs, cand.lrs, strict=True)) if a != b]
+    if lr_steps:
+        optimizer_differences.append({"setting": "lr", "ref": ref.lrs[lr_steps[0] - 1], "cand": cand.lrs[lr_steps[0] - 1],
+                                      "steps": lr_steps})  # fmt: skip
     return {
+        "teacher_tokens": teacher,
+        "optimizer_differences": optimizer_differences,
         "reference": ref.side,
         "candidate": cand.side,
         "passed": all(c["ok"] is not False for c in checks),
@@ -310,18 +392,28 @@ def run_parity(cfg: ParityConfig) -> dict[str, Any]:
         raise ValueError("parity needs at least two sides")
     for side in sides:  # before any backward: autograd sizes its per-device queues at its first run
         side.backend_object()
+    teacher_state = None
+    overrides = cfg.model.shape_overrides()
+    if cfg.input.teacher == "clip":
+        teacher = build_clip_teacher(cfg)
+        teacher_state = copy.deepcopy(teacher.state_dict())
+        overrides |= {"teacher_grid": teacher.grid_size, "teacher_dim": teacher.dim}
+        del teacher
     torch.manual_seed(cfg.seed)
-    model_cfg = digpt_config(cfg.model.name, **cfg.model.shape_overrides())
+    model_cfg = digpt_config(cfg.model.name, **overrides)
     model = DiGPT(model_cfg)
     initial = copy.deepcopy(model.state_dict())
-    inputs = make_inputs(cfg, model)
-    results = [run_side(cfg, s, model_cfg, initial, inputs, perturb=i > 0) for i, s in enumerate(sides)]
+    inputs = make_inputs(cfg, model_cfg)
+    results = [run_side(cfg, s, model_cfg, initial, teacher_state, inputs, perturb=i > 0)
+               for i, s in enumerate(sides)]  # fmt: skip
     init_params = {n: p.detach().float() for n, p in model.named_parameters()}
     comparisons = [compare_sides(results[0], r, init_params, cfg.tolerances) for r in results[1:]]
     return {
         "model": cfg.model.name,
         "trainable_params": model.num_trainable_params(),
-        "sides": [{"side": r.side, "device": r.device, "seconds": r.seconds} for r in results],
+        "teacher": cfg.input.teacher if cfg.input.teacher != "clip" else f"clip {cfg.input.clip_model}",
+        "sides": [{"side": r.side, "device": r.device, "seconds": r.seconds, "optimizer": r.optimizer,
+                   "lrs": r.lrs} for r in results],  # fmt: skip
         "comparisons": comparisons,
         "passed": all(c["passed"] for c in comparisons),
     }

@@ -42,6 +42,24 @@ def _target(check: dict[str, Any]) -> tuple[str, str]:
     return f"{check['op']} {_fmt(check['tolerance'])}", "yes" if check["ok"] else "NO"
 
 
+def _steps(steps: list[int]) -> str:
+    return ", ".join(map(str, steps[:8])) + (", ..." if len(steps) > 8 else "")
+
+
+def optimizer_table(sides: list[dict[str, Any]]) -> list[str]:
+    """What each side's optimizer step ran: the trainer's AdamW options, loss scaling, clipping, and the lr of
+    the compared steps (the one-step check uses step 1's)."""
+    if not sides or "optimizer" not in sides[0]:
+        return []
+    keys = ["fused", "capturable", "foreach", "betas", "eps", "weight_decay", "clip_grad", "grad_scaler"]
+    lines = ["| side | " + " | ".join(keys) + " | lr at steps 1, 2, ..., last |", "|---" * (len(keys) + 2) + "|"]
+    for s in sides:
+        lrs = s["lrs"]
+        shown = ", ".join(f"{v:.3g}" for v in lrs[:3]) + (f", ..., {lrs[-1]:.3g}" if len(lrs) > 3 else "")
+        lines.append(f"| `{s['side']}` | " + " | ".join(str(s["optimizer"].get(k)) for k in keys) + f" | {shown} |")
+    return [*lines, ""]
+
+
 def render_markdown(report: dict[str, Any], title: str) -> str:
     lines = [f"# Parity: {title}", ""]
     judged = [c for comp in report["comparisons"] for c in comp["checks"] if c["ok"] is not None]
@@ -49,8 +67,10 @@ def render_markdown(report: dict[str, Any], title: str) -> str:
     env = report["environment"]
     lines += [
         f"**Verdict: {verdict}**. Model `{report['model']}` ({report['trainable_params'] / 1e6:.1f} M trainable),"
+        f" teacher {report.get('teacher', report['config']['input']['teacher'])},"
         f" batch {report['config']['input']['batch_size']}, {report['config']['steps']}-step trajectory, "
-        f"seed {report['config']['seed']}.",
+        f"seed {report['config']['seed']}. Every side trains with the trainer's optimizer step (AdamW, the weight-decay"
+        " groups, the lr schedule, clipping and loss scaling as configured; per side below).",
         "",
         "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()),
         "",
@@ -58,11 +78,23 @@ def render_markdown(report: dict[str, Any], title: str) -> str:
         "|---|---|---|",
         *[f"| `{s['side']}` | {s['device']} | {s['seconds']:.1f} |" for s in report["sides"]],
         "",
+        *optimizer_table(report["sides"]),
     ]
     for comp in report["comparisons"]:
         lines += [f"## `{comp['candidate']}` against `{comp['reference']}`", "", "| check | value | target | ok |",
                   "|---|---|---|---|"]  # fmt: skip
         lines += [f"| {c['check']} | {_fmt(c['value'])} | {' | '.join(_target(c))} |" for c in comp["checks"]]
+        if comp.get("optimizer_differences"):
+            shown = "; ".join(f"{d['setting']} {d['ref']} vs {d['cand']}"
+                              + (f" (steps {_steps(d['steps'])})" if "steps" in d else "")
+                              for d in comp["optimizer_differences"])  # fmt: skip
+            lines += ["", f"Optimizer settings differ from the reference: {shown}."]
+        if comp.get("teacher_tokens"):
+            t = comp["teacher_tokens"]
+            lines += ["", "| teacher tokens (first batch) | max abs | rel. L2 | cosine | min token cosine |",
+                      "|---|---|---|---|---|",
+                      f"| `{comp['candidate']}` vs `{comp['reference']}` | {_fmt(t['max_abs'])} | {_fmt(t['rel_l2'])} | "
+                      f"{t['cosine']:.8f} | {t['min_token_cosine']:.8f} |"]  # fmt: skip
         losses = comp["losses"]
         lines += ["", "| loss | reference | candidate | rel. error |", "|---|---|---|---|"]
         lines += [f"| {k} | {v['ref']:.8f} | {v['cand']:.8f} | {_fmt(v['rel'])} |" for k, v in losses.items()]
@@ -109,13 +141,25 @@ def render_markdown(report: dict[str, Any], title: str) -> str:
     return "\n".join(lines)
 
 
-def plot(report: dict[str, Any], out_dir: str) -> list[str]:
+def _png(fig) -> bytes:
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def plot(report: dict[str, Any]) -> dict[str, bytes]:
+    """PNG bytes by file name: per-module error and loss drift of each comparison."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    paths = []
+    pngs: dict[str, bytes] = {}
     for k, comp in enumerate(report["comparisons"]):
         suffix = "" if len(report["comparisons"]) == 1 else f"_{k + 1}"
         fig, ax = plt.subplots(figsize=(8, 3.5))
@@ -128,10 +172,7 @@ def plot(report: dict[str, Any], out_dir: str) -> list[str]:
         ax.set_ylabel("rel. L2 error of output")
         ax.set_title(f"{comp['candidate']} vs {comp['reference']}: per-module error")
         fig.tight_layout()
-        path = os.path.join(out_dir, f"layer_error{suffix}.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        pngs[f"layer_error{suffix}.png"] = _png(fig)
 
         steps = comp["trajectory"]["steps"]
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.3))
@@ -146,21 +187,18 @@ def plot(report: dict[str, Any], out_dir: str) -> list[str]:
         a2.set_ylabel("loss rel. difference")
         fig.suptitle("loss drift")
         fig.tight_layout()
-        path = os.path.join(out_dir, f"loss_drift{suffix}.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
-    return paths
+        pngs[f"loss_drift{suffix}.png"] = _png(fig)
+    return pngs
 
 
 def write_report(report: dict[str, Any], out_dir: str, title: str) -> dict[str, str]:
-    os.makedirs(out_dir, exist_ok=True)
+    """report.json, report.md and the plots into ``out_dir`` (a local path or any fsspec URL); their URLs by kind."""
+    from digpt_xla.rundir import RunDir
+
+    out = RunDir(out_dir)
     report = {**report, "environment": report.get("environment") or environment()}
-    files = {"json": os.path.join(out_dir, "report.json"), "md": os.path.join(out_dir, "report.md")}
-    with open(files["json"], "w") as f:
-        json.dump(report, f, indent=1)
-    with open(files["md"], "w") as f:
-        f.write(render_markdown(report, title))
-    for i, p in enumerate(plot(report, out_dir)):
-        files[f"png{i}"] = p
+    files = {"json": out.write_text("report.json", json.dumps(report, indent=1)),
+             "md": out.write_text("report.md", render_markdown(report, title))}  # fmt: skip
+    for i, (name, png) in enumerate(plot(report).items()):
+        files[f"png{i}"] = out.write_bytes(name, png)
     return files

@@ -1,8 +1,11 @@
-"""A side of a comparison: a backend and a numeric setting, written ``backend:setting`` (``xla:fp32``).
+"""A side of a comparison: a backend and a numeric setting, ``backend:setting``, optionally with the teacher's
+precision, ``backend:setting teacher=precision`` (``cpu:fp32 teacher=fp16``).
 
 Settings: ``fp32``; ``bf16`` (autocast); ``fp16`` (autocast + GradScaler, CUDA only); ``xla-default``,
 ``xla-high``, ``xla-highest`` (torch_xla matmul precision, XLA only); ``tpu-emulation`` (CPU only: every
-matmul-like op with bf16-rounded operands and fp32 accumulation, see ``digpt_xla.tpu_emulation``).
+matmul-like op with bf16-rounded operands and fp32 accumulation, see ``digpt_xla.tpu_emulation``). The teacher's
+precision (``input.teacher: clip``) defaults to the side's autocast precision, as ``teacher.precision: auto`` does
+in pretraining; where each precision may run comes from ``digpt_xla.precision``.
 """
 
 from __future__ import annotations
@@ -11,8 +14,10 @@ import contextlib
 from dataclasses import dataclass
 
 from digpt_xla.backend import Backend, create_backend
+from digpt_xla.precision import PRECISIONS, precision_problem
 
-SETTINGS = ("fp32", "bf16", "fp16", "xla-default", "xla-high", "xla-highest", "tpu-emulation")
+XLA_MATMUL_SETTINGS = ("xla-default", "xla-high", "xla-highest")
+SETTINGS = (*PRECISIONS, *XLA_MATMUL_SETTINGS)
 _BACKENDS = ("cpu", "cuda", "xla")
 _backend_cache: dict[str, Backend] = {}
 
@@ -25,29 +30,41 @@ class SideError(ValueError):
 class Side:
     backend: str
     setting: str
+    teacher: str = "auto"  # the teacher's precision; auto = the side's autocast precision
 
     @classmethod
     def parse(cls, text: str) -> Side:
-        backend, _, setting = text.partition(":")
-        side = cls(backend.strip(), (setting or "fp32").strip())
+        head, *mods = text.split()
+        backend, _, setting = head.partition(":")
+        teacher = "auto"
+        for mod in mods:
+            key, sep, value = mod.partition("=")
+            if key != "teacher" or not sep:
+                raise SideError(f"side {text!r}: {mod!r} is not a modifier; the one known is teacher=PRECISION")
+            teacher = value
+        side = cls(backend.strip(), (setting or "fp32").strip(), teacher)
         if side.backend not in _BACKENDS:
             raise SideError(f"side {text!r}: backend must be one of {', '.join(_BACKENDS)}")
         if side.setting not in SETTINGS:
             raise SideError(f"side {text!r}: setting must be one of {', '.join(SETTINGS)}")
-        if side.setting == "tpu-emulation" and side.backend != "cpu":
-            raise SideError(f"side {text!r}: tpu-emulation runs on the cpu backend")
-        if side.setting.startswith("xla-") and side.backend != "xla":
+        if side.setting in XLA_MATMUL_SETTINGS and side.backend != "xla":
             raise SideError(f"side {text!r}: {side.setting} is a torch_xla setting; use the xla backend")
-        if side.setting == "fp16" and side.backend != "cuda":
-            raise SideError(f"side {text!r}: fp16 with loss scaling needs the cuda backend")
+        problem = precision_problem(side.backend, side.autocast_precision)
+        problem = problem or precision_problem(side.backend, side.teacher_precision, role="teacher")
+        if problem:
+            raise SideError(f"side {text!r}: {problem}")
         return side
 
     def __str__(self) -> str:
-        return f"{self.backend}:{self.setting}"
+        return f"{self.backend}:{self.setting}" + (f" teacher={self.teacher}" if self.teacher != "auto" else "")
 
     @property
     def autocast_precision(self) -> str:
-        return self.setting if self.setting in ("bf16", "fp16", "tpu-emulation") else "fp32"
+        return self.setting if self.setting in PRECISIONS else "fp32"
+
+    @property
+    def teacher_precision(self) -> str:
+        return self.autocast_precision if self.teacher == "auto" else self.teacher
 
     def backend_object(self) -> Backend:
         """One backend object per kind per process (an XLA runtime is initialised once)."""
@@ -56,13 +73,13 @@ class Side:
         return _backend_cache[self.backend]
 
     @contextlib.contextmanager
-    def numerics(self):
-        """The side's numeric context: the backend's autocast (TPU emulation included) or torch_xla's matmul
-        precision."""
+    def numerics(self, precision: str | None = None):
+        """The side's numeric context: the backend's autocast in ``precision`` (default: the side's; TPU emulation
+        included) and torch_xla's matmul precision."""
         backend = self.backend_object()
         with contextlib.ExitStack() as stack:
-            stack.enter_context(backend.autocast(self.autocast_precision))
-            if self.setting.startswith("xla-"):
+            stack.enter_context(backend.autocast(precision or self.autocast_precision))
+            if self.setting in XLA_MATMUL_SETTINGS:
                 import torch_xla.backends
 
                 previous = torch_xla.backends.get_mat_mul_precision()

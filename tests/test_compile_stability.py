@@ -14,7 +14,7 @@ def test_one_compilation_no_fallbacks_no_host_reads_inside_steps(tmp_path):
                  f"run.log_every={LOG_EVERY}", "run.ckpt_every=0", "data.batch_size=8", "run.resume=never"]  # fmt: skip
     trainer = Pretrainer(load_config(REPO / "yaml/demo.yaml", overrides))
     b = trainer.backend
-    stream = trainer.device_batches()
+    stream = trainer.data_stream()
     counters = [b.debug_counters()]
     for _ in range(STEPS):  # new images and segment orders every step; the lr changes every step (warmup)
         trainer.train_step(*trainer.next_step_inputs(stream))

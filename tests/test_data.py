@@ -30,7 +30,7 @@ from digpt_xla.data.shard_io import Sample, check_shards, digits_samples, write_
 from digpt_xla.data.shards import raw_samples
 from digpt_xla.data.transforms import decode_image, seeded
 from digpt_xla.engine import Pretrainer
-from digpt_xla.engine.checkpoint import load_checkpoint
+from digpt_xla.checkpoint_io import read_checkpoint
 from digpt_xla.engine.metrics import read_metrics
 
 IMG = 32
@@ -140,7 +140,7 @@ def test_training_continues_over_bad_samples_and_logs_the_count(tmp_path):
     assert result.step == 14
     (record,) = read_metrics(str(tmp_path / "run"))
     assert record["data_skipped"] >= 2, "112 samples read two passes over the damaged set"
-    assert load_checkpoint(result.checkpoint)["data"]["skipped_samples"] == record["data_skipped"]
+    assert read_checkpoint(result.checkpoint)["data"]["skipped_samples"] == record["data_skipped"]
 
 
 def test_missing_shard_and_empty_folder_give_clear_errors(tmp_path):

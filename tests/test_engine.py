@@ -13,7 +13,8 @@ from conftest import PYTHON, REPO, needs_xla, subprocess_env
 from digpt_xla.backend import BackendError, create_backend
 from digpt_xla.config import load_config
 from digpt_xla.engine import NonFiniteLossError, Pretrainer
-from digpt_xla.engine.checkpoint import CheckpointManager, load_checkpoint
+from digpt_xla.checkpoint_io import read_checkpoint
+from digpt_xla.engine.checkpoint import CheckpointManager
 from digpt_xla.engine.metrics import read_metrics
 from digpt_xla.models import DiGPTOutput
 
@@ -37,7 +38,7 @@ def test_cpu_loss_decreases(tmp_path):
     curve = losses(run_dir)
     first, last = sum(curve[s] for s in range(1, 6)) / 5, sum(curve[s] for s in range(26, 31)) / 5
     assert last < first - 0.1, (first, last)
-    ckpt = load_checkpoint(result.checkpoint)
+    ckpt = read_checkpoint(result.checkpoint)
     assert ckpt["step"] == 30 and ckpt["data"]["consumed_batches"] == 30
     assert set(ckpt) >= {"model", "optimizer", "rng", "config", "git_revision", "scaler"}
 
@@ -129,7 +130,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
         trainer.train()
     manager = CheckpointManager(str(tmp_path / "checkpoints"))
     assert manager.complete_steps()[-1] == 6, "the checkpoint due at step 8 is not written after the NaN of step 7"
-    state = load_checkpoint(manager.latest())
+    state = read_checkpoint(manager.latest())
     assert all(torch.isfinite(v).all() for k, v in state["model"].items() if k != "mask"), "weights are finite"
 
 
@@ -169,7 +170,7 @@ def test_xla_spmd_four_devices_match_one_device(tmp_path):
 
 def test_effective_batch_sets_accumulation(tmp_path):
     result, run_dir = run_cpu(tmp_path, "accum", "optim.effective_batch=32", "schedule.max_steps=2")
-    assert load_checkpoint(result.checkpoint)["data"]["consumed_batches"] == 4
+    assert read_checkpoint(result.checkpoint)["data"]["consumed_batches"] == 4
     with pytest.raises(ValueError, match="effective_batch=40 is not a multiple"):
         run_cpu(tmp_path, "bad", "optim.effective_batch=40")
 

@@ -153,7 +153,7 @@ def bench_train(args: argparse.Namespace) -> dict:
     def sync(t=None):
         b.synchronize()
 
-    stream = trainer.device_batches()
+    stream = trainer.data_stream()
     times, after_warmup = [], {}
     for i in range(args.warmup + args.steps):
         inputs = trainer.next_step_inputs(stream)

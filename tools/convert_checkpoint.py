@@ -22,8 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from digpt_xla.models.classifier import classifier_state, encoder_config_from_state, read_pretrain_state  # noqa: E402
-from digpt_xla.teacher import CheckpointError  # noqa: E402
+from digpt_xla.checkpoint_io import CheckpointError, read_state_dict  # noqa: E402
+from digpt_xla.models.classifier import classifier_state, encoder_config_from_state  # noqa: E402
 
 TIMM_NAMES = {(768, 12, 16): "vit_base_patch16_224", (384, 12, 16): "vit_small_patch16_224",
               (1024, 24, 16): "vit_large_patch16_224", (1280, 32, 14): "vit_huge_patch14_224"}  # fmt: skip
@@ -35,11 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", help="output state dict: .safetensors or .pth, local or fsspec URL")
     parser.add_argument("--num-classes", type=int, required=True)
     args = parser.parse_args(argv)
+    if args.num_classes < 1:
+        parser.error(f"--num-classes must be >= 1, got {args.num_classes}")
     try:
-        state = read_pretrain_state(args.checkpoint)
-        converted, dropped = classifier_state(state, args.num_classes)
-    except (CheckpointError, KeyError) as e:
-        print(f"error: {args.checkpoint}: {e}", file=sys.stderr)
+        state = read_state_dict(args.checkpoint)
+        converted, dropped = classifier_state(state, args.num_classes, source=args.checkpoint)
+    except CheckpointError as e:
+        print(f"convert_checkpoint.py: error: {e}", file=sys.stderr)
         return 2
     if args.out.endswith(".safetensors"):
         from safetensors.torch import save
@@ -57,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     name = TIMM_NAMES.get((cfg.embed_dim, cfg.depth, cfg.patch_size))
     if name:
         print(f'load: timm.create_model("{name}", global_pool="avg", fc_norm=True, num_classes={args.num_classes})')
+    else:  # no registered timm name for this shape: the VisionTransformer arguments themselves
+        print(f"load: timm.models.vision_transformer.VisionTransformer(img_size={cfg.img_size}, "
+              f"patch_size={cfg.patch_size}, embed_dim={cfg.embed_dim}, depth={cfg.depth}, num_heads={cfg.num_heads}, "
+              f"mlp_ratio={cfg.mlp_ratio:g}, global_pool='avg', fc_norm=True, num_classes={args.num_classes})")
     print(f"wrote {args.out}")
     return 0
 

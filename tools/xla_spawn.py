@@ -17,7 +17,8 @@ import sys
 
 
 def _worker(index: int, config: str, overrides: list[str]) -> None:
-    from digpt_xla.cli import find_config, run_pretrain
+    from digpt_xla.cli import run_pretrain
+    from digpt_xla.repo import find_config
     from digpt_xla.config import load_config
 
     logging.basicConfig(

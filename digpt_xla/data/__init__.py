@@ -10,18 +10,20 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import DataConfig
-from .digits import DigitsDataset, split_indices
+from .digits import DIGITS_MIN_SCALE, DigitsDataset, split_indices
 from .errors import DataError
 from .imagefolder import ImageFolderDataset
+from .labelled import build_eval_datasets, check_num_classes, finetune_datasets, probe_datasets
 from .sampler import ResumableBatchSampler
 from .shards import WebDatasetSource
 from .synthetic import SyntheticDataset
 from .transforms import pretrain_transform, timm_transform
 
-RELEASE_MIN_SCALE, DIGITS_MIN_SCALE = 0.2, 0.6
+RELEASE_MIN_SCALE = 0.2
 
 
 def build_train_dataset(cfg: DataConfig, img_size: int) -> Dataset | WebDatasetSource:
@@ -48,21 +50,16 @@ def build_train_dataset(cfg: DataConfig, img_size: int) -> Dataset | WebDatasetS
     raise DataError(f"data.source: unknown source {cfg.source!r}")
 
 
-def build_eval_datasets(cfg: DataConfig, img_size: int) -> tuple[Dataset, Dataset] | None:
-    """(reference, query) labelled sets for kNN, or None for sources without meaningful labels."""
-    if cfg.source != "digits":
-        return None
-    train_idx, test_idx = split_indices(1797, cfg.train_fraction)
-    return DigitsDataset(img_size, train_idx, augment=False), DigitsDataset(img_size, test_idx, augment=False)
-
-
 def build_train_loader(
     dataset: Dataset | WebDatasetSource, batch_size: int, rank: int, world_size: int, seed: int, start_batch: int,
     num_workers: int,
 ) -> DataLoader:  # fmt: skip
     """An endless loader of this rank's fixed-size batches, starting ``start_batch`` batches into the stream
     (counted over all epochs): the same batches an uninterrupted run would have reached there."""
-    common: dict[str, Any] = dict(num_workers=num_workers, persistent_workers=num_workers > 0)
+    # Its own generator: creating the loader draws a seed, which must not move the global RNG a step depends on
+    # (a resumed run creates its loader at another point of the stream than the uninterrupted one).
+    common: dict[str, Any] = dict(num_workers=num_workers, persistent_workers=num_workers > 0,
+                                  generator=torch.Generator().manual_seed(seed))  # fmt: skip
     if isinstance(dataset, WebDatasetSource):
         return DataLoader(dataset.batches(batch_size, rank, world_size, seed, start_batch), batch_size=None, **common)
     sampler = ResumableBatchSampler(len(dataset), batch_size, rank, world_size, seed, start_batch=start_batch)
@@ -79,6 +76,9 @@ __all__ = [
     "build_eval_datasets",
     "build_train_dataset",
     "build_train_loader",
+    "check_num_classes",
+    "finetune_datasets",
+    "probe_datasets",
     "pretrain_transform",
     "timm_transform",
 ]

@@ -12,6 +12,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor
 from torch.utils.data import Dataset
 
+DIGITS_MIN_SCALE = 0.6  # RandomResizedCrop lower scale for 32 px digits (ImageNet's 0.2 crops away the digit)
 _MEAN = torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1)
 _STD = torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1)
 

@@ -1,6 +1,7 @@
-"""Training loops, schedules, checkpoints, metrics and signals."""
+"""Training loops, the shared optimizer step and resume path, schedules, checkpoints, metrics and signals."""
 
-from .checkpoint import CheckpointManager, load_checkpoint
-from .pretrain import NonFiniteLossError, Pretrainer, TrainResult
+from .checkpoint import CheckpointManager
+from .pretrain import Pretrainer, TrainResult
+from .trainer import NonFiniteLossError, Trainer
 
-__all__ = ["CheckpointManager", "NonFiniteLossError", "Pretrainer", "TrainResult", "load_checkpoint"]
+__all__ = ["CheckpointManager", "NonFiniteLossError", "Pretrainer", "TrainResult", "Trainer"]

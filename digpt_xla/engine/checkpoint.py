@@ -2,7 +2,9 @@
 
 Layout: ``<dir>/ckpt-<step>.pt`` plus a ``ckpt-<step>.done`` marker written after the data. Object stores
 have no atomic rename, so the marker is the commit: readers ignore checkpoints without one. On local disks
-the data is additionally written to a temporary name and renamed.
+the data is additionally written to a temporary name and renamed. A checkpoint whose parameters are not all
+finite is never committed; a committed one that cannot be read is set aside (renamed ``*.corrupt``, never deleted)
+and the previous complete one is used.
 """
 
 from __future__ import annotations
@@ -10,11 +12,15 @@ from __future__ import annotations
 import io
 import logging
 import re
+from collections.abc import Collection
 from typing import Any
 
 import fsspec
 import torch
 from fsspec.implementations.local import LocalFileSystem
+from torch import Tensor
+
+from ..checkpoint_io import CheckpointError, read_checkpoint
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"ckpt-(\d+)\.pt$")
@@ -48,7 +54,14 @@ class CheckpointManager:
         steps = self.complete_steps()
         return self.url(steps[-1]) if steps else None
 
-    def save(self, state: dict[str, Any], step: int) -> str:
+    def save(self, state: dict[str, Any], step: int, parameters: Collection[str] = ()) -> str:
+        """Write and commit ``state``; refused when one of the ``parameters`` in ``state["model"]`` (the trainable
+        tensors: buffers such as the attention mask hold -inf by design) is not finite."""
+        model = state["model"]
+        bad = next((k for k in parameters if isinstance(model.get(k), Tensor) and not bool(torch.isfinite(model[k]).all())),
+                   None)  # fmt: skip
+        if bad is not None:
+            raise CheckpointError(f"refusing to commit {self.url(step)}: parameter {bad!r} is not finite")
         buffer = io.BytesIO()
         torch.save(state, buffer)
         self.fs.makedirs(self.root, exist_ok=True)
@@ -63,6 +76,28 @@ class CheckpointManager:
         self._prune()
         return self.url(step)
 
+    def load_latest(self, set_aside: bool = True) -> tuple[str, dict[str, Any]] | None:
+        """The newest committed checkpoint that can be read, as (url, state); None when there is none. Unreadable
+        ones on the way are reported by name and, when ``set_aside`` (the main rank), renamed ``*.corrupt``."""
+        for step in reversed(self.complete_steps()):
+            url = self.url(step)
+            try:
+                return url, read_checkpoint(url)
+            except CheckpointError as e:
+                log.warning("skipping a checkpoint that cannot be loaded: %s", e)
+                if set_aside:
+                    self._set_aside(step)
+        return None
+
+    def _set_aside(self, step: int) -> None:
+        for suffix in (".done", ".pt"):  # uncommit first
+            path = self._path(step, suffix)
+            try:
+                self.fs.mv(path, path + ".corrupt")
+            except FileNotFoundError:  # another rank was first
+                pass
+        log.warning("renamed %s to %s.corrupt (kept for inspection)", self.url(step), self.url(step))
+
     def _prune(self) -> None:
         if self.keep_last <= 0:
             return
@@ -71,9 +106,3 @@ class CheckpointManager:
             self.fs.rm(self._path(step, ".pt"))
 
 
-def load_checkpoint(url: str) -> dict[str, Any]:
-    """Read a training checkpoint (weights, optimizer, RNG and config: plain containers and tensors only)."""
-    with fsspec.open(url, "rb") as f:
-        payload = f.read()
-    # weights_only=False: RNG states hold numpy arrays and Python tuples. Only load checkpoints you wrote.
-    return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)

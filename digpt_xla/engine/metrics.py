@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from ..rundir import RunDir
+
 if TYPE_CHECKING:
     from ..backend import Backend
 
@@ -19,12 +21,14 @@ if TYPE_CHECKING:
 class DeferredMeter:
     """Sums of per-step scalars kept on the device; ``take()`` hands them over and starts a new window.
 
-    One vector holds every sum plus the count of non-finite values: separate 0-dim zeros would be deduplicated
-    by value on XLA and give the first step of each window a graph of its own.
+    One vector holds every sum plus the count of non-finite values among the ``guard`` names (the losses: a
+    non-finite gradient norm is a step the fp16 loss scaler skips, not a failure): separate 0-dim zeros would be
+    deduplicated by value on XLA and give the first step of each window a graph of its own.
     """
 
-    def __init__(self, names: tuple[str, ...], device: torch.device) -> None:
+    def __init__(self, names: tuple[str, ...], device: torch.device, guard: tuple[str, ...] = ("loss",)) -> None:
         self.names, self.device = names, device
+        self.guard = [names.index(g) for g in guard]
         self.reset()
 
     def reset(self) -> None:
@@ -34,7 +38,7 @@ class DeferredMeter:
 
     def add(self, **values: Tensor) -> None:
         step = torch.stack([values[n].detach().float().reshape(()) for n in self.names])
-        nonfinite = (~torch.isfinite(step)).sum().float().reshape(1)
+        nonfinite = (~torch.isfinite(step[self.guard])).sum().float().reshape(1)
         self.sums = self.sums + torch.cat([step, nonfinite])
         self.count += 1
 
@@ -59,26 +63,29 @@ class DeferredMeter:
 
 
 class MetricsWriter:
-    """Append-only JSONL plus TensorBoard in the run directory (main rank only: others get a no-op)."""
+    """Append-only ``metrics.jsonl`` plus TensorBoard events in the run directory, main rank only (others get a
+    no-op). Both are written locally (staged, for a remote run directory) and reach the URL through ``sync``."""
 
-    def __init__(self, run_dir: str, enabled: bool, resume_step: int | None = None) -> None:
-        self.enabled = enabled
-        self.path = os.path.join(run_dir, "metrics.jsonl")
+    def __init__(self, run_dir: RunDir, enabled: bool, resume_step: int | None = None) -> None:
+        self.run_dir, self.enabled = run_dir, enabled
         self._tb = None
         if not enabled:
             return
-        os.makedirs(run_dir, exist_ok=True)
+        run_dir.pull("metrics.jsonl")
+        run_dir.pull("tb")
+        self.path = run_dir.staged("metrics.jsonl")
         self._truncate_after(resume_step)
         from torch.utils.tensorboard import SummaryWriter
 
-        self._tb = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=resume_step)
+        self._tb = SummaryWriter(run_dir.staged("tb"), purge_step=resume_step)
 
     def _truncate_after(self, step: int | None) -> None:
-        """On resume, drop records past the checkpoint: a hard-killed run may have logged steps it lost."""
-        if not os.path.exists(self.path):
-            return
-        with open(self.path) as f:
-            records = [json.loads(line) for line in f if line.strip()]
+        """On resume, drop records past the checkpoint: a hard-killed run may have logged steps it lost. A new run
+        (``step`` None) starts an empty log."""
+        records = []
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                records = [json.loads(line) for line in f if line.strip()]
         keep = [r for r in records if step is not None and r.get("step", 0) <= step]
         with open(self.path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in keep)
@@ -91,14 +98,25 @@ class MetricsWriter:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         for key, value in values.items():
-            if isinstance(value, (int, float)) and self._tb is not None:
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and self._tb is not None:
                 self._tb.add_scalar(key, value, step)
+        self.sync()
+
+    def sync(self, force: bool = False) -> None:
+        """Flush TensorBoard and copy both logs to a remote run directory (throttled unless ``force``)."""
+        if self._tb is not None:
+            self._tb.flush()
+        self.run_dir.sync(force=force)
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+            self._tb = None
+        if self.enabled:
+            self.run_dir.sync(force=True)
 
 
-def read_metrics(run_dir: str) -> list[dict[str, Any]]:
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+def read_metrics(run_dir: str | RunDir) -> list[dict[str, Any]]:
+    """The records of a run's ``metrics.jsonl`` (local path or URL of the run directory)."""
+    run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    return [json.loads(line) for line in run_dir.read_text("metrics.jsonl").splitlines() if line.strip()]

@@ -2,34 +2,20 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from typing import Any
 
 import torch
 
 from ..config import Config
-from ..data import DataError, ImageFolderDataset, build_eval_datasets, timm_transform
+from ..checkpoint_io import load_model_state, read_state_dict
+from ..data import probe_datasets
 from ..models import DiGPT, digpt_config, set_fused_attention
-from ..models.classifier import read_pretrain_state
+from ..rundir import RunDir
 from .knn import extract_features, knn_classify
 from .probe import linear_probe
 
 log = logging.getLogger(__name__)
-
-
-def probe_datasets(cfg: Config, img_size: int):
-    """(train, held-out) labelled sets without augmentation."""
-    sets = build_eval_datasets(cfg.data, img_size)
-    if sets is not None:
-        return sets
-    if cfg.data.source == "imagefolder":
-        if not cfg.probe.val_root:
-            raise DataError("probe on imagefolder needs probe.val_root (the held-out folder)")
-        transform = timm_transform(img_size, training=False)
-        return ImageFolderDataset(cfg.data.root, transform), ImageFolderDataset(cfg.probe.val_root, transform)
-    raise DataError(f"probe reads labelled map-style sources (digits, imagefolder), not {cfg.data.source!r}")
 
 
 def run_probe(cfg: Config) -> dict[str, Any]:
@@ -37,7 +23,7 @@ def run_probe(cfg: Config) -> dict[str, Any]:
     torch.manual_seed(cfg.run.seed)  # without a checkpoint: the same initial encoder pretraining starts from
     model = DiGPT(digpt_config(cfg.model.name, **cfg.model.shape_overrides()))
     if p.checkpoint:
-        model.load_state_dict(read_pretrain_state(p.checkpoint), strict=True)
+        load_model_state(model, read_state_dict(p.checkpoint), p.checkpoint)
     set_fused_attention(model, cfg.model.fused_attention)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     train_set, val_set = probe_datasets(cfg, model.cfg.img_size)
@@ -51,7 +37,5 @@ def run_probe(cfg: Config) -> dict[str, Any]:
     if p.kind in ("linear", "both"):
         result["linear_top1"] = linear_probe(train_x, train_y, val_x, val_y, epochs=p.epochs, lr=p.lr,
                                              weight_decay=p.weight_decay, seed=cfg.run.seed)  # fmt: skip
-    os.makedirs(cfg.run.out_dir, exist_ok=True)
-    with open(os.path.join(cfg.run.out_dir, "probe.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    result["output"] = RunDir(cfg.run.out_dir).write_json("probe.json", result)
     return result

@@ -1,5 +1,6 @@
 """Preemption: SIGTERM (what a TPU VM or a scheduler sends before taking the machine) sets a flag; the training
-loop checkpoints at the next step boundary and exits cleanly."""
+loop checkpoints at the next step boundary and exits cleanly. A second SIGTERM stops the process at once, without
+a checkpoint (for a step that never ends: a stalled read, a hung collective)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ class PreemptionFlag:
                 log.warning("cannot install a handler for signal %s outside the main thread", sig)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested:
+            log.warning("received signal %d again: stopping now, without a checkpoint", signum)
+            raise SystemExit(128 + signum)
         log.warning("received signal %d: will checkpoint and stop at the next step boundary", signum)
         self.requested = True
 

@@ -17,6 +17,7 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
+from ..checkpoint_io import CheckpointError, check_state_dict
 from .digpt import DiGPTConfig
 
 ENCODER_KEYS = ("patch_embed.", "blocks.", "cls_token", "pos_embed")
@@ -33,11 +34,11 @@ def create_classifier(cfg: DiGPTConfig, num_classes: int, drop_path_rate: float 
     )  # fmt: skip
 
 
-def split_pretrain_state(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
+def split_pretrain_state(state: Mapping[str, Tensor], source: str = "state dict") -> tuple[dict[str, Tensor], list[str]]:
     """(encoder tensors, names of everything dropped) of a pretraining state dict (ours or the release's)."""
     encoder = {k: v for k, v in state.items() if k.startswith(ENCODER_KEYS)}
     if "cls_token" not in encoder or not any(k.startswith("blocks.") for k in encoder):
-        raise KeyError("not a D-iGPT pretraining state dict: no cls_token / blocks.* keys")
+        raise CheckpointError(f"{source}: not a D-iGPT pretraining state dict (no cls_token / blocks.* keys)")
     return encoder, sorted(k for k in state if k not in encoder)
 
 
@@ -54,11 +55,11 @@ def encoder_config_from_state(state: Mapping[str, Tensor]) -> DiGPTConfig:
 
 
 def classifier_state(
-    pretrain_state: Mapping[str, Tensor], num_classes: int, head_init_std: float = 2e-5
+    pretrain_state: Mapping[str, Tensor], num_classes: int, head_init_std: float = 2e-5, source: str = "state dict"
 ) -> tuple[dict[str, Tensor], list[str]]:
     """A complete classifier state dict (encoder from pretraining; fc_norm = identity LayerNorm; head drawn from a
     truncated normal of ``head_init_std``, MAE's finetuning init) and the dropped pretraining keys."""
-    encoder, dropped = split_pretrain_state(pretrain_state)
+    encoder, dropped = split_pretrain_state(pretrain_state, source)
     dim = encoder["cls_token"].shape[-1]
     head = torch.empty(num_classes, dim)
     trunc_normal_(head, std=head_init_std)
@@ -68,28 +69,12 @@ def classifier_state(
     return state, dropped
 
 
-def load_pretrained_encoder(model: VisionTransformer, pretrain_state: Mapping[str, Tensor]) -> list[str]:
+def load_pretrained_encoder(model: VisionTransformer, pretrain_state: Mapping[str, Tensor],
+                            source: str = "state dict") -> list[str]:  # fmt: skip
     """Load the encoder of a pretraining state dict into ``model``, keeping its own fc_norm and head; every other
-    key must match exactly. Returns the dropped pretraining keys."""
-    encoder, dropped = split_pretrain_state(pretrain_state)
-    missing, unexpected = model.load_state_dict(encoder, strict=False)
-    if unexpected or set(missing) - set(HEAD_KEYS):
-        raise KeyError(f"encoder does not fit the classifier: missing {sorted(set(missing) - set(HEAD_KEYS))}, "
-                       f"unexpected {sorted(unexpected)}")  # fmt: skip
+    key must match exactly (names and shapes). Returns the dropped pretraining keys."""
+    encoder, dropped = split_pretrain_state(pretrain_state, source)
+    expected = {k: v for k, v in model.state_dict().items() if k not in HEAD_KEYS}
+    check_state_dict(expected, encoder, f"{source} (encoder for {type(model).__name__})")
+    model.load_state_dict(encoder, strict=False)
     return dropped
-
-
-def read_pretrain_state(url: str) -> dict[str, Tensor]:
-    """Model weights of a pretraining checkpoint: the release's file or a weights-only state dict through
-    ``read_state_dict`` (weights_only=True); a full training checkpoint of this project (RNG states inside)
-    through ``load_checkpoint``."""
-    from ..engine.checkpoint import load_checkpoint
-    from ..teacher import CheckpointError, read_state_dict
-
-    try:
-        return read_state_dict(url)
-    except CheckpointError:
-        state = load_checkpoint(url)
-        if not isinstance(state, Mapping) or not isinstance(state.get("model"), Mapping):
-            raise
-        return {k.removeprefix("module."): v for k, v in state["model"].items()}

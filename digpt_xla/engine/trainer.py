@@ -1,0 +1,319 @@
+"""What every trainer shares: batch arithmetic, the optimizer step, the loop, checkpoints and the one resume path.
+
+``Pretrainer`` and ``Finetuner`` subclass ``Trainer`` and supply the model, the data and ``train_step``; the loop
+(logging, SIGTERM, non-finite stop, checkpoint cadence, progress) and the state a checkpoint holds (model,
+optimizer, loss scaler, step, data position, RNG states, plus each trainer's ``extra_state``: EMA weights, Mixup's
+generator, evaluation history) live here once. ``run.resume`` means the same in both: ``auto`` (the newest
+readable committed checkpoint of ``run.out_dir``), ``never``, or a checkpoint path or URL.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from torch import nn
+
+from ..backend import Backend, create_backend
+from ..checkpoint_io import CheckpointError, load_model_state, read_checkpoint
+from ..config import Config
+from ..data import build_train_loader
+from ..repo import git_revision
+from ..rundir import RunDir
+from .checkpoint import CheckpointManager
+from .metrics import DeferredMeter, MetricsWriter
+from .schedule import cosine_lr, plan_steps, scaled_lr
+from .signals import PreemptionFlag
+from .step import OptimizerStep, build_adamw
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the run stopped and kept its last good checkpoint."""
+
+
+def accumulation_steps(accum_steps: int, effective_batch: int | None, global_micro_batch: int) -> int:
+    if effective_batch is None:
+        return accum_steps
+    if effective_batch % global_micro_batch:
+        raise ValueError(
+            f"optim.effective_batch={effective_batch} is not a multiple of the global micro-batch "
+            f"{global_micro_batch} (data.batch_size x devices); change one of them"
+        )
+    return effective_batch // global_micro_batch
+
+
+def resume_checkpoint(resume: str, manager: CheckpointManager, is_main: bool) -> tuple[str, dict[str, Any]] | None:
+    """(url, state) to resume from, per ``run.resume``: ``never``; ``auto`` = the newest committed checkpoint that
+    loads (unreadable ones are set aside by the main rank); anything else is a path or URL that must load."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        return manager.load_latest(set_aside=is_main)
+    return resume, read_checkpoint(resume)
+
+
+class Trainer:
+    kind = "train"  # recorded in checkpoints: a trainer resumes only its own kind
+    metric_names: tuple[str, ...] = ("loss", "grad_norm")
+
+    def __init__(self, cfg: Config, backend: Backend | None = None) -> None:
+        self.cfg = cfg
+        self.backend = b = backend or create_backend(cfg.backend.name, cfg.backend.compile_cache)
+        self.precision = cfg.backend.precision
+        b.check_precision(self.precision)
+        b.manual_seed(cfg.run.seed)
+        self.run_dir = RunDir(cfg.run.out_dir)
+        self.checkpoints = CheckpointManager(self.run_dir.url_of("checkpoints"), cfg.run.keep_last)
+        opt = cfg.optim
+        self.process_batch = cfg.data.batch_size * b.devices_per_process
+        self.global_micro_batch = cfg.data.batch_size * b.global_devices
+        self.accum = accumulation_steps(opt.accum_steps, opt.effective_batch, self.global_micro_batch)
+        self.effective_batch = self.global_micro_batch * self.accum
+        self.base_lr = opt.lr if opt.lr is not None else scaled_lr(opt.blr, self.effective_batch)
+        self.step = 0
+        self.data_skipped = 0  # unreadable samples this rank's loader skipped (the checkpoint holds rank 0's)
+        self.nonfinite_seen = False
+        self.last_metrics: dict[str, float] = {}
+        self.last_metrics_step = 0
+        self.model: nn.Module
+
+    # ------------------------------------------------------------------ set-up, in this order
+    def setup_optimizer(self, param_groups: list[dict[str, Any]]) -> None:
+        """After the model is on its device: AdamW with the backend's options and the step that drives it."""
+        self.optimizer = build_adamw(param_groups, self.cfg.optim, self.backend, self.base_lr)
+        self.opt_step = OptimizerStep(self.optimizer, self.backend, self.precision, self.cfg.optim.clip_grad)
+
+    def setup_run(self, samples_per_epoch: int) -> None:
+        """After model, optimizer and data: plan the steps, resume, open the logs."""
+        b = self.backend
+        plan = plan_steps(self.cfg.schedule, samples_per_epoch, self.process_batch * b.data_world_size, self.accum)
+        self.steps_per_epoch, self.total_steps = plan.steps_per_epoch, plan.total_steps
+        self.warmup_steps, self.end_step = plan.warmup_steps, plan.end_step
+        self.resumed_from = self.resume()
+        b.mark_step()  # materialise the initial (or restored) state before the first step's graph
+        self.metrics = MetricsWriter(self.run_dir, b.is_main, resume_step=self.step if self.resumed_from else None)
+        self.meter = DeferredMeter(self.metric_names, b.device)
+
+    # ------------------------------------------------------------------ state
+    def extra_state(self) -> dict[str, Any]:
+        """What a subclass adds to the checkpoint (tensors and plain containers only)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any], url: str) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        b = self.backend
+        return {
+            "kind": self.kind,
+            "model": b.to_cpu(b.unwrap(self.model).state_dict()),
+            **self.opt_step.state_dict(),
+            "step": self.step,
+            "data": self.data_position(),
+            "rng": b.rng_state(),
+            "config": self.cfg.to_dict(),
+            "git_revision": git_revision(),
+            **self.extra_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any], url: str) -> None:
+        kind = state.get("kind")
+        if kind != self.kind:
+            raise CheckpointError(
+                f"{url}: a {kind or 'unlabelled'} checkpoint cannot resume {self.kind} (run.resume); a finetuning run "
+                "starts from a pretraining checkpoint through finetune.checkpoint"
+            )
+        load_model_state(self.backend.unwrap(self.model), state["model"], url)
+        self.opt_step.load_state_dict(state)
+        self.backend.set_rng_state(state["rng"])
+        self.step = int(state["step"])
+        self._check_resumed_data_position(state.get("data", {}))
+        self.load_extra_state(state, url)
+
+    def resume(self) -> str | None:
+        found = resume_checkpoint(self.cfg.run.resume, self.checkpoints, self.backend.is_main)
+        if found is None:
+            return None
+        url, state = found
+        self.load_state_dict(state, url)
+        log.info("resumed from %s at step %d", url, self.step)
+        return url
+
+    def data_position(self) -> dict[str, Any]:
+        """Where this rank's data stream stands; a resume restarts the loader at ``consumed_batches``."""
+        consumed = self.step * self.accum
+        return {
+            "source": self.cfg.data.source,
+            "consumed_batches": consumed,
+            "process_batch": self.process_batch,
+            "world_size": self.backend.data_world_size,
+            "num_workers": self.cfg.data.num_workers,
+            "epoch": consumed // (self.steps_per_epoch * self.accum),
+            "samples_consumed": consumed * self.process_batch * self.backend.data_world_size,
+            "skipped_samples": self.data_skipped,
+        }
+
+    def _check_resumed_data_position(self, saved: dict[str, Any]) -> None:
+        now = self.data_position()
+        for key in ("source", "process_batch", "world_size", "num_workers"):
+            if key in saved and saved[key] != now[key]:
+                log.warning(
+                    "resuming with data %s=%s where the checkpoint has %s: the data order after the resume differs "
+                    "from the uninterrupted run's", key, now[key], saved[key],
+                )  # fmt: skip
+        self.data_skipped = saved.get("skipped_samples", 0)
+
+    def save_checkpoint(self) -> str | None:
+        """Save unless a non-finite loss has been seen (then the last good checkpoint stays the newest)."""
+        self._check_finite()
+        if self.nonfinite_seen:
+            return None
+        state = self.state_dict()  # every rank takes part: on XLA this syncs pending work
+        url = None
+        if self.backend.is_main:
+            parameters = [n for n, _ in self.backend.unwrap(self.model).named_parameters()]
+            url = self.checkpoints.save(state, self.step, parameters)
+            log.info("saved %s", url)
+        self.metrics.sync(force=True)
+        self.backend.barrier()
+        return url
+
+    # ------------------------------------------------------------------ metrics
+    def lr(self, step: int) -> float:
+        return cosine_lr(step, self.total_steps, self.warmup_steps, self.base_lr, self.cfg.optim.min_lr)
+
+    def flush_metrics(self) -> None:
+        """The window's means to metrics.jsonl and TensorBoard (read after the step on XLA)."""
+        step, lr = self.step, self.lr(self.step - 1)
+
+        def record(means: dict[str, float], nonfinite: float) -> None:
+            if nonfinite > 0:
+                self.nonfinite_seen = True
+            self.last_metrics = means | {"lr": lr, "data_skipped": self.data_skipped}
+            self.last_metrics_step = step
+            self.metrics.write(step, self.last_metrics)
+
+        self.meter.flush(self.backend, record)
+
+    def _check_finite(self) -> None:
+        """Bring the non-finite count of the current window to the host (one sync; used before saving)."""
+        self.flush_metrics()
+        self.backend.mark_step()
+
+    def _raise_if_nonfinite(self) -> None:
+        if self.nonfinite_seen:
+            raise NonFiniteLossError(
+                f"non-finite loss by step {self.step}; stopped. The newest checkpoint in {self.checkpoints.directory} "
+                f"({self.checkpoints.latest()}) is from before it."
+            )
+
+    # ------------------------------------------------------------------ data
+    def device_batches(self, dataset) -> Iterator[dict[str, Any]]:
+        """This rank's endless stream of device batches, starting where the current step's data begins."""
+        cfg, b = self.cfg, self.backend
+        loader = build_train_loader(
+            dataset, self.process_batch, b.data_rank, b.data_world_size, cfg.run.seed,
+            start_batch=self.step * self.accum, num_workers=cfg.data.num_workers,
+        )  # fmt: skip
+        return iter(b.prepare_loader(_CountSkipped(loader, self)))
+
+    # ------------------------------------------------------------------ the loop
+    def data_stream(self) -> Iterator[dict[str, Any]]:
+        raise NotImplementedError
+
+    def next_step_inputs(self, stream: Iterator[dict[str, Any]]) -> tuple[Any, ...]:
+        """The arguments of ``train_step``: by default the step's micro-batches."""
+        return ([next(stream) for _ in range(self.accum)],)
+
+    def train_step(self, *inputs: Any) -> None:
+        raise NotImplementedError
+
+    def before_training(self) -> None:
+        """Hook: runs before the first step (pretraining's initial kNN)."""
+
+    def after_step(self) -> None:
+        """Hook: runs after each completed step, before its checkpoint (finetuning's evaluation)."""
+
+    def finish(self, stopped: str, checkpoint: str | None) -> Any:
+        """Hook: the run's result, computed before the logs close."""
+        return {"step": self.step, "stopped": stopped, "checkpoint": checkpoint}
+
+    def train(self) -> Any:
+        cfg, b = self.cfg, self.backend
+        preempt = PreemptionFlag()
+        progress = None
+        stopped, checkpoint = "finished", None
+        try:
+            self.before_training()
+            stream = self.data_stream()
+            self.model.train()
+            if self.step < self.end_step and b.compiles_step:
+                log.info("step %d: tracing and compiling the step (a minute or more on XLA:CPU; once)", self.step + 1)
+            t_last, step_last = time.perf_counter(), self.step
+            while self.step < self.end_step:
+                self.train_step(*self.next_step_inputs(stream))
+                self.step += 1
+                if self.step % cfg.run.log_every == 0 or self.step == self.end_step:
+                    self.flush_metrics()
+                b.mark_step()
+                self._raise_if_nonfinite()
+                if progress is None and b.is_main and cfg.run.progress:
+                    # Opened after the first step so that its rate and ETA leave out compilation.
+                    from tqdm import tqdm
+
+                    progress = tqdm(total=self.end_step, initial=self.step, unit="step", dynamic_ncols=True)
+                    t_last, step_last = time.perf_counter(), self.step
+                elif progress is not None:
+                    progress.update(1)
+                    now = time.perf_counter()
+                    if now - t_last > 2.0:
+                        self._show(progress, (self.step - step_last) * self.effective_batch / (now - t_last))
+                        t_last, step_last = now, self.step
+                if preempt.requested:
+                    stopped = "preempted"
+                    break
+                self.after_step()
+                if cfg.run.ckpt_every and self.step % cfg.run.ckpt_every == 0 and self.step < self.end_step:
+                    self.save_checkpoint()
+            if stopped == "finished" and self.step < self.total_steps:
+                stopped = "max_steps"
+            checkpoint = self.save_checkpoint()
+            self._raise_if_nonfinite()
+            if progress is not None:
+                self._show(progress, None)  # the final window's figures, the same as the summary's
+            return self.finish(stopped, checkpoint)
+        finally:
+            preempt.restore()
+            if progress is not None:
+                progress.close()
+            self.metrics.close()
+
+    def _show(self, progress, img_s: float | None) -> None:
+        shown = {} if img_s is None else {"img_s": f"{img_s:.0f}"}
+        if "loss" in self.last_metrics:
+            shown[f"loss@{self.last_metrics_step}"] = f"{self.last_metrics['loss']:.4f}"
+        progress.set_postfix(shown)
+
+
+class _CountSkipped:
+    """Host-side pass over the loader's batches: adds each batch's ``skipped`` count (a CPU tensor, so no device
+    sync) to the trainer's ``data_skipped`` and drops it (and the bookkeeping ``index``) before the batch moves to
+    the device."""
+
+    def __init__(self, loader, trainer: Trainer) -> None:
+        self.loader, self.trainer = loader, trainer
+
+    def __iter__(self):
+        for batch in self.loader:
+            skipped = batch.pop("skipped", None)
+            batch.pop("index", None)
+            if skipped is not None:
+                self.trainer.data_skipped += int(skipped.sum())
+            yield batch
+
+    def __len__(self) -> int:
+        return len(self.loader)

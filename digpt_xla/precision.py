@@ -1,0 +1,55 @@
+"""Numeric settings, and where each may run: the one table that config validation, the backends, the parity sides
+and the gap study consult.
+
+A *training* precision covers forward, backward and the optimizer step; a *teacher* precision only a forward pass
+under ``no_grad``, so fp16 needs no loss scaler there and runs wherever autocast knows fp16.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# fp32; autocast to bf16 / fp16; or TPU emulation (fp32 with every matmul-like op on bf16-rounded operands, as a
+# TPU's default precision computes it: digpt_xla.tpu_emulation).
+PRECISIONS: dict[str, torch.dtype | None] = {
+    "fp32": None,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "tpu-emulation": None,
+}
+BACKEND_NAMES = ("cpu", "cuda", "xla", "xla-spmd")
+
+TRAINING: dict[str, tuple[str, ...]] = {
+    "cpu": ("fp32", "bf16", "tpu-emulation"),
+    "cuda": ("fp32", "bf16", "fp16"),
+    "xla": ("fp32", "bf16"),
+    "xla-spmd": ("fp32", "bf16"),
+}
+TEACHER: dict[str, tuple[str, ...]] = {
+    "cpu": ("fp32", "bf16", "fp16", "tpu-emulation"),
+    "cuda": ("fp32", "bf16", "fp16"),
+    "xla": ("fp32", "bf16"),
+    "xla-spmd": ("fp32", "bf16"),
+}
+_WHY = {
+    "fp16": "fp16 training needs a loss scaler (torch.amp.GradScaler), which only the cuda backend has",
+    "tpu-emulation": "tpu-emulation runs on the cpu backend",
+}
+
+
+def precision_problem(backend: str, precision: str, role: str = "training") -> str | None:
+    """Why ``precision`` cannot run as ``role`` ("training" or "teacher") on ``backend``; None when it can.
+
+    ``backend`` "auto" is judged once it is resolved, so it is accepted here."""
+    if precision not in PRECISIONS:
+        return f"precision {precision!r} is not one of {', '.join(PRECISIONS)}"
+    if backend == "auto":
+        return None
+    table = TRAINING if role == "training" else TEACHER
+    if backend not in table:
+        return f"unknown backend {backend!r}; choose one of auto, {', '.join(BACKEND_NAMES)}"
+    allowed = table[backend]
+    if precision in allowed:
+        return None
+    why = _WHY[precision] if role == "training" else f"{precision} is not available to the teacher on {backend}"
+    return f"{why}; as the {role} precision on {backend} use one of {', '.join(allowed)}"

@@ -1,0 +1,142 @@
+"""A run's output directory on any fsspec URL: a local path, ``file://``, ``gs://`` (with the ``gcs`` extra),
+``memory://``.
+
+Small results (JSON, plots, reports) are written straight to the URL. Writers that can only append to a local
+file (TensorBoard's event files, the metrics log) write into ``staging``: the directory itself when it is local,
+otherwise a local temporary directory that ``sync()`` copies to the URL, at most every ``sync_every`` seconds
+unless forced (the trainers force it at every checkpoint and at exit), so a preempted VM loses at most the
+records since the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+log = logging.getLogger(__name__)
+
+
+class RunDirError(ValueError):
+    """An output URL that cannot be used (unknown protocol, missing filesystem package)."""
+
+
+class RunDir:
+    def __init__(self, url: str, sync_every: float = 60.0) -> None:
+        self.url = url.rstrip("/") or url
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        except (ImportError, ValueError) as e:
+            raise RunDirError(f"{url}: cannot open this location ({e})") from None
+        self.root = self.root.rstrip("/") or self.root
+        self.is_local = isinstance(self.fs, LocalFileSystem)
+        self.sync_every = sync_every
+        self._staging: str | None = None
+        self._uploaded: dict[str, tuple[float, int]] = {}
+        self._last_sync = 0.0
+
+    def __repr__(self) -> str:
+        return f"RunDir({self.url!r})"
+
+    # ------------------------------------------------------------------ names
+    def url_of(self, name: str) -> str:
+        """The URL of ``name`` inside the run directory (what users see and what fsspec opens)."""
+        return f"{self.url}/{name}"
+
+    def _path(self, name: str) -> str:
+        return f"{self.root}/{name}"
+
+    @property
+    def staging(self) -> str:
+        """The local directory for local-only writers (created on first use)."""
+        if self._staging is None:
+            if self.is_local:
+                os.makedirs(self.root, exist_ok=True)
+                self._staging = self.root
+            else:
+                self._staging = tempfile.mkdtemp(prefix="digpt-run-")
+        return self._staging
+
+    def staged(self, name: str) -> str:
+        return os.path.join(self.staging, name)
+
+    # ------------------------------------------------------------------ direct files
+    def exists(self, name: str) -> bool:
+        return self.fs.exists(self._path(name))
+
+    def write_bytes(self, name: str, data: bytes) -> str:
+        path = self._path(name)
+        parent = path.rsplit("/", 1)[0]
+        if parent:
+            self.fs.makedirs(parent, exist_ok=True)
+        self.fs.pipe_file(path, data)
+        return self.url_of(name)
+
+    def write_text(self, name: str, text: str) -> str:
+        return self.write_bytes(name, text.encode())
+
+    def write_json(self, name: str, obj: Any) -> str:
+        return self.write_text(name, json.dumps(obj, indent=1, default=str) + "\n")
+
+    def read_text(self, name: str) -> str:
+        """The text of ``name``: the staged copy when there is one (it is newer), else the URL's."""
+        if self._staging is not None and os.path.exists(self.staged(name)):
+            with open(self.staged(name)) as f:
+                return f.read()
+        return self.fs.cat_file(self._path(name)).decode()
+
+    # ------------------------------------------------------------------ staged files
+    def pull(self, name: str) -> None:
+        """Copy ``name`` (a file or a directory) from the URL into staging, to continue it after a resume."""
+        if self.is_local or not self.exists(name):
+            return
+        target = self.staged(name)
+        if self.fs.isdir(self._path(name)):
+            self.fs.get(self._path(name), target, recursive=True)
+        else:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            self.fs.get_file(self._path(name), target)
+        for local in self._staged_files():
+            self._uploaded[local] = self._signature(local)
+
+    def sync(self, force: bool = False) -> None:
+        """Copy staged files that changed since the last sync to the URL (nothing to do for a local directory)."""
+        if self.is_local or self._staging is None:
+            return
+        now = time.monotonic()
+        if not force and now - self._last_sync < self.sync_every:
+            return
+        self._last_sync = now
+        for local in self._staged_files():
+            signature = self._signature(local)
+            if self._uploaded.get(local) == signature:
+                continue
+            name = os.path.relpath(local, self._staging).replace(os.sep, "/")
+            with open(local, "rb") as f:
+                self.write_bytes(name, f.read())
+            self._uploaded[local] = signature
+
+    def close(self) -> None:
+        """Final sync; the local staging copy of a remote directory is removed."""
+        self.sync(force=True)
+        if not self.is_local and self._staging is not None:
+            shutil.rmtree(self._staging, ignore_errors=True)
+            self._staging = None
+            self._uploaded.clear()
+
+    def _staged_files(self) -> list[str]:
+        if self._staging is None:
+            return []
+        return [os.path.join(d, f) for d, _, files in os.walk(self._staging) for f in sorted(files)]
+
+    @staticmethod
+    def _signature(path: str) -> tuple[float, int]:
+        st = os.stat(path)
+        return st.st_mtime, st.st_size
