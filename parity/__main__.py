@@ -16,6 +16,7 @@ from pathlib import Path
 
 from digpt_xla.cli import run_command
 from digpt_xla.config import ConfigError
+from digpt_xla.repo import find_config
 
 from .harness import load_parity_config, run_parity
 from .report import environment, write_report
@@ -23,7 +24,7 @@ from .sides import Side, SideError
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    cfg = load_parity_config(args.config, args.overrides)
+    cfg = load_parity_config(find_config(args.config), args.overrides)
     if args.backends:
         backends = args.backends.split(",")
         if len(backends) != len(cfg.sides):

@@ -24,12 +24,17 @@ def test_finetuning_from_a_pretraining_checkpoint_lowers_the_loss(tmp_path):
         f"run.out_dir={tmp_path / 'ft'}",
     ])  # fmt: skip
     result = Finetuner(cfg).train()
-    curve = [r["loss"] for r in read_metrics(str(tmp_path / "ft"))]
+    records = read_metrics(str(tmp_path / "ft"))
+    curve = [r["loss"] for r in records if "loss" in r]
     assert len(curve) == 40
     assert sum(curve[-5:]) / 5 < sum(curve[:5]) / 5 - 0.15, curve  # from chance level, ln(10) = 2.30
     assert result["eval_samples"] == 359 and result["top1"] > 15.0  # 10 classes: chance is 10%
     assert 0 <= result["ema_top1"] <= 100
-    assert json.loads((tmp_path / "ft" / "finetune.json").read_text())["top1"] == result["top1"]
+    written = json.loads((tmp_path / "ft" / "finetune.json").read_text())
+    assert written["top1"] == result["top1"] and written["best_top1"] == max(e["top1"] for e in written["evaluations"])
+    evals = [r for r in records if "top1" in r]  # 22 steps per epoch at batch 64: epoch 1 at step 22, then the end
+    assert [r["step"] for r in evals] == [22, 40] and all({"top5", "ema_top1", "best_top1", "best_epoch"} <= set(r)
+                                                           for r in evals)  # fmt: skip
 
 
 def test_distributed_evaluation_counts_every_sample_once(tmp_path):
@@ -81,4 +86,4 @@ def test_finetuning_and_evaluation_run_on_xla(tmp_path):
     assert result["eval_samples"] == 359 and 0 <= result["top1"] <= 100
     counters = tuner.backend.debug_counters()
     assert counters["aten_fallbacks"] == {}
-    assert len(read_metrics(str(tmp_path))) == 2
+    assert len([r for r in read_metrics(str(tmp_path)) if "loss" in r]) == 2

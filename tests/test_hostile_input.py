@@ -1,0 +1,182 @@
+"""What a user (or an attacker) hands us: crafted pickles at every entry point, bad config values, object-store
+run directories. Each mistake is one line naming the key or file and exit 2, quickly; nothing runs code from a
+checkpoint; every output lands under the run directory's URL."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import fsspec
+import pytest
+import torch
+
+from conftest import PYTHON, REPO, subprocess_env
+from digpt_xla.cli import main as digpt_main
+from digpt_xla.cli import plot_losses
+from digpt_xla.config import load_config
+from digpt_xla.engine import Pretrainer
+from digpt_xla.engine.finetune import Finetuner
+from digpt_xla.engine.probe_run import run_probe
+from parity.__main__ import main as parity_main
+
+CPU = ["backend.name=cpu", "run.progress=false", "run.knn_eval=false", "model.depth=2", "data.batch_size=16"]
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _crafted(tmp_path, kind: str):
+    marker = tmp_path / "PWNED"
+    path = tmp_path / "evil.pt"
+    if kind == "torch zip":
+        torch.save({"model": {"w": torch.zeros(1)}, "step": _RunsCode(marker)}, path)
+    else:
+        import pickle
+
+        path.write_bytes(pickle.dumps({"model": _RunsCode(marker)}))
+    return path, marker
+
+
+def _one_error_line(capsys) -> str:
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    errors = [line for line in err if "error:" in line]
+    assert len(errors) == 1, err
+    return errors[0]
+
+
+ENTRY_POINTS = {
+    "run.resume": lambda p, out: digpt_main(["pretrain", "--config", "yaml/demo.yaml", *CPU, f"run.resume={p}",
+                                             f"run.out_dir={out}"]),  # fmt: skip
+    "finetune.checkpoint": lambda p, out: digpt_main(["finetune", f"finetune.checkpoint={p}", f"run.out_dir={out}"]),
+    "probe.checkpoint": lambda p, out: digpt_main(["probe", f"probe.checkpoint={p}", f"run.out_dir={out}"]),
+    "teacher.checkpoint": lambda p, out: digpt_main(["pretrain", "--config", "yaml/demo.yaml", *CPU, "teacher.kind=clip",
+                                                     "teacher.clip_model=ViT-B-16", f"teacher.checkpoint={p}",
+                                                     f"run.out_dir={out}"]),  # fmt: skip
+    "convert_checkpoint.py": lambda p, out: _convert([str(p), f"{out}/timm.safetensors", "--num-classes", "10"]),
+}
+
+
+def _convert(argv):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("convert_checkpoint", REPO / "tools/convert_checkpoint.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(argv)
+
+
+@pytest.mark.parametrize("kind", ["torch zip", "plain pickle"])
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+def test_a_crafted_pickle_runs_nothing_at_any_entry_point(tmp_path, capsys, entry, kind):
+    path, marker = _crafted(tmp_path, kind)
+    out = tmp_path / "out"
+    assert ENTRY_POINTS[entry](path, out) == 2
+    line = _one_error_line(capsys)
+    assert str(path) in line and "refused" in line and "weights_only" in line, line
+    assert not marker.exists(), "code from the checkpoint ran"
+    assert not (out / "timm.safetensors").exists() and not (out / "checkpoints").exists()
+
+
+BAD_VALUES = [
+    (["data.batch_size=-4", "optim.lr=1e-3"], "data.batch_size=-4"),
+    (["data.batch_size=0"], "data.batch_size=0"),
+    (["run.log_every=0"], "run.log_every=0"),
+    (["optim.accum_steps=0"], "optim.accum_steps=0"),
+    (["optim.betas=[0.9]"], "optim.betas=[0.9]"),
+    (["optim.lr=.nan"], "optim.lr=nan"),
+    (["schedule.epochs=-1"], "schedule.epochs=-1"),
+    (["data.train_fraction=1.5"], "data.train_fraction=1.5"),
+    (["data.source=webdataset", "data.urls=/data/shard-{000000..000009.tar"], "data.urls="),
+    (["teacher.kind=clip", "teacher.clip_model=ViT-Q-99"], "teacher.clip_model: 'ViT-Q-99'"),
+    (["model.name=vit_b"], "model.name='vit_b'"),
+    (["backend.precision=fp16"], "backend.precision='fp16'"),
+    (["run.resume=/nonexistent/ckpt-00000010.pt"], "/nonexistent/ckpt-00000010.pt: checkpoint not found"),
+    (["teacher.kind=clip", "teacher.clip_model=ViT-B-16", "teacher.checkpoint=GARBAGE"], "not a readable safetensors"),
+    (["data.urls={a", "data.source=webdataset"], "not valid YAML"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "expected"), BAD_VALUES, ids=[e for _, e in BAD_VALUES])
+def test_bad_values_are_one_line_and_exit_2_within_seconds(tmp_path, capsys, overrides, expected):
+    overrides = [o.replace("GARBAGE", str(tmp_path / "garbage.safetensors")) for o in overrides]
+    (tmp_path / "garbage.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not a header at all")
+    t0 = time.perf_counter()
+    rc = digpt_main(["pretrain", "--config", "yaml/demo.yaml", *CPU, f"run.out_dir={tmp_path / 'out'}", *overrides])
+    assert rc == 2
+    assert expected in _one_error_line(capsys)
+    assert time.perf_counter() - t0 < 15
+
+
+def test_finetune_and_yaml_mistakes_name_the_key_or_file(tmp_path, capsys):
+    assert digpt_main(["finetune", f"finetune.checkpoint={tmp_path / 'missing.pt'}", f"run.out_dir={tmp_path}"]) == 2
+    assert "missing.pt: checkpoint not found" in _one_error_line(capsys)
+    assert digpt_main(["finetune", "finetune.num_classes=5", f"run.out_dir={tmp_path}"]) == 2
+    assert "finetune.num_classes=5 but the data has 10 classes" in _one_error_line(capsys)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  name: digpt_tiny\ndata: [unclosed\n")
+    assert digpt_main(["pretrain", "--config", str(bad)]) == 2
+    line = _one_error_line(capsys)
+    assert str(bad) in line and "line 4" in line and "YAML syntax error" in line
+
+
+def test_sigterm_during_setup_stops_promptly(tmp_path):
+    # Building the ViT-H/14 teacher takes several seconds: the signal arrives while it is being built.
+    cmd = [PYTHON, "-m", "digpt_xla.cli", "pretrain", "--config", "yaml/demo.yaml", *CPU, "teacher.kind=clip",
+           "teacher.clip_model=ViT-H-14", f"run.out_dir={tmp_path}"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stderr=subprocess.PIPE, text=True)
+    time.sleep(4)
+    t0 = time.perf_counter()
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert time.perf_counter() - t0 < 10 and proc.returncode != 0
+
+
+def _object_store(kind, tmp_path) -> str:
+    return "memory://hostile/run" if kind == "memory" else f"file://{tmp_path}/store/run"
+
+
+@pytest.mark.parametrize("kind", ["memory", "file"])
+def test_every_output_lands_under_an_fsspec_run_directory(tmp_path, monkeypatch, kind):
+    monkeypatch.chdir(tmp_path)  # a literal "memory:" or "file:" directory would appear here
+    root = _object_store(kind, tmp_path)
+    fs, base = fsspec.core.url_to_fs(root)
+    if fs.exists(base):
+        fs.rm(base, recursive=True)
+    pre = f"{root}/pretrain"
+    cfg = load_config(REPO / "yaml/demo.yaml", [*CPU, "run.log_every=1", "run.ckpt_every=2", "schedule.max_steps=4",
+                                                f"run.out_dir={pre}"])  # fmt: skip
+    Pretrainer(cfg).train()
+    cfg.schedule.max_steps, cfg.run.resume = 6, "auto"
+    resumed = Pretrainer(cfg)
+    assert resumed.step == 4
+    resumed.train()
+    plot_losses(pre, "tiny")
+    ft = load_config(REPO / "yaml/finetune/tiny_digits.yaml", [
+        "backend.name=cpu", "run.progress=false", "data.batch_size=16", "schedule.max_steps=3", "run.log_every=1",
+        "model.depth=2",
+        f"finetune.checkpoint={pre}/checkpoints/ckpt-00000006.pt", f"run.out_dir={root}/finetune"])  # fmt: skip
+    Finetuner(ft).train()
+    probe = load_config(REPO / "yaml/demo.yaml", ["probe.epochs=2", "model.depth=2", f"probe.checkpoint={pre}/checkpoints/ckpt-00000006.pt",
+                                                  f"run.out_dir={root}/probe"])  # fmt: skip
+    run_probe(probe)
+    assert parity_main(["run", "--config", "yaml/parity/tiny_fp32.yaml", "--out", f"{root}/parity", "steps=2",
+                        "sides=[cpu:fp32, cpu:fp32]"]) == 0  # fmt: skip
+
+    files = {p.removeprefix(base.rstrip("/") + "/") for p in fs.find(base)}
+    expected = {"pretrain/metrics.jsonl", "pretrain/loss_curve.png", "pretrain/checkpoints/ckpt-00000006.done",
+                "finetune/finetune.json", "finetune/metrics.jsonl", "finetune/checkpoints/ckpt-00000003.pt",
+                "probe/probe.json", "parity/report.json", "parity/report.md", "parity/layer_error.png"}  # fmt: skip
+    assert expected <= files, expected - files
+    assert any(f.startswith("pretrain/tb/events.out.tfevents") for f in files)
+    assert any(f.startswith("finetune/tb/events.out.tfevents") for f in files)
+    steps = [json.loads(line)["step"] for line in fs.cat_file(f"{base}/pretrain/metrics.jsonl").decode().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6], "the resumed run continued the log it pulled from the store"
+    assert json.loads(fs.cat_file(f"{base}/finetune/finetune.json"))["step"] == 3
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(":")], os.listdir(tmp_path)

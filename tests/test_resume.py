@@ -1,0 +1,125 @@
+"""The one resume path: finetuning (EMA, Mixup/CutMix, drop path) resumes exactly after a stop, SIGTERM or SIGKILL;
+``run.resume=<path>`` in both trainers; a corrupt newest checkpoint falls back to the previous one."""
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import PYTHON, REPO, subprocess_env
+from digpt_xla.checkpoint_io import CheckpointError, read_checkpoint
+from digpt_xla.config import load_config
+from digpt_xla.engine import Pretrainer
+from digpt_xla.engine.checkpoint import CheckpointManager
+from digpt_xla.engine.finetune import Finetuner
+from digpt_xla.engine.metrics import read_metrics
+
+# The release's regularisers on the tiny model: mixup 0.8, cutmix 1.0, drop path 0.1, EMA.
+FINETUNE = ["finetune.mixup=0.8", "finetune.cutmix=1.0", "finetune.drop_path=0.1", "finetune.ema=true",
+            "finetune.ema_decay=0.9", "data.batch_size=16", "finetune.eval_batch_size=128", "run.log_every=1",
+            "run.ckpt_every=10", "schedule.warmup_epochs=0.1", "run.progress=false", "model.depth=2"]  # fmt: skip
+
+
+def _finetune_cmd(out, *overrides):
+    return [PYTHON, "-m", "digpt_xla.cli", "finetune", "--config", "yaml/finetune/tiny_digits.yaml", *FINETUNE,
+            f"run.out_dir={out}", *overrides]  # fmt: skip
+
+
+def _losses(run_dir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(str(run_dir)) if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ft") / "reference"
+    subprocess.run(_finetune_cmd(out, "schedule.max_steps=30"), cwd=REPO, env=subprocess_env(), check=True,
+                   capture_output=True, timeout=600)  # fmt: skip
+    return out, json.loads((out / "finetune.json").read_text())
+
+
+def _interrupt(out, sig) -> int:
+    proc = subprocess.Popen(_finetune_cmd(out, "schedule.max_steps=30"), cwd=REPO, env=subprocess_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    metrics, deadline = Path(out) / "metrics.jsonl", time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 12:
+            proc.send_signal(sig)
+            break
+        time.sleep(0.02)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == (0 if sig == signal.SIGTERM else -signal.SIGKILL), err[-2000:]
+    return CheckpointManager(str(Path(out) / "checkpoints")).complete_steps()[-1]
+
+
+@pytest.mark.parametrize("how", ["stop", "sigterm", "sigkill"])
+def test_finetune_resume_equals_the_uninterrupted_run(tmp_path, uninterrupted, how):
+    ref_dir, reference = uninterrupted
+    out = tmp_path / "resumed"
+    if how == "stop":
+        subprocess.run(_finetune_cmd(out, "schedule.max_steps=20"), cwd=REPO, env=subprocess_env(), check=True,
+                       capture_output=True, timeout=600)  # fmt: skip
+        assert CheckpointManager(str(out / "checkpoints")).complete_steps()[-1] == 20
+    else:
+        stopped = _interrupt(out, signal.SIGTERM if how == "sigterm" else signal.SIGKILL)
+        assert stopped >= 10
+    proc = subprocess.run(_finetune_cmd(out, "schedule.max_steps=30", "run.resume=auto"), cwd=REPO,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "resumed from" in proc.stderr
+    result = json.loads((out / "finetune.json").read_text())
+    for key in ("top1", "top5", "ema_top1", "ema_top5"):
+        assert result[key] == reference[key], key
+    resumed, ref = _losses(out), _losses(ref_dir)
+    assert sorted(resumed) == list(range(1, 31)), "one loss per step, nothing lost or repeated"
+    assert [resumed[s] for s in range(1, 31)] == [ref[s] for s in range(1, 31)]
+    state = read_checkpoint(str(out / "checkpoints" / "ckpt-00000030.pt"))
+    assert {"ema", "mixup_rng", "evals", "rng", "optimizer"} <= set(state) and state["kind"] == "finetune"
+
+
+def _pretrain_cfg(out, *overrides):
+    return load_config(REPO / "yaml/demo.yaml", ["backend.name=cpu", "data.batch_size=16", "run.log_every=1",
+                                                 "run.knn_eval=false", "run.progress=false", "model.depth=2",
+                                                 f"run.out_dir={out}", *overrides])  # fmt: skip
+
+
+def test_resume_from_a_given_checkpoint_in_both_trainers(tmp_path):
+    Pretrainer(_pretrain_cfg(tmp_path / "a", "schedule.max_steps=4", "run.ckpt_every=2")).train()
+    ckpt2 = str(tmp_path / "a" / "checkpoints" / "ckpt-00000002.pt")
+    b = Pretrainer(_pretrain_cfg(tmp_path / "b", "schedule.max_steps=4", f"run.resume={ckpt2}"))
+    assert b.step == 2
+    b.train()
+    assert [_losses(tmp_path / "b")[s] for s in (3, 4)] == [_losses(tmp_path / "a")[s] for s in (3, 4)]
+
+    ft = ["backend.name=cpu", "data.batch_size=16", "schedule.max_steps=4", "run.ckpt_every=2", "run.progress=false",
+          "model.depth=2", "finetune.eval_every_epochs=0"]  # fmt: skip
+    cfg = load_config(REPO / "yaml/finetune/tiny_digits.yaml", [*ft, f"run.out_dir={tmp_path / 'fa'}"])
+    first = Finetuner(cfg).train()
+    ft2 = str(tmp_path / "fa" / "checkpoints" / "ckpt-00000002.pt")
+    cfg = load_config(REPO / "yaml/finetune/tiny_digits.yaml", [*ft, f"run.out_dir={tmp_path / 'fb'}", f"run.resume={ft2}"])
+    second = Finetuner(cfg)
+    assert second.step == 2
+    assert second.train()["top1"] == first["top1"]
+    with pytest.raises(CheckpointError, match="a pretrain checkpoint cannot resume finetune"):
+        Finetuner(load_config(REPO / "yaml/finetune/tiny_digits.yaml", [*ft, f"run.out_dir={tmp_path / 'fc'}",
+                                                                        f"run.resume={ckpt2}"]))  # fmt: skip
+    with pytest.raises(CheckpointError, match=r"nope\.pt: checkpoint not found"):
+        Pretrainer(_pretrain_cfg(tmp_path / "d", f"run.resume={tmp_path / 'nope.pt'}"))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random bytes"])
+def test_corrupt_newest_checkpoint_is_set_aside_and_the_previous_one_used(tmp_path, damage, caplog):
+    Pretrainer(_pretrain_cfg(tmp_path, "schedule.max_steps=4", "run.ckpt_every=2")).train()
+    newest = tmp_path / "checkpoints" / "ckpt-00000004.pt"
+    data = newest.read_bytes()
+    newest.write_bytes(data[: len(data) // 3] if damage == "truncated" else bytes(range(256)) * 40)
+    trainer = Pretrainer(_pretrain_cfg(tmp_path, "schedule.max_steps=6", "run.resume=auto"))
+    assert trainer.step == 2, "fell back to the previous complete checkpoint"
+    assert str(newest) in caplog.text and "cannot be loaded" in caplog.text
+    assert (tmp_path / "checkpoints" / "ckpt-00000004.pt.corrupt").exists(), "renamed, not deleted"
+    assert (tmp_path / "checkpoints" / "ckpt-00000004.done.corrupt").exists()
+    assert CheckpointManager(str(tmp_path / "checkpoints")).complete_steps() == [2]
+    trainer.train()
+    assert sorted(_losses(tmp_path)) == list(range(1, 7))
