@@ -19,20 +19,29 @@ class TensorDiff:
         return asdict(self)
 
 
-def diff(reference: Tensor, candidate: Tensor) -> TensorDiff:
-    a, b = reference.detach().double().flatten(), candidate.detach().double().flatten()
-    if a.shape != b.shape:
+def diff(reference: Tensor, candidate: Tensor, chunk: int = 1 << 22) -> TensorDiff:
+    """Errors of ``candidate`` against ``reference``, accumulated in float64 over chunks (so comparing all of
+    ViT-B's parameters at once needs no float64 copy of them)."""
+    a_all, b_all = reference.detach().flatten(), candidate.detach().flatten()
+    if reference.shape != candidate.shape:
         raise ValueError(f"shapes differ: {tuple(reference.shape)} vs {tuple(candidate.shape)}")
-    finite = torch.isfinite(a) & torch.isfinite(b)
-    if not torch.equal(torch.isfinite(a), torch.isfinite(b)):
-        return TensorDiff(math.inf, math.inf, -1.0)
-    a, b = a[finite], b[finite]
-    delta = a - b
-    norm_a = a.norm().item()
-    rel = delta.norm().item() / norm_a if norm_a > 0 else (0.0 if delta.norm().item() == 0 else math.inf)
-    denom = norm_a * b.norm().item()
-    cosine = (a @ b).item() / denom if denom > 0 else (1.0 if rel == 0 else 0.0)
-    return TensorDiff(delta.abs().max().item() if delta.numel() else 0.0, rel, cosine)
+    sq_a = sq_b = sq_d = dot = max_abs = 0.0
+    for start in range(0, a_all.numel(), chunk):
+        a, b = a_all[start : start + chunk].double(), b_all[start : start + chunk].double()
+        fa, fb = torch.isfinite(a), torch.isfinite(b)
+        if not torch.equal(fa, fb):
+            return TensorDiff(math.inf, math.inf, -1.0)
+        a, b = a[fa], b[fa]
+        delta = a - b
+        sq_a, sq_b, sq_d = sq_a + (a @ a).item(), sq_b + (b @ b).item(), sq_d + (delta @ delta).item()
+        dot += (a @ b).item()
+        if delta.numel():
+            max_abs = max(max_abs, delta.abs().max().item())
+    norm_a, norm_d = math.sqrt(sq_a), math.sqrt(sq_d)
+    rel = norm_d / norm_a if norm_a > 0 else (0.0 if norm_d == 0 else math.inf)
+    denom = norm_a * math.sqrt(sq_b)
+    cosine = dot / denom if denom > 0 else (1.0 if rel == 0 else 0.0)
+    return TensorDiff(max_abs, rel, cosine)
 
 
 def relative_error(reference: float, candidate: float) -> float:

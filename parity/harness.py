@@ -12,6 +12,7 @@ the seed, run in the side's teacher precision). Each side runs a forward pass wi
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -138,6 +139,11 @@ class SideResult:
     optimizer: dict[str, Any]
     lrs: list[float]
     teacher_tokens: Tensor | None
+
+    def summary(self) -> SideResult:
+        """The same result without its tensors (what the report's side table needs)."""
+        return dataclasses.replace(self, activations=[], grads={}, params_after_step={}, final_params={},
+                                   teacher_tokens=None)  # fmt: skip
 
 
 def build_clip_teacher(cfg: ParityConfig) -> ClipTeacher:
@@ -273,6 +279,7 @@ def run_side(cfg: ParityConfig, side: Side, model_cfg, initial_state, teacher_st
     teacher_tokens = _cpu_float(tokens) if run.teacher is not None else None
     ar_loss, kd_loss = float(ar.detach()), float(kd.detach())
     params_after = {n: _cpu_float(p) for n, p in run.model.named_parameters() if p.requires_grad}
+    del run, outputs, tokens, ar, kd  # one side's student, teacher and optimizer in memory at a time
 
     # The trajectory starts again from the initial weights, with its own optimizer.
     run = _SideTrainer(cfg, side, model_cfg, initial_state, teacher_state, perturb)
@@ -404,10 +411,13 @@ def run_parity(cfg: ParityConfig) -> dict[str, Any]:
     model = DiGPT(model_cfg)
     initial = copy.deepcopy(model.state_dict())
     inputs = make_inputs(cfg, model_cfg)
-    results = [run_side(cfg, s, model_cfg, initial, teacher_state, inputs, perturb=i > 0)
-               for i, s in enumerate(sides)]  # fmt: skip
     init_params = {n: p.detach().float() for n, p in model.named_parameters()}
-    comparisons = [compare_sides(results[0], r, init_params, cfg.tolerances) for r in results[1:]]
+    results = [run_side(cfg, sides[0], model_cfg, initial, teacher_state, inputs, perturb=False)]
+    comparisons = []
+    for side in sides[1:]:  # compared as it finishes, then only its figures are kept (ViT-B: GBs per side)
+        result = run_side(cfg, side, model_cfg, initial, teacher_state, inputs, perturb=True)
+        comparisons.append(compare_sides(results[0], result, init_params, cfg.tolerances))
+        results.append(result.summary())
     return {
         "model": cfg.model.name,
         "trainable_params": model.num_trainable_params(),

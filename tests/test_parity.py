@@ -110,3 +110,57 @@ def test_tiny_cpu_vs_xla_config_passes_and_reports(tmp_path):
         assert check["check"] in md
     assert f"{comp['losses']['ar_loss']['ref']:.8f}" in md
     assert (tmp_path / "layer_error.png").stat().st_size > 1000 and (tmp_path / "loss_drift.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("perturb", "named"),
+    [("optim.eps=1e-3", "eps"), ("schedule.warmup_epochs=0.5", "lr")],
+    ids=["adamw-eps", "lr-schedule"],
+)
+def test_an_optimizer_perturbation_is_caught_by_the_one_step_update_and_named(tmp_path, perturb, named):
+    rc = parity_main(["run", "--config", TINY, "--out", str(tmp_path), "sides=[cpu:fp32, cpu:fp32]", "steps=2",
+                      f"perturb={perturb}"])  # fmt: skip
+    assert rc == 1
+    comp = _report(tmp_path)["comparisons"][0]
+    failed = {c["check"] for c in comp["checks"] if c["ok"] is False}
+    assert "parameters after one step, rel. L2 error" in failed
+    assert comp["losses"]["ar_loss"]["rel"] == 0 and all(g["max_abs"] == 0 for g in comp["grads"].values()), (
+        "forward and gradients are untouched: only the update differs"
+    )
+    assert [d["setting"] for d in comp["optimizer_differences"]] == [named]
+    assert f"Optimizer settings differ from the reference: {named}" in (tmp_path / "report.md").read_text()
+
+
+def test_the_report_states_each_sides_optimizer_step(tmp_path):
+    assert parity_main(["run", "--config", TINY, "--out", str(tmp_path), "sides=[cpu:fp32, cpu:fp32]", "steps=3",
+                        "optim.clip_grad=1.0"]) == 0  # fmt: skip
+    report = _report(tmp_path)
+    for side in report["sides"]:
+        opt = side["optimizer"]
+        assert opt["optimizer"] == "AdamW" and opt["clip_grad"] == 1.0 and opt["grad_scaler"] is False
+        assert opt["weight_decay"] == [0.0, 0.05], "the pretrainer's groups: no decay on biases and norms"
+        assert side["lrs"][0] == pytest.approx(1e-4) and side["lrs"][0] > side["lrs"][1] > side["lrs"][2] > 0
+    assert "| fused | capturable | foreach |" in (tmp_path / "report.md").read_text()
+
+
+def test_clip_teacher_precision_is_a_side_factor(tmp_path):
+    rc = parity_main(["run", "--config", str(REPO / "yaml/parity/tiny_clip_teacher.yaml"), "--out", str(tmp_path)])
+    assert rc == 0
+    report = _report(tmp_path)
+    same, bf16 = report["comparisons"]
+    assert same["candidate"] == "cpu:fp32 teacher=fp32" and bf16["candidate"] == "cpu:fp32 teacher=bf16"
+    assert same["teacher_tokens"]["max_abs"] == 0 and same["losses"]["ar_loss"]["rel"] == 0
+    assert 1e-4 < bf16["teacher_tokens"]["rel_l2"] < 0.1, bf16["teacher_tokens"]
+    assert bf16["teacher_tokens"]["min_token_cosine"] < 1.0
+    assert bf16["losses"]["ar_loss"]["rel"] > 0, "the student sees the bf16 teacher's targets"
+    md = (tmp_path / "report.md").read_text()
+    assert "teacher tokens (first batch)" in md and "teacher clip ViT-B-16" in md
+
+
+def test_side_teacher_modifier_validation():
+    assert Side.parse("cpu:fp32 teacher=fp16") == Side("cpu", "fp32", "fp16")
+    assert str(Side.parse("cpu:bf16 teacher=fp32")) == "cpu:bf16 teacher=fp32"
+    assert Side.parse("cpu:bf16").teacher_precision == "bf16"
+    for bad in ("xla:fp32 teacher=fp16", "cpu:fp32 student=bf16", "cpu:fp32 teacher=fp8"):
+        with pytest.raises(SideError):
+            Side.parse(bad)

@@ -119,7 +119,7 @@ class Pretrainer(Trainer):
 
     def next_step_inputs(self, batches) -> tuple[list[dict[str, Tensor]], list[Tensor]]:
         """The micro-batches and segment orders of the current step, on the device."""
-        micro_batches = [next(batches) for _ in range(self.accum)]
+        micro_batches = [self.next_batch(batches) for _ in range(self.accum)]
         orders = [self.backend.move(self._orders(self.step, m)) for m in range(self.accum)]
         return micro_batches, orders
 

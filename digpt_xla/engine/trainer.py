@@ -9,6 +9,7 @@ readable committed checkpoint of ``run.out_dir``), ``never``, or a checkpoint pa
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
 from collections.abc import Iterator
@@ -219,7 +220,14 @@ class Trainer:
             dataset, self.process_batch, b.data_rank, b.data_world_size, cfg.run.seed,
             start_batch=self.step * self.accum, num_workers=cfg.data.num_workers,
         )  # fmt: skip
-        return iter(b.prepare_loader(_CountSkipped(loader, self)))
+        self._skip_counts = _CountSkipped(loader)
+        return iter(b.prepare_loader(self._skip_counts))
+
+    def next_batch(self, stream: Iterator[dict[str, Any]]) -> dict[str, Any]:
+        """The next device batch of ``stream``, counting the samples its loader skipped."""
+        batch = next(stream)
+        self.data_skipped += self._skip_counts.pending.popleft()
+        return batch
 
     # ------------------------------------------------------------------ the loop
     def data_stream(self) -> Iterator[dict[str, Any]]:
@@ -227,7 +235,7 @@ class Trainer:
 
     def next_step_inputs(self, stream: Iterator[dict[str, Any]]) -> tuple[Any, ...]:
         """The arguments of ``train_step``: by default the step's micro-batches."""
-        return ([next(stream) for _ in range(self.accum)],)
+        return ([self.next_batch(stream) for _ in range(self.accum)],)
 
     def train_step(self, *inputs: Any) -> None:
         raise NotImplementedError
@@ -300,19 +308,20 @@ class Trainer:
 
 
 class _CountSkipped:
-    """Host-side pass over the loader's batches: adds each batch's ``skipped`` count (a CPU tensor, so no device
-    sync) to the trainer's ``data_skipped`` and drops it (and the bookkeeping ``index``) before the batch moves to
-    the device."""
+    """Host-side pass over the loader's batches: takes each batch's ``skipped`` count (a CPU tensor, so no device
+    sync) and the bookkeeping ``index`` out before the batch moves to the device. The counts wait in a queue until
+    the trainer consumes their batch (``next_batch``): a device loader reads batches ahead (MpDeviceLoader by
+    several), and a count must not be reported for a batch that has not been trained on."""
 
-    def __init__(self, loader, trainer: Trainer) -> None:
-        self.loader, self.trainer = loader, trainer
+    def __init__(self, loader) -> None:
+        self.loader = loader
+        self.pending: collections.deque[int] = collections.deque()
 
     def __iter__(self):
         for batch in self.loader:
             skipped = batch.pop("skipped", None)
             batch.pop("index", None)
-            if skipped is not None:
-                self.trainer.data_skipped += int(skipped.sum())
+            self.pending.append(int(skipped.sum()) if skipped is not None else 0)
             yield batch
 
     def __len__(self) -> int:
