@@ -26,7 +26,7 @@ test-slow: install
 	PJRT_DEVICE=CPU $(PY) -m pytest -m slow $(PYTEST_ARGS)
 
 bench: install
-	PJRT_DEVICE=CPU $(PY) tools/bench.py train --model digpt_tiny --backend cpu --batch 32
+	PJRT_DEVICE=CPU $(PY) tools/bench.py train --model digpt_tiny --backend cpu --batch 32 --out runs/bench
 
 # About 70 minutes on 2 cores; reruns skip what parity/reports/gap_study_digits/ledger.jsonl already holds.
 gap-study: install

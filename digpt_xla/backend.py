@@ -23,6 +23,7 @@ from .precision import PRECISIONS, precision_problem
 
 log = logging.getLogger(__name__)
 
+
 class BackendError(RuntimeError):
     """A backend that cannot run here, or a setting it does not support."""
 

@@ -74,7 +74,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(
         f"\nD-iGPT demo ({cfg.model.name} on digits, backend {cfg.backend.name}, {result.step} steps)\n"
         f"  loss             {first['loss']:.4f} (mean of steps 1-{first['step']}) -> {last.get('loss', nan):.4f} "
-        f"(mean of the last {cfg.run.log_every} steps; ar {last.get('ar_loss', nan):.4f}, kd {last.get('kd_loss', nan):.4f})\n"
+        f"(mean of the last {cfg.run.log_every} steps; ar {last.get('ar_loss', nan):.4f}, "
+        f"kd {last.get('kd_loss', nan):.4f})\n"
         f"  kNN top-1        {knn.get('knn_top1_init', nan):.1f}% at initialisation -> "
         f"{knn.get('knn_top1', nan):.1f}% pretrained\n"
         f"  run directory    {cfg.run.out_dir} (checkpoints/, metrics.jsonl, tb/, {png.rsplit('/', 1)[-1]})"

@@ -345,9 +345,20 @@ POSITIVE_INT_OR_NONE = _num(1, optional=True)
 FRACTION_OPEN = _num(0, 1, lo_open=True, hi_open=True)
 RULES: dict[tuple[type, str], Rule] = {
     (ModelConfig, "name"): (_model_name, "a model name"),
-    **{(ModelConfig, k): POSITIVE_INT_OR_NONE for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads",
-                                                        "decoder_dim", "decoder_depth", "decoder_heads",
-                                                        "segments_per_side")},  # fmt: skip
+    **{
+        (ModelConfig, k): POSITIVE_INT_OR_NONE
+        for k in (
+            "img_size",
+            "patch_size",
+            "embed_dim",
+            "depth",
+            "num_heads",
+            "decoder_dim",
+            "decoder_depth",
+            "decoder_heads",
+            "segments_per_side",
+        )
+    },  # fmt: skip
     (DataConfig, "batch_size"): POSITIVE_INT,
     (DataConfig, "num_workers"): _num(0),
     (DataConfig, "urls"): (_balanced_braces, "shard URLs with balanced braces, e.g. shard-{000000..000127}.tar"),
@@ -416,7 +427,9 @@ def _check_combinations(cfg: Config) -> None:
 
     problem = precision_problem(cfg.backend.name, cfg.backend.precision)
     if problem:
-        raise ConfigError(f"backend.precision={cfg.backend.precision!r} with backend.name={cfg.backend.name!r}: {problem}")
+        raise ConfigError(
+            f"backend.precision={cfg.backend.precision!r} with backend.name={cfg.backend.name!r}: {problem}"
+        )
     teacher = cfg.backend.precision if cfg.teacher.precision == "auto" else cfg.teacher.precision
     problem = precision_problem(cfg.backend.name, teacher, role="teacher")
     if problem:

@@ -14,6 +14,8 @@ import os
 import sys
 from pathlib import Path
 
+import fsspec
+
 from digpt_xla.cli import run_command
 from digpt_xla.config import ConfigError
 from digpt_xla.repo import find_config
@@ -70,8 +72,8 @@ def cmd_gap_report(args: argparse.Namespace) -> int:
 
     text = render_markdown(read_ledger(args.ledger), args.metric, args.baseline, args.alpha)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+        with fsspec.open(args.out, "w", auto_mkdir=True) as f:
+            f.write(text)
     print(text)
     return 0
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
+
+import fsspec
 
 # The published ImageNet-1K finetuning top-1 of D-iGPT ViT-B/16 (CLIP ViT-H/14 teacher).
 PAPER_ROWS = (
@@ -52,25 +53,35 @@ def config_hash(config: dict[str, Any]) -> str:
 
 
 def append_result(ledger: str, result: GapResult) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(ledger)), exist_ok=True)
-    with open(ledger, "a") as f:
-        f.write(json.dumps(asdict(result) | {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}) + "\n")
+    """Append one row to the ledger at a local path or any fsspec URL (object stores cannot append: the ledger is
+    small, so it is rewritten whole)."""
+    line = json.dumps(asdict(result) | {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}) + "\n"
+    fs, path = fsspec.core.url_to_fs(ledger)
+    before = fs.cat_file(path).decode() if fs.exists(path) else ""
+    parent = path.rsplit("/", 1)[0]
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    fs.pipe_file(path, (before + line).encode())
 
 
 def read_ledger(ledger: str) -> list[dict[str, Any]]:
     rows = []
-    with open(ledger) as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise GapError(f"{ledger}:{n}: not JSON ({e})") from e
-            missing = [k for k in FIELDS if k not in row]
-            if missing:
-                raise GapError(f"{ledger}:{n}: missing {', '.join(missing)}")
-            rows.append(row)
+    try:
+        with fsspec.open(ledger, "r") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise GapError(f"{ledger}: no such ledger") from None
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise GapError(f"{ledger}:{n}: not JSON ({e})") from e
+        missing = [k for k in FIELDS if k not in row]
+        if missing:
+            raise GapError(f"{ledger}:{n}: missing {', '.join(missing)}")
+        rows.append(row)
     return rows
 
 

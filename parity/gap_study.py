@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
+import io
 import logging
 import os
 import time
@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from digpt_xla.backend import Backend, create_backend
-from digpt_xla.precision import BACKEND_NAMES, PRECISIONS, precision_problem
-from digpt_xla.repo import find_config, git_revision
 from digpt_xla.config import Config, ConfigError, load_config, load_dataclass
 from digpt_xla.engine.metrics import read_metrics
+from digpt_xla.precision import BACKEND_NAMES, PRECISIONS, precision_problem
+from digpt_xla.repo import find_config, git_revision
+from digpt_xla.rundir import RunDir
 
 from .gap import (
     PAPER_ROWS,
@@ -102,7 +103,8 @@ class _Run:
 class GapStudy:
     def __init__(self, cfg: StudyConfig) -> None:
         self.cfg = cfg
-        self.ledger = os.path.join(cfg.out_dir, "ledger.jsonl")
+        self.out = RunDir(cfg.out_dir)
+        self.ledger = self.out.url_of("ledger.jsonl")
         base_p = load_config(find_config(cfg.pretrain_config), cfg.pretrain_overrides)
         base_f = load_config(find_config(cfg.finetune_config), cfg.finetune_overrides)
         # One hash for the pair: a ledger row counts as done only for the same pretraining and finetuning recipe.
@@ -129,7 +131,7 @@ class GapStudy:
         return out
 
     def done(self) -> set[tuple[str, int, str]]:
-        if not os.path.exists(self.ledger):
+        if not self.out.exists("ledger.jsonl"):
             return set()
         rows = read_ledger(self.ledger)
         return {(side_name(r), int(r["seed"]), r["metric"]) for r in rows if r["config_hash"] == self.config_hash}
@@ -192,17 +194,12 @@ class GapStudy:
         rows = [r for r in rows if side_name(r) in cfg.sides]
         # A metric is reported once its baseline has a value (partial studies report what they have).
         metrics = [m for m in cfg.metrics if any(r["metric"] == m and side_name(r) == cfg.baseline for r in rows)]
-        png = os.path.join(cfg.out_dir, "gap_study.png")
-        plot_study(rows, metrics, cfg.sides, cfg.baseline, png)
-        text = render_study(rows, metrics, cfg, self.config_hash)
-        with open(os.path.join(cfg.out_dir, "report.md"), "w") as f:
-            f.write(text)
-        with open(os.path.join(cfg.out_dir, "study.json"), "w") as f:
-            json.dump({"config": dataclasses.asdict(cfg), "config_hash": self.config_hash,
-                       "environment": environment(),
-                       "summary": {m: summarize(rows, m, cfg.baseline, cfg.alpha) for m in metrics}},
-                      f, indent=1, default=str)  # fmt: skip
-        log.info("report: %s", os.path.join(cfg.out_dir, "report.md"))
+        self.out.write_bytes("gap_study.png", plot_study(rows, metrics, cfg.sides, cfg.baseline))
+        self.out.write_text("report.md", render_study(rows, metrics, cfg, self.config_hash))
+        summary = {m: summarize(rows, m, cfg.baseline, cfg.alpha) for m in metrics}
+        self.out.write_json("study.json", {"config": dataclasses.asdict(cfg), "config_hash": self.config_hash,
+                                           "environment": environment(), "summary": summary})  # fmt: skip
+        log.info("report: %s", self.out.url_of("report.md"))
 
 
 def render_study(rows: list[dict[str, Any]], metrics: list[str], cfg: StudyConfig, chash: str) -> str:
@@ -247,7 +244,7 @@ def per_seed_table(rows: list[dict[str, Any]], metric: str, sides: list[str], de
     return out
 
 
-def plot_study(rows: list[dict[str, Any]], metrics: list[str], sides: list[str], baseline: str, out_png: str) -> None:
+def plot_study(rows: list[dict[str, Any]], metrics: list[str], sides: list[str], baseline: str) -> bytes:
     """Per metric: each seed's value per side with mean +- std (top), and each seed's difference from the
     baseline's value at the same seed (bottom: what the paired test sees once the seed's own effect is gone)."""
     import matplotlib
@@ -283,6 +280,7 @@ def plot_study(rows: list[dict[str, Any]], metrics: list[str], sides: list[str],
         bottom.set_title(f"minus {baseline} at the same seed", fontsize=8)
     fig.suptitle("digpt_tiny on digits: seeds (dots), mean +- std (black)", fontsize=10)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
-    fig.savefig(out_png, dpi=110)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
+    return buffer.getvalue()

@@ -348,7 +348,9 @@ def compare_sides(ref: SideResult, cand: SideResult, initial: dict[str, Tensor],
         token_cos = torch.nn.functional.cosine_similarity(ref.teacher_tokens.double(), cand.teacher_tokens.double(),
                                                           dim=-1)  # fmt: skip
         teacher = diff(ref.teacher_tokens, cand.teacher_tokens).as_dict() | {
-            "min_token_cosine": token_cos.min().item(), "mean_token_cosine": token_cos.mean().item()}
+            "min_token_cosine": token_cos.min().item(),
+            "mean_token_cosine": token_cos.mean().item(),
+        }
         checks.insert(0, _check("teacher tokens rel. L2 error", teacher["rel_l2"], tol.teacher_rel_l2, "<="))
     optimizer_differences = [
         {"setting": k, "ref": ref.optimizer[k], "cand": cand.optimizer.get(k)}
@@ -356,8 +358,10 @@ def compare_sides(ref: SideResult, cand: SideResult, initial: dict[str, Tensor],
     ]  # fmt: skip
     lr_steps = [i + 1 for i, (a, b) in enumerate(zip(ref.lrs, cand.lrs, strict=True)) if a != b]
     if lr_steps:
-        optimizer_differences.append({"setting": "lr", "ref": ref.lrs[lr_steps[0] - 1], "cand": cand.lrs[lr_steps[0] - 1],
-                                      "steps": lr_steps})  # fmt: skip
+        first = lr_steps[0] - 1
+        optimizer_differences.append(
+            {"setting": "lr", "ref": ref.lrs[first], "cand": cand.lrs[first], "steps": lr_steps}
+        )
     return {
         "teacher_tokens": teacher,
         "optimizer_differences": optimizer_differences,
@@ -422,8 +426,10 @@ def run_parity(cfg: ParityConfig) -> dict[str, Any]:
         "model": cfg.model.name,
         "trainable_params": model.num_trainable_params(),
         "teacher": cfg.input.teacher if cfg.input.teacher != "clip" else f"clip {cfg.input.clip_model}",
-        "sides": [{"side": r.side, "device": r.device, "seconds": r.seconds, "optimizer": r.optimizer,
-                   "lrs": r.lrs} for r in results],  # fmt: skip
+        "sides": [
+            {"side": r.side, "device": r.device, "seconds": r.seconds, "optimizer": r.optimizer, "lrs": r.lrs}
+            for r in results
+        ],  # fmt: skip
         "comparisons": comparisons,
         "passed": all(c["passed"] for c in comparisons),
     }

@@ -93,8 +93,8 @@ def render_markdown(report: dict[str, Any], title: str) -> str:
             t = comp["teacher_tokens"]
             lines += ["", "| teacher tokens (first batch) | max abs | rel. L2 | cosine | min token cosine |",
                       "|---|---|---|---|---|",
-                      f"| `{comp['candidate']}` vs `{comp['reference']}` | {_fmt(t['max_abs'])} | {_fmt(t['rel_l2'])} | "
-                      f"{t['cosine']:.8f} | {t['min_token_cosine']:.8f} |"]  # fmt: skip
+                      f"| `{comp['candidate']}` vs `{comp['reference']}` | {_fmt(t['max_abs'])} | "
+                      f"{_fmt(t['rel_l2'])} | {t['cosine']:.8f} | {t['min_token_cosine']:.8f} |"]  # fmt: skip
         losses = comp["losses"]
         lines += ["", "| loss | reference | candidate | rel. error |", "|---|---|---|---|"]
         lines += [f"| {k} | {v['ref']:.8f} | {v['cand']:.8f} | {_fmt(v['rel'])} |" for k, v in losses.items()]

@@ -62,3 +62,28 @@ def test_compiled_checkpoint_keeps_release_key_names(tmp_path):
     trainer = Pretrainer(cfg)
     keys = set(trainer.state_dict()["model"])
     assert keys and not any("_orig_mod" in k for k in keys)
+
+
+@needs_cuda
+def test_fp16_finetuning_uses_a_loss_scaler(tmp_path):
+    from digpt_xla.engine.finetune import Finetuner
+
+    cfg = load_config(REPO / "yaml/finetune/tiny_digits.yaml", [
+        "backend.name=cuda", "backend.precision=fp16", "schedule.max_steps=30", "run.log_every=1",
+        "run.progress=false", "data.batch_size=16", f"run.out_dir={tmp_path}",
+    ])  # fmt: skip
+    tuner = Finetuner(cfg)
+    scaler = tuner.opt_step.scaler
+    assert scaler is not None
+    scaler._init_scale = 2.0**24  # fp16 gradients overflow at this scale: the scaler must back off
+    scales = []
+    original = scaler.update
+
+    def record(*args, **kwargs):
+        original(*args, **kwargs)
+        scales.append(scaler.get_scale())
+
+    scaler.update = record
+    result = tuner.train()
+    assert len(scales) == 30 and len(set(scales)) > 1, "the dynamic scale moved over the steps"
+    assert 0 <= result["top1"] <= 100

@@ -14,7 +14,8 @@ import torch
 from fsspec.implementations.memory import MemoryFileSystem
 from PIL import Image
 
-from conftest import PYTHON, REPO, subprocess_env
+from conftest import PYTHON, REPO, needs_xla, subprocess_env
+from digpt_xla.checkpoint_io import read_checkpoint
 from digpt_xla.config import load_config
 from digpt_xla.data import (
     DataError,
@@ -30,7 +31,6 @@ from digpt_xla.data.shard_io import Sample, check_shards, digits_samples, write_
 from digpt_xla.data.shards import raw_samples
 from digpt_xla.data.transforms import decode_image, seeded
 from digpt_xla.engine import Pretrainer
-from digpt_xla.checkpoint_io import read_checkpoint
 from digpt_xla.engine.metrics import read_metrics
 
 IMG = 32
@@ -308,3 +308,22 @@ def test_transforms_release_crop_and_timm(tmp_path):
     assert crop.scale == (0.2, 1.0) and crop.interpolation.value == "bicubic"
     assert timm_transform(224, training=True)(image).shape == (3, 224, 224)
     assert timm_transform(224, training=False)(image).shape == (3, 224, 224)
+
+
+@needs_xla
+def test_skip_counts_follow_trained_batches_not_the_device_loaders_read_ahead(tmp_path):
+    # MpDeviceLoader reads batches ahead of the step: a bad image in a batch not yet trained on must not count yet.
+    root = image_folder(tmp_path, per_class=8)
+    broken = sorted(root.rglob("*.png"))[5]
+    broken.write_bytes(b"not a png")
+    counts = {}
+    for backend in ("cpu", "xla"):
+        cfg = load_config(REPO / "yaml/demo.yaml", [
+            f"backend.name={backend}", "data.source=imagefolder", f"data.root={root}", "data.batch_size=4",
+            "schedule.max_steps=8", "run.log_every=1", "run.progress=false", "run.knn_eval=false", "model.depth=1",
+            f"run.out_dir={tmp_path / backend}",
+        ])  # fmt: skip
+        Pretrainer(cfg).train()
+        counts[backend] = [r["data_skipped"] for r in read_metrics(str(tmp_path / backend))]
+    assert counts["xla"] == counts["cpu"]
+    assert 1 <= counts["cpu"][-1] <= 2, "24 images, 32 trained on: the bad one read once or twice"

@@ -9,8 +9,8 @@ import timm
 import torch
 
 from conftest import PYTHON, REPO, subprocess_env
-from digpt_xla.config import load_config
 from digpt_xla.checkpoint_io import read_state_dict
+from digpt_xla.config import load_config
 from digpt_xla.engine import Pretrainer
 from digpt_xla.engine.knn import knn_classify
 from digpt_xla.engine.probe import linear_probe

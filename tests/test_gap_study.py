@@ -73,5 +73,8 @@ def test_precisions_are_checked_per_backend():
 
 @needs_xla
 def test_xla_rejects_tpu_emulation():
-    with pytest.raises(BackendError, match="tpu-emulation runs on the cpu backend; as the training precision on xla use one of fp32, bf16"):
+    with pytest.raises(
+        BackendError,
+        match="tpu-emulation runs on the cpu backend; as the training precision on xla use one of fp32, bf16",
+    ):
         create_backend("xla").check_precision("tpu-emulation")

@@ -52,13 +52,23 @@ def _one_error_line(capsys) -> str:
 
 
 ENTRY_POINTS = {
-    "run.resume": lambda p, out: digpt_main(["pretrain", "--config", "yaml/demo.yaml", *CPU, f"run.resume={p}",
-                                             f"run.out_dir={out}"]),  # fmt: skip
+    "run.resume": lambda p, out: digpt_main(
+        ["pretrain", "--config", "yaml/demo.yaml", *CPU, f"run.resume={p}", f"run.out_dir={out}"]
+    ),  # fmt: skip
     "finetune.checkpoint": lambda p, out: digpt_main(["finetune", f"finetune.checkpoint={p}", f"run.out_dir={out}"]),
     "probe.checkpoint": lambda p, out: digpt_main(["probe", f"probe.checkpoint={p}", f"run.out_dir={out}"]),
-    "teacher.checkpoint": lambda p, out: digpt_main(["pretrain", "--config", "yaml/demo.yaml", *CPU, "teacher.kind=clip",
-                                                     "teacher.clip_model=ViT-B-16", f"teacher.checkpoint={p}",
-                                                     f"run.out_dir={out}"]),  # fmt: skip
+    "teacher.checkpoint": lambda p, out: digpt_main(
+        [
+            "pretrain",
+            "--config",
+            "yaml/demo.yaml",
+            *CPU,
+            "teacher.kind=clip",
+            "teacher.clip_model=ViT-B-16",
+            f"teacher.checkpoint={p}",
+            f"run.out_dir={out}",
+        ]
+    ),  # fmt: skip
     "convert_checkpoint.py": lambda p, out: _convert([str(p), f"{out}/timm.safetensors", "--num-classes", "10"]),
 }
 
@@ -163,8 +173,8 @@ def test_every_output_lands_under_an_fsspec_run_directory(tmp_path, monkeypatch,
         "model.depth=2",
         f"finetune.checkpoint={pre}/checkpoints/ckpt-00000006.pt", f"run.out_dir={root}/finetune"])  # fmt: skip
     Finetuner(ft).train()
-    probe = load_config(REPO / "yaml/demo.yaml", ["probe.epochs=2", "model.depth=2", f"probe.checkpoint={pre}/checkpoints/ckpt-00000006.pt",
-                                                  f"run.out_dir={root}/probe"])  # fmt: skip
+    probe = load_config(REPO / "yaml/demo.yaml", ["probe.epochs=2", "model.depth=2", f"run.out_dir={root}/probe",
+                                                  f"probe.checkpoint={pre}/checkpoints/ckpt-00000006.pt"])  # fmt: skip
     run_probe(probe)
     assert parity_main(["run", "--config", "yaml/parity/tiny_fp32.yaml", "--out", f"{root}/parity", "steps=2",
                         "sides=[cpu:fp32, cpu:fp32]"]) == 0  # fmt: skip

@@ -1,4 +1,4 @@
-"""The D-iGPT model against an independent reference written here from DIGPT_REFERENCE.md with plain tensor ops."""
+"""The D-iGPT model against an independent reference written here from the paper's formulas with plain tensor ops."""
 
 import pytest
 import torch

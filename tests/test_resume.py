@@ -98,7 +98,9 @@ def test_resume_from_a_given_checkpoint_in_both_trainers(tmp_path):
     cfg = load_config(REPO / "yaml/finetune/tiny_digits.yaml", [*ft, f"run.out_dir={tmp_path / 'fa'}"])
     first = Finetuner(cfg).train()
     ft2 = str(tmp_path / "fa" / "checkpoints" / "ckpt-00000002.pt")
-    cfg = load_config(REPO / "yaml/finetune/tiny_digits.yaml", [*ft, f"run.out_dir={tmp_path / 'fb'}", f"run.resume={ft2}"])
+    cfg = load_config(
+        REPO / "yaml/finetune/tiny_digits.yaml", [*ft, f"run.out_dir={tmp_path / 'fb'}", f"run.resume={ft2}"]
+    )
     second = Finetuner(cfg)
     assert second.step == 2
     assert second.train()["top1"] == first["top1"]

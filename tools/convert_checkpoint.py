@@ -60,9 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     if name:
         print(f'load: timm.create_model("{name}", global_pool="avg", fc_norm=True, num_classes={args.num_classes})')
     else:  # no registered timm name for this shape: the VisionTransformer arguments themselves
-        print(f"load: timm.models.vision_transformer.VisionTransformer(img_size={cfg.img_size}, "
-              f"patch_size={cfg.patch_size}, embed_dim={cfg.embed_dim}, depth={cfg.depth}, num_heads={cfg.num_heads}, "
-              f"mlp_ratio={cfg.mlp_ratio:g}, global_pool='avg', fc_norm=True, num_classes={args.num_classes})")
+        print(
+            f"load: timm.models.vision_transformer.VisionTransformer(img_size={cfg.img_size}, "
+            f"patch_size={cfg.patch_size}, embed_dim={cfg.embed_dim}, depth={cfg.depth}, num_heads={cfg.num_heads}, "
+            f"mlp_ratio={cfg.mlp_ratio:g}, global_pool='avg', fc_norm=True, num_classes={args.num_classes})"
+        )
     print(f"wrote {args.out}")
     return 0
 

@@ -18,8 +18,8 @@ import sys
 
 def _worker(index: int, config: str, overrides: list[str]) -> None:
     from digpt_xla.cli import run_pretrain
-    from digpt_xla.repo import find_config
     from digpt_xla.config import load_config
+    from digpt_xla.repo import find_config
 
     logging.basicConfig(
         level=logging.INFO, format=f"%(asctime)s [xla:{index}] %(levelname)s %(name)s: %(message)s", force=True

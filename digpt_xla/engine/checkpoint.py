@@ -9,6 +9,7 @@ and the previous complete one is used.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import re
@@ -58,8 +59,8 @@ class CheckpointManager:
         """Write and commit ``state``; refused when one of the ``parameters`` in ``state["model"]`` (the trainable
         tensors: buffers such as the attention mask hold -inf by design) is not finite."""
         model = state["model"]
-        bad = next((k for k in parameters if isinstance(model.get(k), Tensor) and not bool(torch.isfinite(model[k]).all())),
-                   None)  # fmt: skip
+        finite = [isinstance(model.get(k), Tensor) and bool(torch.isfinite(model[k]).all()) for k in parameters]
+        bad = next((k for k, ok in zip(parameters, finite, strict=True) if not ok), None)
         if bad is not None:
             raise CheckpointError(f"refusing to commit {self.url(step)}: parameter {bad!r} is not finite")
         buffer = io.BytesIO()
@@ -92,10 +93,8 @@ class CheckpointManager:
     def _set_aside(self, step: int) -> None:
         for suffix in (".done", ".pt"):  # uncommit first
             path = self._path(step, suffix)
-            try:
+            with contextlib.suppress(FileNotFoundError):  # another rank was first
                 self.fs.mv(path, path + ".corrupt")
-            except FileNotFoundError:  # another rank was first
-                pass
         log.warning("renamed %s to %s.corrupt (kept for inspection)", self.url(step), self.url(step))
 
     def _prune(self) -> None:
@@ -104,5 +103,3 @@ class CheckpointManager:
         for step in self.complete_steps()[: -self.keep_last]:
             self.fs.rm(self._path(step, ".done"))  # uncommit first: a crash here leaves no half checkpoint
             self.fs.rm(self._path(step, ".pt"))
-
-

@@ -64,8 +64,9 @@ def evaluate(model: nn.Module, dataset: Dataset, backend: Backend, batch_size: i
     setting the model was trained in."""
     model.eval()
     shard = _Shard(dataset, backend.data_rank, backend.data_world_size, batch_size)
-    loader = backend.prepare_loader(DataLoader(shard, batch_size=batch_size, num_workers=num_workers,
-                                               generator=torch.Generator()))  # leaves the global RNG alone
+    loader = backend.prepare_loader(
+        DataLoader(shard, batch_size=batch_size, num_workers=num_workers, generator=torch.Generator())
+    )  # leaves the global RNG alone
     totals = torch.zeros(3).to(backend.device)
     for batch in loader:
         with backend.autocast(precision):

@@ -145,7 +145,9 @@ class Pretrainer(Trainer):
     def _record_knn(self, key: str) -> None:
         value = self.knn_eval()
         if math.isnan(value):
-            log.warning("run.knn_eval: data.source=%s has no labelled held-out split; kNN skipped", self.cfg.data.source)
+            log.warning(
+                "run.knn_eval: data.source=%s has no labelled held-out split; kNN skipped", self.cfg.data.source
+            )
             return
         self.knn[key] = value
         log.info("%s = %.2f%% at step %d (k=20, cosine, on the held-out split)", key, value, self.step)

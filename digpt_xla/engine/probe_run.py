@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from ..config import Config
 from ..checkpoint_io import load_model_state, read_state_dict
+from ..config import Config
 from ..data import probe_datasets
 from ..models import DiGPT, digpt_config, set_fused_attention
 from ..rundir import RunDir

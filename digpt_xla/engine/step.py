@@ -36,7 +36,9 @@ def init_adamw_state(optimizer: torch.optim.AdamW) -> None:
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
-def build_adamw(param_groups: list[dict[str, Any]], optim: OptimConfig, backend: Backend, lr: float) -> torch.optim.AdamW:
+def build_adamw(
+    param_groups: list[dict[str, Any]], optim: OptimConfig, backend: Backend, lr: float
+) -> torch.optim.AdamW:
     """AdamW over ``param_groups`` with the backend's options (fused on CUDA, capturable on XLA), its state
     created up front. ``lr`` is a float: torch checks it on the host; ``OptimizerStep`` writes the backend's form."""
     optimizer = torch.optim.AdamW(param_groups, lr=lr, betas=tuple(optim.betas), eps=optim.eps,

@@ -34,7 +34,9 @@ def create_classifier(cfg: DiGPTConfig, num_classes: int, drop_path_rate: float 
     )  # fmt: skip
 
 
-def split_pretrain_state(state: Mapping[str, Tensor], source: str = "state dict") -> tuple[dict[str, Tensor], list[str]]:
+def split_pretrain_state(
+    state: Mapping[str, Tensor], source: str = "state dict"
+) -> tuple[dict[str, Tensor], list[str]]:
     """(encoder tensors, names of everything dropped) of a pretraining state dict (ours or the release's)."""
     encoder = {k: v for k, v in state.items() if k.startswith(ENCODER_KEYS)}
     if "cls_token" not in encoder or not any(k.startswith("blocks.") for k in encoder):
