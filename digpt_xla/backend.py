@@ -125,6 +125,9 @@ class Backend:
         if problem:
             raise BackendError(problem)
 
+    def check_attention(self, mode: str) -> None:
+        """Refuse an attention mode (``model.attention``) this backend cannot run."""
+
     def autocast(self, precision: str) -> contextlib.AbstractContextManager:
         """The numeric context of a forward pass; callers check the precision for their role first."""
         if precision not in PRECISIONS:
@@ -286,6 +289,13 @@ class XlaBackend(Backend):
         if self.world_size > 1:
             self._xm.broadcast_master_param(model)
         return model
+
+    def check_attention(self, mode: str) -> None:
+        if mode == "flex":
+            raise BackendError(
+                f"model.attention='flex' runs on the cpu and cuda backends; {self.name} keeps 'sdpa' (XLA compiles the "
+                "masked attention of the step itself)"
+            )
 
     def compile_module(self, module: nn.Module) -> nn.Module:
         raise BackendError(

@@ -39,10 +39,21 @@ class ModelConfig:
     decoder_heads: int | None = None
     segments_per_side: int | None = None
     feature_taps: list[int] | None = None
-    fused_attention: bool = True
+    attention: str = "sdpa"  # sdpa | explicit | flex (BlockMask; cpu/cuda, best under backend.compile=true)
+    fused_attention: bool | None = None  # deprecated: true = attention sdpa, false = explicit
+
+    def resolve_attention(self) -> str:
+        """Fold the deprecated ``fused_attention`` boolean of older configs into ``attention``; returns the mode."""
+        if self.fused_attention is not None:
+            legacy = "sdpa" if self.fused_attention else "explicit"
+            if self.attention not in ("sdpa", legacy):
+                raise ConfigError(f"model.fused_attention={self.fused_attention} contradicts model.attention="
+                                  f"{self.attention!r}; drop model.fused_attention (deprecated)")  # fmt: skip
+            self.attention, self.fused_attention = legacy, None
+        return self.attention
 
     def shape_overrides(self) -> dict[str, Any]:
-        skip = {"name", "fused_attention"}
+        skip = {"name", "attention", "fused_attention"}
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
 
 
@@ -171,6 +182,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "backend.name": ("auto", "cpu", "cuda", "xla", "xla-spmd"),
     "backend.precision": ("fp32", "bf16", "fp16", "tpu-emulation"),
     "probe.kind": ("knn", "linear", "both"),
+    "model.attention": ("sdpa", "explicit", "flex"),
 }
 
 
@@ -284,10 +296,7 @@ def _yaml_problem(error: yaml.YAMLError) -> str:
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """The run configuration: defaults, then the YAML file, then the overrides, then the range checks."""
     cfg = load_dataclass(Config(), path, overrides)
-    try:
-        validate(cfg)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}" if path is not None else str(e)) from None
+    validate(cfg)  # the key is named; the value may come from the file or an override
     return cfg
 
 
@@ -424,6 +433,8 @@ def validate(obj: Any, prefix: str = "") -> None:
 
 def _check_combinations(cfg: Config) -> None:
     from .precision import precision_problem
+
+    cfg.model.resolve_attention()
 
     problem = precision_problem(cfg.backend.name, cfg.backend.precision)
     if problem:

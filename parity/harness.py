@@ -34,7 +34,7 @@ from digpt_xla.config import (
 from digpt_xla.config import validate as validate_config
 from digpt_xla.engine.schedule import cosine_lr, plan_steps, scaled_lr
 from digpt_xla.engine.step import OptimizerStep, build_adamw
-from digpt_xla.models import DiGPT, digpt_config, set_fused_attention
+from digpt_xla.models import DiGPT, digpt_config, set_attention
 from digpt_xla.teacher import ClipTeacher, PixelTeacher
 
 from .compare import diff, first_divergent, relative_error
@@ -226,9 +226,10 @@ class _SideTrainer:
     def __init__(self, cfg: ParityConfig, side: Side, model_cfg, initial: dict[str, Tensor],
                  teacher_state: dict[str, Tensor] | None, perturb: bool) -> None:  # fmt: skip
         self.side, self.backend = side, side.backend_object()
+        self.backend.check_attention(cfg.model.resolve_attention())
         model = DiGPT(model_cfg)
         model.load_state_dict(initial, strict=True)
-        set_fused_attention(model, cfg.model.fused_attention)
+        set_attention(model, cfg.model.resolve_attention())
         if perturb and cfg.perturb and not cfg.perturb.startswith(TUNABLE_SECTIONS):
             apply_perturbation(model, cfg.perturb)
         self.model = model.to(self.backend.device)

@@ -1,5 +1,6 @@
 import pytest
 
+from conftest import needs_xla
 from digpt_xla.config import ConfigError, load_config
 
 REPO_YAML = ["yaml/demo.yaml", "yaml/pretrain/vit_base_gpu.yaml", "yaml/pretrain/vit_base_tpu.yaml",
@@ -50,3 +51,22 @@ def test_shipped_configs_load(path):
 
     cfg = load_config(REPO / path)
     digpt_config(cfg.model.name, **cfg.model.shape_overrides())
+
+
+def test_attention_mode_and_the_deprecated_boolean():
+    assert load_config(None, []).model.attention == "sdpa"
+    assert load_config(None, ["model.fused_attention=false"]).model.attention == "explicit"
+    assert load_config(None, ["model.fused_attention=true"]).model.attention == "sdpa"
+    assert load_config(None, ["model.attention=flex"]).model.attention == "flex"
+    with pytest.raises(ConfigError, match="model.fused_attention=False contradicts model.attention='flex'"):
+        load_config(None, ["model.attention=flex", "model.fused_attention=false"])
+    with pytest.raises(ConfigError, match="model.attention: 'dense' is not one of sdpa, explicit, flex"):
+        load_config(None, ["model.attention=dense"])
+
+
+@needs_xla
+def test_xla_refuses_flex_attention():
+    from digpt_xla.backend import BackendError, create_backend
+
+    with pytest.raises(BackendError, match="model.attention='flex' runs on the cpu and cuda backends"):
+        create_backend("xla").check_attention("flex")

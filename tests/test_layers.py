@@ -1,6 +1,7 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -10,7 +11,8 @@ from digpt_xla.models.layers import (
     default_feature_taps,
     segment_causal_mask,
     segment_raster_index,
-    set_fused_attention,
+    segment_causal_block_mask,
+    set_attention,
     sincos_table_2d,
 )
 
@@ -74,14 +76,33 @@ def test_sdpa_equals_explicit_attention():
     cross = CrossAttention(32, 4)
     x, ctx = torch.randn(2, 13, 32), torch.randn(2, 13, 32)
     outs = {}
-    for fused in (True, False):
-        set_fused_attention(attn, fused)
-        set_fused_attention(cross, fused)
-        outs[fused] = (attn(x, mask), cross(x, ctx, mask))
-    for a, b in zip(outs[True], outs[False], strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for mode in ("sdpa", "explicit", "flex"):
+        set_attention(attn, mode)
+        set_attention(cross, mode)
+        m = segment_causal_block_mask(3, 4, "cpu") if mode == "flex" else mask
+        outs[mode] = (attn(x, m), cross(x, ctx, m))
+    for mode in ("sdpa", "flex"):
+        for a, b in zip(outs[mode], outs["explicit"], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     # and the explicit path really applies the mask: the first token cannot see the last segment
     x2 = x.clone()
     x2[:, 8:12] += 10.0
-    set_fused_attention(attn, False)
+    set_attention(attn, "explicit")
     torch.testing.assert_close(attn(x2, mask)[:, :4], attn(x, mask)[:, :4])
+
+
+@pytest.mark.parametrize(("segments", "tokens"), [(3, 4), (3, 49), (3, 16)], ids=["tiny", "vit-b", "vit-b-flex-block"])
+def test_block_mask_equals_the_dense_mask_element_by_element(segments, tokens):
+    from torch.nn.attention.flex_attention import create_mask
+
+    block_mask = segment_causal_block_mask(segments, tokens, "cpu")
+    length = segments * tokens + 1
+    allowed = create_mask(block_mask.mask_mod, None, None, length, length, device="cpu")[0, 0]
+    assert torch.equal(allowed, segment_causal_mask(segments, tokens) == 0)
+    # the block structure agrees too: a block the BlockMask skips holds no allowed pair
+    dense_blocks = block_mask.to_dense()[0, 0].bool()
+    size = block_mask.BLOCK_SIZE[0]
+    for i in range(dense_blocks.shape[0]):
+        for j in range(dense_blocks.shape[1]):
+            tile = allowed[i * size : (i + 1) * size, j * size : (j + 1) * size]
+            assert bool(tile.any()) == bool(dense_blocks[i, j]), (i, j)

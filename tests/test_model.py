@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from digpt_xla.models import create_digpt, random_segment_order, set_fused_attention
+from digpt_xla.models import create_digpt, random_segment_order, set_attention
 
 SPS = 2  # segments per side
 
@@ -159,16 +159,43 @@ def test_every_trainable_param_gets_a_gradient():
     assert not model.pos_embed.requires_grad and not model.decoder_pos_embed.requires_grad
 
 
-def test_fused_and_explicit_attention_give_the_same_loss(tiny_with_resize):
+def _loss_and_grads(model, mode, *args):
+    set_attention(model, mode)
+    model.zero_grad(set_to_none=True)
+    out = model(*args)
+    (out.ar_loss + out.kd_loss).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    set_attention(model, "sdpa")
+    return out, grads
+
+
+@pytest.mark.parametrize("mode", ["explicit", "flex"])
+def test_attention_modes_give_the_same_loss_and_gradients(tiny_with_resize, mode):
     model = tiny_with_resize
-    images, teacher, order = torch.randn(2, 3, 32, 32), torch.randn(2, 101, 40), torch.tensor([[0, 1, 2, 3]] * 2)
-    set_fused_attention(model, True)
-    fused = model(images, teacher, order)
-    set_fused_attention(model, False)
-    explicit = model(images, teacher, order)
-    set_fused_attention(model, True)
-    torch.testing.assert_close(fused.ar_loss, explicit.ar_loss, rtol=1e-5, atol=0)
-    torch.testing.assert_close(fused.kd_loss, explicit.kd_loss, rtol=1e-5, atol=0)
+    args = (torch.randn(2, 3, 32, 32), torch.randn(2, 101, 40), torch.tensor([[0, 1, 2, 3], [3, 1, 0, 2]]))
+    ref, ref_grads = _loss_and_grads(model, "sdpa", *args)
+    out, grads = _loss_and_grads(model, mode, *args)
+    torch.testing.assert_close(out.ar_loss, ref.ar_loss, rtol=1e-5, atol=0)
+    torch.testing.assert_close(out.kd_loss, ref.kd_loss, rtol=1e-5, atol=0)
+    assert grads.keys() == ref_grads.keys()
+    for name, g in ref_grads.items():
+        assert ((grads[name] - g).norm() / g.norm().clamp_min(1e-30)).item() <= 1e-5, name
+    features = model.forward_features(args[0])
+    set_attention(model, mode)
+    torch.testing.assert_close(model.forward_features(args[0]), features, rtol=1e-5, atol=1e-6)
+    set_attention(model, "sdpa")
+    assert set(model.state_dict()) == set(create_digpt("digpt_tiny").state_dict()), "no new state in any mode"
+
+
+@pytest.mark.slow
+def test_flex_attention_matches_sdpa_on_the_vit_base_geometry():
+    model = create_digpt("digpt_vit_base_patch16_224", depth=2, decoder_depth=1)
+    args = (torch.randn(1, 3, 224, 224), torch.randn(1, 257, 1024), torch.tensor([[2, 0, 3, 1]]))
+    ref, ref_grads = _loss_and_grads(model, "sdpa", *args)
+    out, grads = _loss_and_grads(model, "flex", *args)
+    torch.testing.assert_close(out.ar_loss, ref.ar_loss, rtol=1e-5, atol=0)
+    for name, g in ref_grads.items():
+        assert ((grads[name] - g).norm() / g.norm().clamp_min(1e-30)).item() <= 1e-5, name
 
 
 def release_key_set(depth=12, decoder_depth=2):

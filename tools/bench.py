@@ -78,7 +78,7 @@ def count_flops(trainer: Pretrainer, batches, orders) -> int:
 def sample_flops(model_cfg, teacher: torch.nn.Module, image: torch.Tensor, order: torch.Tensor) -> int:
     """Teacher forward (under no_grad, as in training) + student forward and backward for one sample, in fp32 on
     the CPU, with the fused attention kernels counted (digpt_xla.flops). Always the model's SDPA formulation, so
-    runs with ``model.fused_attention=false`` are held to the same work."""
+    runs with ``model.attention=explicit`` (or flex) are held to the same work."""
     from digpt_xla.flops import flop_counter
     from digpt_xla.models import DiGPT
 

@@ -28,7 +28,8 @@ class DeferredMeter:
 
     def __init__(self, names: tuple[str, ...], device: torch.device, guard: tuple[str, ...] = ("loss",)) -> None:
         self.names, self.device = names, device
-        self.guard = [names.index(g) for g in guard]
+        # A 0/1 weight per name, so the count needs no indexing inside the step's graph.
+        self.guard = torch.tensor([float(n in guard) for n in names]).to(device)
         self.reset()
 
     def reset(self) -> None:
@@ -38,7 +39,7 @@ class DeferredMeter:
 
     def add(self, **values: Tensor) -> None:
         step = torch.stack([values[n].detach().float().reshape(()) for n in self.names])
-        nonfinite = (~torch.isfinite(step[self.guard])).sum().float().reshape(1)
+        nonfinite = ((~torch.isfinite(step)).float() * self.guard).sum().reshape(1)
         self.sums = self.sums + torch.cat([step, nonfinite])
         self.count += 1
 
@@ -113,7 +114,7 @@ class MetricsWriter:
             self._tb.close()
             self._tb = None
         if self.enabled:
-            self.run_dir.sync(force=True)
+            self.run_dir.close()
 
 
 def read_metrics(run_dir: str | RunDir) -> list[dict[str, Any]]:

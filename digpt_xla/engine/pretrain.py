@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from ..backend import Backend
 from ..config import Config, ConfigError
 from ..data import build_eval_datasets, build_train_dataset
-from ..models import DiGPT, digpt_config, random_segment_order, set_fused_attention
+from ..models import DiGPT, digpt_config, random_segment_order, set_attention
 from ..models.digpt import DiGPTConfig
 from ..teacher import ClipTeacher, PixelTeacher
 from .knn import knn_accuracy
@@ -57,7 +57,7 @@ def build_model_and_teacher(cfg: Config) -> tuple[DiGPT, nn.Module]:
         cfg.model.name, **cfg.model.shape_overrides(), teacher_grid=teacher.grid_size, teacher_dim=teacher.dim
     )
     model = DiGPT(model_cfg)
-    set_fused_attention(model, cfg.model.fused_attention)
+    set_attention(model, cfg.model.resolve_attention())
     return model, teacher
 
 
@@ -77,6 +77,7 @@ class Pretrainer(Trainer):
         b = self.backend
         self.teacher_precision = self.precision if cfg.teacher.precision == "auto" else cfg.teacher.precision
         b.check_precision(self.teacher_precision, role="teacher")
+        b.check_attention(cfg.model.resolve_attention())
         model, teacher = build_model_and_teacher(cfg)
         self.model_cfg = model.cfg
         if cfg.backend.compile:
@@ -160,5 +161,5 @@ class Pretrainer(Trainer):
             return math.nan
         model = DiGPT(self.model_cfg)
         model.load_state_dict(self.backend.to_cpu(self.backend.unwrap(self.model).state_dict()))
-        set_fused_attention(model, self.cfg.model.fused_attention)
+        set_attention(model, self.cfg.model.resolve_attention())
         return knn_accuracy(model, *sets)

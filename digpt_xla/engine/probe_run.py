@@ -10,7 +10,7 @@ import torch
 from ..checkpoint_io import load_model_state, read_state_dict
 from ..config import Config
 from ..data import probe_datasets
-from ..models import DiGPT, digpt_config, set_fused_attention
+from ..models import DiGPT, digpt_config, set_attention
 from ..rundir import RunDir
 from .knn import extract_features, knn_classify
 from .probe import linear_probe
@@ -24,7 +24,7 @@ def run_probe(cfg: Config) -> dict[str, Any]:
     model = DiGPT(digpt_config(cfg.model.name, **cfg.model.shape_overrides()))
     if p.checkpoint:
         load_model_state(model, read_state_dict(p.checkpoint), p.checkpoint)
-    set_fused_attention(model, cfg.model.fused_attention)
+    set_attention(model, cfg.model.resolve_attention())
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     train_set, val_set = probe_datasets(cfg, model.cfg.img_size)
     train_x, train_y = extract_features(model, train_set, p.batch_size, cfg.data.num_workers)

@@ -1,8 +1,9 @@
 from .digpt import DiGPT, DiGPTConfig, DiGPTOutput, random_segment_order
-from .layers import set_fused_attention
+from .layers import ATTENTION_MODES, set_attention
 from .registry import MODEL_SIZES, create_digpt, digpt_config
 
 __all__ = [
+    "ATTENTION_MODES",
     "MODEL_SIZES",
     "DiGPT",
     "DiGPTConfig",
@@ -10,5 +11,5 @@ __all__ = [
     "create_digpt",
     "digpt_config",
     "random_segment_order",
-    "set_fused_attention",
+    "set_attention",
 ]

@@ -9,7 +9,7 @@ per-block latent channels. Everything is static-shaped so the same graph serves 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,7 @@ from .layers import (
     Block,
     DecoderBlock,
     default_feature_taps,
+    segment_causal_block_mask,
     segment_causal_mask,
     segment_raster_index,
     sincos_table_2d,
@@ -94,6 +95,9 @@ def random_segment_order(batch: int, num_segments: int, device: torch.device | s
 
 
 class DiGPT(nn.Module):
+    chooses_attention_masks = True  # set_attention sets ``mode`` here too: the mask's form follows it
+    mode: str = "sdpa"
+
     def __init__(self, cfg: DiGPTConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -113,6 +117,7 @@ class DiGPT(nn.Module):
 
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, ddim), requires_grad=False)
         self.register_buffer("mask", segment_causal_mask(cfg.num_segments - 1, cfg.tokens_per_segment))
+        self._block_masks: dict[torch.device, Any] = {}  # mode "flex": BlockMask per device (not state)
         self.kd_blocks = nn.ModuleList(
             DecoderBlock(ddim, cfg.decoder_heads, cfg.mlp_ratio) for _ in range(cfg.decoder_depth)
         )
@@ -174,9 +179,10 @@ class DiGPT(nn.Module):
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(B, -1, -1)
         x = torch.cat([x, cls], dim=1)  # (B, L, D)
 
+        mask = self.attention_mask()
         features = []
         for i, block in enumerate(self.blocks, start=1):
-            x = block(x, self.mask)
+            x = block(x, mask)
             if i in self.cfg.feature_taps:
                 features.append(x)
         return features
@@ -196,9 +202,9 @@ class DiGPT(nn.Module):
 
     def forward_decoder(self, queries: Tensor, latent: Tensor, blocks: nn.ModuleList, norm, pred) -> Tensor:
         """Run one decoder; block d cross-attends to latent[..., d]. Returns (B, L, teacher_dim)."""
-        x = queries
+        x, mask = queries, self.attention_mask()
         for block, channels in zip(blocks, latent.unbind(-1), strict=True):
-            x = block(x, channels, self.mask)
+            x = block(x, channels, mask)
         return pred(norm(x))
 
     def select_targets(self, teacher_tokens: Tensor, teacher_index: Tensor, segments: slice) -> Tensor:
@@ -261,10 +267,21 @@ class DiGPT(nn.Module):
         x = self.patch_embed(images) + self.pos_embed[:, 1:]
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         x = torch.cat([x, cls], dim=1)
-        no_mask = torch.zeros(x.shape[1], x.shape[1], device=x.device, dtype=x.dtype)
+        no_mask = None if self.mode == "flex" else torch.zeros(x.shape[1], x.shape[1], device=x.device, dtype=x.dtype)
         for block in self.blocks:
             x = block(x, no_mask)
         return x[:, :-1].mean(dim=1)
+
+    def attention_mask(self):
+        """The segment-causal mask in the form the attention mode takes: the ``mask`` buffer (sdpa, explicit) or
+        its flex ``BlockMask``, built once per device and kept out of the state dict."""
+        if self.mode != "flex":
+            return self.mask
+        device = self.mask.device
+        if device not in self._block_masks:
+            self._block_masks[device] = segment_causal_block_mask(self.cfg.num_segments - 1,
+                                                                  self.cfg.tokens_per_segment, device)  # fmt: skip
+        return self._block_masks[device]
 
     def num_trainable_params(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)

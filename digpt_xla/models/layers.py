@@ -9,16 +9,28 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from timm.layers import Mlp
+from typing import Any
+
 from torch import Tensor, nn
 
 
-def attention_product(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, fused: bool) -> Tensor:
-    """softmax(q k^T / sqrt(d) + mask) v for (B, H, N, d) inputs and an additive (N, N) float mask.
+ATTENTION_MODES = ("sdpa", "explicit", "flex")
+AttentionMask = Any  # an additive (N, N) float Tensor (sdpa, explicit), or a flex BlockMask / None (flex)
 
-    The fused path is ``scaled_dot_product_attention``; the explicit path spells the formula out and is
-    what tests compare the fused one against.
+
+def attention_product(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, mode: str = "sdpa") -> Tensor:
+    """softmax(q k^T / sqrt(d) + mask) v for (B, H, N, d) inputs.
+
+    ``sdpa``: ``scaled_dot_product_attention`` with the additive (N, N) float mask. ``explicit``: the formula
+    spelled out, what tests compare the others against. ``flex``: ``flex_attention`` with a ``BlockMask`` of the
+    same pattern (``None`` = full attention), which skips the fully masked blocks; eager it runs torch's reference
+    path, so use it under ``torch.compile`` (``backend.compile=true``) for speed.
     """
-    if fused:
+    if mode == "flex":
+        from torch.nn.attention.flex_attention import flex_attention
+
+        return flex_attention(q, k, v, block_mask=mask)
+    if mode == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype))
     scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
     scores = scores + mask.to(scores.dtype)
@@ -33,7 +45,7 @@ def check_heads(dim: int, num_heads: int) -> None:
 class Attention(nn.Module):
     """Multi-head self-attention with an additive mask."""
 
-    fused: bool = True
+    mode: str = "sdpa"  # one of ATTENTION_MODES (set_attention)
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
         super().__init__()
@@ -42,19 +54,19 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+    def forward(self, x: Tensor, mask: AttentionMask) -> Tensor:
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         # unbind, not qkv[0..2]: the backward of three selects zero-fills and sums three full-size buffers.
         q, k, v = qkv.unbind(0)
-        out = attention_product(q, k, v, mask, self.fused)  # (B, H, N, d)
+        out = attention_product(q, k, v, mask, self.mode)  # (B, H, N, d)
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
 
 
 class CrossAttention(nn.Module):
     """Queries from the decoder stream, keys and values from an encoder latent of the same length."""
 
-    fused: bool = True
+    mode: str = "sdpa"  # one of ATTENTION_MODES (set_attention)
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
         super().__init__()
@@ -64,12 +76,12 @@ class CrossAttention(nn.Module):
         self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, context: Tensor, mask: Tensor) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor, mask: AttentionMask) -> Tensor:
         B, N, C = x.shape
         heads, head_dim = self.num_heads, C // self.num_heads
         q = self.q(x).reshape(B, N, heads, head_dim).transpose(1, 2)
         k, v = self.kv(context).reshape(B, context.shape[1], 2, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        out = attention_product(q, k, v, mask, self.fused)
+        out = attention_product(q, k, v, mask, self.mode)
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
 
 
@@ -83,7 +95,7 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
 
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+    def forward(self, x: Tensor, mask: AttentionMask) -> Tensor:
         x = x + self.attn(self.norm1(x), mask)
         return x + self.mlp(self.norm2(x))
 
@@ -101,17 +113,43 @@ class DecoderBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
 
-    def forward(self, x: Tensor, latent: Tensor, mask: Tensor) -> Tensor:
+    def forward(self, x: Tensor, latent: Tensor, mask: AttentionMask) -> Tensor:
         x = x + self.attn1(self.norm1(x), mask)
         x = x + self.attn2(self.norm2_1(x), self.norm2_2(latent), mask)
         return x + self.mlp(self.norm2(x))
 
 
-def set_fused_attention(model: nn.Module, fused: bool) -> None:
-    """Switch every attention module of ``model`` between SDPA and the explicit softmax path."""
+def set_attention(model: nn.Module, mode: str) -> None:
+    """Switch every attention module of ``model`` (and the model's own mask choice) to ``mode``."""
+    if mode not in ATTENTION_MODES:
+        raise ValueError(f"attention mode {mode!r} is not one of {', '.join(ATTENTION_MODES)}")
     for module in model.modules():
-        if isinstance(module, (Attention, CrossAttention)):
-            module.fused = fused
+        if isinstance(module, (Attention, CrossAttention)) or getattr(module, "chooses_attention_masks", False):
+            module.mode = mode
+
+
+def segment_ids(num_visible_segments: int, tokens_per_segment: int) -> Tensor:
+    """(L,) segment of every token of the sequence; the trailing CLS belongs to the last visible segment."""
+    segment = torch.arange(num_visible_segments).repeat_interleave(tokens_per_segment)
+    return torch.cat([segment, torch.tensor([num_visible_segments - 1])])
+
+
+def segment_causal_block_mask(num_visible_segments: int, tokens_per_segment: int, device: torch.device | str,
+                              block_size: int | None = None):  # fmt: skip
+    """The flex ``BlockMask`` of ``segment_causal_mask``: token q sees token kv when segment(kv) <= segment(q).
+
+    Blocks default to the segment length rounded up to a multiple of 16 (capped at 128, flex's default), so block
+    boundaries follow segment boundaries where the kernel allows it and whole blocks are skipped."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    segment = segment_ids(num_visible_segments, tokens_per_segment).to(device)
+    length = segment.numel()
+
+    def visible(b, h, q_idx, kv_idx):
+        return segment[kv_idx] <= segment[q_idx]
+
+    block = block_size or min(128, -(-tokens_per_segment // 16) * 16)
+    return create_block_mask(visible, None, None, length, length, device=device, BLOCK_SIZE=block)
 
 
 def sincos_table_1d(dim: int, positions: Tensor) -> Tensor:
@@ -144,8 +182,7 @@ def segment_causal_mask(num_visible_segments: int, tokens_per_segment: int) -> T
     Token of segment i sees every token of segments <= i. The trailing CLS token counts as a member of the
     last visible segment: it sees everything and is seen by that segment only.
     """
-    segment = torch.arange(num_visible_segments).repeat_interleave(tokens_per_segment)
-    segment = torch.cat([segment, torch.tensor([num_visible_segments - 1])])
+    segment = segment_ids(num_visible_segments, tokens_per_segment)
     allowed = segment[None, :] <= segment[:, None]
     return torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
 
