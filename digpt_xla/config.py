@@ -446,6 +446,3 @@ def _check_combinations(cfg: Config) -> None:
     if problem:
         raise ConfigError(f"teacher.precision={cfg.teacher.precision!r} with backend.name={cfg.backend.name!r}: "
                           f"{problem}")  # fmt: skip
-    if cfg.schedule.warmup_epochs > cfg.schedule.epochs:
-        raise ConfigError(f"schedule.warmup_epochs={cfg.schedule.warmup_epochs} is longer than schedule.epochs="
-                          f"{cfg.schedule.epochs}")  # fmt: skip

@@ -20,7 +20,7 @@ def test_one_compilation_no_fallbacks_no_host_reads_inside_steps(tmp_path):
         trainer.train_step(*trainer.next_step_inputs(stream))
         trainer.step += 1
         if trainer.step % LOG_EVERY == 0:
-            trainer._flush_metrics(trainer._lr(trainer.step - 1))
+            trainer.flush_metrics()
         b.mark_step()
         if trainer.step == CHECKPOINT_AT:
             trainer.save_checkpoint()

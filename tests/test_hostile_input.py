@@ -178,11 +178,17 @@ def test_every_output_lands_under_an_fsspec_run_directory(tmp_path, monkeypatch,
     run_probe(probe)
     assert parity_main(["run", "--config", "yaml/parity/tiny_fp32.yaml", "--out", f"{root}/parity", "steps=2",
                         "sides=[cpu:fp32, cpu:fp32]"]) == 0  # fmt: skip
+    for backend in ("cpu", "xla"):
+        assert parity_main(["gap", "add", "--ledger", f"{root}/gap/ledger.jsonl", "--backend", backend, "--setting",
+                            "fp32", "--seed", "0", "--metric", "knn_top1", "--value", "60"]) == 0  # fmt: skip
+    assert parity_main(["gap", "report", "--ledger", f"{root}/gap/ledger.jsonl", "--metric", "knn_top1",
+                        "--baseline", "cpu:fp32", "--out", f"{root}/gap/report.md"]) == 0  # fmt: skip
 
     files = {p.removeprefix(base.rstrip("/") + "/") for p in fs.find(base)}
     expected = {"pretrain/metrics.jsonl", "pretrain/loss_curve.png", "pretrain/checkpoints/ckpt-00000006.done",
                 "finetune/finetune.json", "finetune/metrics.jsonl", "finetune/checkpoints/ckpt-00000003.pt",
-                "probe/probe.json", "parity/report.json", "parity/report.md", "parity/layer_error.png"}  # fmt: skip
+                "probe/probe.json", "parity/report.json", "parity/report.md", "parity/layer_error.png",
+                "gap/ledger.jsonl", "gap/report.md"}  # fmt: skip
     assert expected <= files, expected - files
     assert any(f.startswith("pretrain/tb/events.out.tfevents") for f in files)
     assert any(f.startswith("finetune/tb/events.out.tfevents") for f in files)
@@ -190,3 +196,17 @@ def test_every_output_lands_under_an_fsspec_run_directory(tmp_path, monkeypatch,
     assert steps == [1, 2, 3, 4, 5, 6], "the resumed run continued the log it pulled from the store"
     assert json.loads(fs.cat_file(f"{base}/finetune/finetune.json"))["step"] == 3
     assert not [p for p in os.listdir(tmp_path) if p.endswith(":")], os.listdir(tmp_path)
+
+
+def test_a_checkpoint_with_a_non_finite_parameter_is_never_committed(tmp_path):
+    from digpt_xla.checkpoint_io import CheckpointError
+    from digpt_xla.engine.checkpoint import CheckpointManager
+
+    manager = CheckpointManager(str(tmp_path))
+    state = {"model": {"w": torch.tensor([1.0, float("nan")]), "mask": torch.tensor([float("-inf")])}, "step": 3}
+    with pytest.raises(CheckpointError, match="refusing to commit .*ckpt-00000003.pt: parameter 'w' is not finite"):
+        manager.save(state, 3, parameters=["w"])
+    assert manager.complete_steps() == [] and not list(tmp_path.iterdir())
+    state["model"]["w"] = torch.ones(2)
+    manager.save(state, 3, parameters=["w"])  # a buffer may hold -inf (the attention mask does)
+    assert manager.complete_steps() == [3]

@@ -9,9 +9,9 @@ from digpt_xla.models.layers import (
     Attention,
     CrossAttention,
     default_feature_taps,
+    segment_causal_block_mask,
     segment_causal_mask,
     segment_raster_index,
-    segment_causal_block_mask,
     set_attention,
     sincos_table_2d,
 )

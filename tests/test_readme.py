@@ -5,13 +5,13 @@ import re
 import shlex
 
 import pytest
+from test_hostile_input import _convert
 
 from conftest import REPO
 from digpt_xla.cli import main as digpt_main
 from digpt_xla.config import load_config
 from digpt_xla.engine import Pretrainer
 from parity.__main__ import main as parity_main
-from test_hostile_input import _convert
 
 
 def readme_commands(prefixes: tuple[str, ...]) -> list[str]:

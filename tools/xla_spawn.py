@@ -36,6 +36,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--single-process", action="store_true", help="run one process (default when PJRT_DEVICE=CPU)")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args(argv)
+    from digpt_xla.cli import user_errors
+    from digpt_xla.config import load_config
+    from digpt_xla.repo import find_config
+
+    try:  # a mistake in the config is one line here, not a traceback from every spawned process
+        load_config(find_config(args.config), args.overrides)
+    except user_errors() as e:
+        print(f"xla_spawn.py: error: {e}", file=sys.stderr)
+        return 2
     os.environ.setdefault("PJRT_DEVICE", "TPU")
     single = args.single_process or os.environ["PJRT_DEVICE"].upper() == "CPU"
 

@@ -6,13 +6,12 @@ checkpoints load with ``strict=True``. The MLP and patch embedding come from tim
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from timm.layers import Mlp
-from typing import Any
-
 from torch import Tensor, nn
-
 
 ATTENTION_MODES = ("sdpa", "explicit", "flex")
 AttentionMask = Any  # an additive (N, N) float Tensor (sdpa, explicit), or a flex BlockMask / None (flex)
