@@ -145,9 +145,17 @@ class Finetuner(Trainer):
         self.meter.add(loss=loss, grad_norm=norm)
 
     # ------------------------------------------------------------------ evaluation
-    def after_step(self) -> None:
+    def _evaluation_due(self) -> bool:
         every = self.cfg.finetune.eval_every_epochs
-        if every and self.step % (every * self.steps_per_epoch) == 0:
+        done = bool(self.evals) and self.evals[-1]["step"] == self.step
+        return bool(every) and self.step > 0 and self.step % (every * self.steps_per_epoch) == 0 and not done
+
+    def before_training(self) -> None:
+        if self._evaluation_due():  # a run preempted right at an epoch boundary skipped that evaluation
+            self.evaluate()
+
+    def after_step(self) -> None:
+        if self._evaluation_due():
             self.evaluate()
 
     def evaluate(self) -> dict[str, float]:
