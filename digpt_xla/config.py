@@ -19,6 +19,8 @@ from typing import Any, Union
 
 import yaml
 
+from .precision import BACKEND_NAMES, PRECISIONS, precision_problem
+
 
 class ConfigError(ValueError):
     """A configuration key or value that does not fit the schema."""
@@ -177,10 +179,10 @@ class Config:
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "teacher.kind": ("pixel", "clip"),
-    "teacher.precision": ("auto", "fp32", "bf16", "fp16", "tpu-emulation"),
+    "teacher.precision": ("auto", *PRECISIONS),
     "data.source": ("digits", "synthetic", "imagefolder", "webdataset"),
-    "backend.name": ("auto", "cpu", "cuda", "xla", "xla-spmd"),
-    "backend.precision": ("fp32", "bf16", "fp16", "tpu-emulation"),
+    "backend.name": ("auto", *BACKEND_NAMES),
+    "backend.precision": tuple(PRECISIONS),
     "probe.kind": ("knn", "linear", "both"),
     "model.attention": ("sdpa", "explicit", "flex"),
 }
@@ -301,7 +303,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 # ---------------------------------------------------------------------------------------------- range checks
-Rule = tuple[Callable[[Any], bool], str]
+Rule = tuple[Callable[[Any], bool], str | Callable[[], str]]  # (check, what is allowed)
 
 
 def _num(lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False,
@@ -353,7 +355,7 @@ POSITIVE_INT = _num(1)
 POSITIVE_INT_OR_NONE = _num(1, optional=True)
 FRACTION_OPEN = _num(0, 1, lo_open=True, hi_open=True)
 RULES: dict[tuple[type, str], Rule] = {
-    (ModelConfig, "name"): (_model_name, "a model name"),
+    (ModelConfig, "name"): (_model_name, _model_names),
     **{
         (ModelConfig, k): POSITIVE_INT_OR_NONE
         for k in (
@@ -425,15 +427,13 @@ def validate(obj: Any, prefix: str = "") -> None:
             continue
         rule = RULES.get((type(obj), f.name))
         if rule is not None and not rule[0](value):
-            allowed = _model_names() if rule[1] == "a model name" else rule[1]
+            allowed = rule[1]() if callable(rule[1]) else rule[1]
             raise ConfigError(f"{key}={value!r} is out of range: expected {allowed}")
     if isinstance(obj, Config):
         _check_combinations(obj)
 
 
 def _check_combinations(cfg: Config) -> None:
-    from .precision import precision_problem
-
     cfg.model.resolve_attention()
 
     problem = precision_problem(cfg.backend.name, cfg.backend.precision)

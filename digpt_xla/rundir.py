@@ -106,14 +106,17 @@ class RunDir:
         for local in self._staged_files():
             self._uploaded[local] = self._signature(local)
 
+    def sync_due(self, force: bool = False) -> bool:
+        """Whether ``sync`` would copy now: never for a local directory, else when forced or ``sync_every`` passed."""
+        if self.is_local or self._staging is None:
+            return False
+        return force or time.monotonic() - self._last_sync >= self.sync_every
+
     def sync(self, force: bool = False) -> None:
         """Copy staged files that changed since the last sync to the URL (nothing to do for a local directory)."""
-        if self.is_local or self._staging is None:
+        if not self.sync_due(force):
             return
-        now = time.monotonic()
-        if not force and now - self._last_sync < self.sync_every:
-            return
-        self._last_sync = now
+        self._last_sync = time.monotonic()
         for local in self._staged_files():
             signature = self._signature(local)
             if self._uploaded.get(local) == signature:

@@ -32,7 +32,7 @@ from digpt_xla.config import (
     parse_override,
 )
 from digpt_xla.config import validate as validate_config
-from digpt_xla.engine.schedule import cosine_lr, plan_steps, scaled_lr
+from digpt_xla.engine.schedule import base_lr, cosine_lr, plan_steps
 from digpt_xla.engine.step import OptimizerStep, build_adamw
 from digpt_xla.models import DiGPT, digpt_config, set_attention
 from digpt_xla.teacher import ClipTeacher, PixelTeacher
@@ -240,11 +240,11 @@ class _SideTrainer:
             self.teacher = teacher.to(self.backend.device)
         optim, schedule = side_sections(cfg, perturb)
         batch = cfg.input.batch_size
-        base_lr = optim.lr if optim.lr is not None else scaled_lr(optim.blr, batch)
+        peak = base_lr(optim, batch)
         plan = plan_steps(schedule, cfg.steps * batch, batch, 1)
-        self.lrs = [cosine_lr(i, plan.total_steps, plan.warmup_steps, base_lr, optim.min_lr) for i in range(cfg.steps)]
+        self.lrs = [cosine_lr(i, plan.total_steps, plan.warmup_steps, peak, optim.min_lr) for i in range(cfg.steps)]
         groups = param_groups_weight_decay(self.model, optim.weight_decay)
-        self.step = OptimizerStep(build_adamw(groups, optim, self.backend, base_lr), self.backend,
+        self.step = OptimizerStep(build_adamw(groups, optim, self.backend, peak), self.backend,
                                   side.autocast_precision, optim.clip_grad)  # fmt: skip
 
     def loss(self, images: Tensor, tokens: Tensor | None, order: Tensor) -> tuple[Tensor, Tensor, Tensor]:

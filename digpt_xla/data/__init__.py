@@ -14,10 +14,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import DataConfig
-from .digits import DIGITS_MIN_SCALE, DigitsDataset, split_indices
+from .digits import DigitsDataset
 from .errors import DataError
 from .imagefolder import ImageFolderDataset
-from .labelled import build_eval_datasets, check_num_classes, finetune_datasets, probe_datasets
+from .labelled import build_eval_datasets, check_num_classes, digits_dataset, finetune_datasets, probe_datasets
 from .sampler import ResumableBatchSampler
 from .shards import WebDatasetSource
 from .synthetic import SyntheticDataset
@@ -28,9 +28,7 @@ RELEASE_MIN_SCALE = 0.2
 
 def build_train_dataset(cfg: DataConfig, img_size: int) -> Dataset | WebDatasetSource:
     if cfg.source == "digits":
-        train_idx, _ = split_indices(1797, cfg.train_fraction)
-        min_scale = cfg.min_scale if cfg.min_scale is not None else DIGITS_MIN_SCALE
-        return DigitsDataset(img_size, train_idx, augment=True, min_scale=min_scale)
+        return digits_dataset(cfg, img_size, "train", augment=True)
     if cfg.source == "synthetic":
         return SyntheticDataset(cfg.synthetic_size, img_size)
     transform = pretrain_transform(

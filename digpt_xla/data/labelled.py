@@ -10,14 +10,18 @@ from .errors import DataError
 from .imagefolder import ImageFolderDataset
 from .transforms import timm_transform
 
-DIGITS_SIZE, DIGITS_CLASSES = 1797, 10
+DIGITS_SIZE = 1797
+
+
+def digits_dataset(cfg: DataConfig, img_size: int, split: str, augment: bool) -> DigitsDataset:
+    """The ``train`` or ``held_out`` side of the fixed digits split (``data.train_fraction``)."""
+    train_idx, held_out = split_indices(DIGITS_SIZE, cfg.train_fraction)
+    min_scale = cfg.min_scale if cfg.min_scale is not None else DIGITS_MIN_SCALE
+    return DigitsDataset(img_size, train_idx if split == "train" else held_out, augment=augment, min_scale=min_scale)
 
 
 def _digits(cfg: DataConfig, img_size: int, augment_train: bool) -> tuple[Dataset, Dataset]:
-    train_idx, held_out = split_indices(DIGITS_SIZE, cfg.train_fraction)
-    min_scale = cfg.min_scale if cfg.min_scale is not None else DIGITS_MIN_SCALE
-    return (DigitsDataset(img_size, train_idx, augment=augment_train, min_scale=min_scale),
-            DigitsDataset(img_size, held_out, augment=False))  # fmt: skip
+    return digits_dataset(cfg, img_size, "train", augment_train), digits_dataset(cfg, img_size, "held_out", False)
 
 
 def build_eval_datasets(cfg: DataConfig, img_size: int) -> tuple[Dataset, Dataset] | None:

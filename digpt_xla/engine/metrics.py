@@ -104,10 +104,13 @@ class MetricsWriter:
         self.sync()
 
     def sync(self, force: bool = False) -> None:
-        """Flush TensorBoard and copy both logs to a remote run directory (throttled unless ``force``)."""
+        """Copy both logs to a remote run directory (throttled unless ``force``), flushing TensorBoard first; a
+        local run directory needs neither (TensorBoard flushes its events itself)."""
+        if not self.run_dir.sync_due(force):
+            return
         if self._tb is not None:
             self._tb.flush()
-        self.run_dir.sync(force=force)
+        self.run_dir.sync(force=True)
 
     def close(self) -> None:
         if self._tb is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..config import ScheduleConfig
+from ..config import OptimConfig, ScheduleConfig
 
 
 def cosine_lr(step: float, total_steps: float, warmup_steps: float, base_lr: float, min_lr: float = 0.0) -> float:
@@ -20,6 +20,11 @@ def cosine_lr(step: float, total_steps: float, warmup_steps: float, base_lr: flo
 def scaled_lr(blr: float, effective_batch: int) -> float:
     """lr = blr x effective batch / 256 (the MAE / D-iGPT rule)."""
     return blr * effective_batch / 256
+
+
+def base_lr(optim: OptimConfig, effective_batch: int) -> float:
+    """The peak lr of a run: ``optim.lr`` when set, else ``scaled_lr(optim.blr, effective_batch)``."""
+    return optim.lr if optim.lr is not None else scaled_lr(optim.blr, effective_batch)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from ..repo import git_revision
 from ..rundir import RunDir
 from .checkpoint import CheckpointManager
 from .metrics import DeferredMeter, MetricsWriter
-from .schedule import cosine_lr, plan_steps, scaled_lr
+from .schedule import base_lr, cosine_lr, plan_steps
 from .signals import PreemptionFlag
 from .step import OptimizerStep, build_adamw
 
@@ -74,7 +74,7 @@ class Trainer:
         self.global_micro_batch = cfg.data.batch_size * b.global_devices
         self.accum = accumulation_steps(opt.accum_steps, opt.effective_batch, self.global_micro_batch)
         self.effective_batch = self.global_micro_batch * self.accum
-        self.base_lr = opt.lr if opt.lr is not None else scaled_lr(opt.blr, self.effective_batch)
+        self.base_lr = base_lr(opt, self.effective_batch)
         self.step = 0
         self.data_skipped = 0  # unreadable samples this rank's loader skipped (the checkpoint holds rank 0's)
         self.nonfinite_seen = False
