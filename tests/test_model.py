@@ -130,6 +130,18 @@ def test_loss_equals_independent_reference(tiny_with_resize):
     assert abs(other.ar_loss.item() - out.ar_loss.item()) > 1e-4
 
 
+@pytest.mark.parametrize("src,dst", [(7, 8), (4, 8), (16, 14)])
+def test_segment_resize_is_the_bilinear_interpolation(src, dst):
+    """The loss resizes segment predictions with a matmul (XLA lowers it everywhere) equal to the release's
+    F.interpolate(bilinear, align_corners=False), upsampling (ViT-B/16 vs a /14 teacher) and downsampling."""
+    from digpt_xla.models.digpt import bilinear_resize_matrix
+
+    grid = torch.randn(5, 6, src, src, dtype=torch.float64)
+    expected = F.interpolate(grid, size=(dst, dst), mode="bilinear", align_corners=False)
+    resized = bilinear_resize_matrix(src, dst).double() @ grid.flatten(2).transpose(1, 2)
+    torch.testing.assert_close(resized.transpose(1, 2).reshape(5, 6, dst, dst), expected, rtol=0, atol=1e-6)
+
+
 def test_order_none_draws_valid_permutations():
     model = create_digpt("digpt_tiny")
     torch.manual_seed(5)

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from timm.layers import PatchEmbed, trunc_normal_
 from torch import Tensor, nn
 
@@ -82,6 +81,20 @@ class DiGPTOutput(NamedTuple):
     kd_loss: Tensor
 
 
+def bilinear_resize_matrix(src: int, dst: int) -> Tensor:
+    """(dst*dst, src*src) weights of ``F.interpolate(mode="bilinear", align_corners=False)`` from a src x src to a
+    dst x dst grid. A matmul with it is the same resize, and it lowers everywhere: XLA lowers the interpolate's
+    backward only on TPU (a host fallback, and a sync, inside every step on XLA:CPU and XLA:GPU)."""
+    x = ((torch.arange(dst, dtype=torch.float64) + 0.5) * (src / dst) - 0.5).clamp(min=0)
+    lo = x.floor().long().clamp(max=src - 1)
+    hi = (lo + 1).clamp(max=src - 1)
+    frac = x - lo
+    one_axis = torch.zeros(dst, src, dtype=torch.float64)
+    one_axis[torch.arange(dst), lo] += 1 - frac
+    one_axis[torch.arange(dst), hi] += frac
+    return torch.kron(one_axis, one_axis).float()  # rows (i, j) of the output grid, columns (p, q) of the input
+
+
 def cosine_distance(pred: Tensor, target: Tensor) -> Tensor:
     """Per-token 2 - 2 cos(pred, target), as the release computes it (plain L2 normalisation)."""
     pred = pred / pred.norm(dim=-1, keepdim=True)
@@ -138,6 +151,8 @@ class DiGPT(nn.Module):
         self.register_buffer(
             "teacher_segments", segment_raster_index(cfg.teacher_grid, cfg.segments_per_side), persistent=False
         )
+        side, t_side = cfg.grid_size // cfg.segments_per_side, cfg.teacher_grid // cfg.segments_per_side
+        self.register_buffer("segment_resize", bilinear_resize_matrix(side, t_side), persistent=False)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -165,6 +180,10 @@ class DiGPT(nn.Module):
     def ordered_indices(self, order: Tensor) -> tuple[Tensor, Tensor]:
         """Raster indices of student (B, S, T) and teacher (B, S, Tt) tokens, segments in each sample's order."""
         return self.student_segments[order], self.teacher_segments[order]
+
+    def shard_units(self) -> list[nn.Module]:
+        """The transformer blocks, each sharded as one unit (FSDP): encoder, then both decoders."""
+        return [*self.blocks, *self.kd_blocks, *self.ar_blocks]
 
     def forward_encoder(self, images: Tensor, student_index: Tensor) -> list[Tensor]:
         """Encode the first S-1 segments (in order) plus a trailing CLS; return the tapped block outputs.
@@ -223,9 +242,8 @@ class DiGPT(nn.Module):
         patches = pred[:, :-1]
         if side != t_side:
             n = cfg.num_segments - 1
-            grid = patches.reshape(B * n, side, side, Dt).permute(0, 3, 1, 2)
-            grid = F.interpolate(grid, size=(t_side, t_side), mode="bilinear", align_corners=False)
-            patches = grid.permute(0, 2, 3, 1).reshape(B, n * t_side * t_side, Dt)
+            grid = patches.reshape(B * n, side * side, Dt)
+            patches = torch.matmul(self.segment_resize.to(grid.dtype), grid).reshape(B, n * t_side * t_side, Dt)
         return cosine_distance(torch.cat([patches, pred[:, -1:]], dim=1), target).mean()
 
     def forward(self, images: Tensor, teacher_tokens: Tensor, order: Tensor | None = None) -> DiGPTOutput:
