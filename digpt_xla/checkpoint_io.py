@@ -3,6 +3,11 @@
 Every torch file goes through ``torch.load(weights_only=True)``: tensors and plain containers only. This project
 writes its own training checkpoints in that form (RNG states as tensors and tuples, the config as a dict), so
 there is no second, trusting loader. A file that cannot be read this way is refused with one line naming it.
+
+Sharded checkpoints (``torch.distributed.checkpoint``, DCP) are a directory: ``meta.pt`` (everything but the
+sharded tensors, read as above) and DCP's files for ``model`` and ``optimizer``. DCP itself unpickles its
+``.metadata`` with plain ``pickle`` and loads non-tensor entries with ``weights_only=False``; ``SafeDcpReader``
+unpickles only DCP's own metadata classes and refuses any non-tensor entry, so neither path runs.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import torch
 from torch import Tensor
 
 STATE_DICT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+SHARDED_META = "meta.pt"  # in a sharded checkpoint's directory: step, data position, RNG, config, ...
 
 
 class CheckpointError(ValueError):
@@ -60,21 +66,124 @@ def load_torch_payload(payload: bytes, url: str) -> Any:
         raise CheckpointError(f"{url}: not a readable torch checkpoint (truncated or corrupt? {first})") from None
 
 
+def is_sharded(url: str) -> bool:
+    """True for a sharded (DCP) checkpoint: a directory with ``meta.pt`` in it."""
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs.isdir(path) and fs.exists(f"{path.rstrip('/')}/{SHARDED_META}")
+
+
 def read_checkpoint(url: str) -> dict[str, Any]:
-    """A training checkpoint of this project (weights, optimizer, RNG, data position, config)."""
+    """A training checkpoint of this project (weights, optimizer, RNG, data position, config).
+
+    For a sharded checkpoint this is its ``meta.pt`` with ``sharded`` = the directory's URL: the model and optimizer
+    tensors are read by whoever knows their placement (the trainer, through DCP, or ``read_sharded_tensors``)."""
+    if is_sharded(url):
+        meta_url = f"{url.rstrip('/')}/{SHARDED_META}"
+        state = load_torch_payload(read_bytes(meta_url), meta_url)
+        if not isinstance(state, Mapping) or "step" not in state:
+            raise CheckpointError(f"{meta_url}: not a digpt_xla sharded checkpoint (no 'step' entry)")
+        dcp_reader(url).read_metadata()  # unreadable or foreign DCP metadata fails here, before any tensor is read
+        return dict(state) | {"sharded": url.rstrip("/")}
     state = load_torch_payload(read_bytes(url), url)
     if not isinstance(state, Mapping) or "model" not in state or "step" not in state:
         raise CheckpointError(f"{url}: not a digpt_xla training checkpoint (no 'model' and 'step' entries)")
     return dict(state)
 
 
+# DCP's .metadata holds instances of these classes (and torch dtypes / Size); nothing else is unpickled.
+_DCP_METADATA_CLASSES = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata", "TensorStorageMetadata", "TensorProperties", "ChunkStorageMetadata", "MetadataIndex",
+        "StorageMeta", "_MEM_FORMAT_ENCODING",
+    },
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "collections": {"OrderedDict"},
+}  # fmt: skip
+
+
+class _DcpMetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if name in _DCP_METADATA_CLASSES.get(module, ()) or (
+            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        ):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of DCP's metadata")
+
+
+def _safe_dcp_reader():
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+    from torch.distributed.checkpoint.metadata import StorageMeta, TensorStorageMetadata
+
+    class SafeDcpReader(FsspecReader):
+        """DCP's fsspec reader with a metadata unpickler limited to DCP's own classes; refuses non-tensor entries
+        (DCP would ``torch.load`` them with ``weights_only=False``)."""
+
+        def read_metadata(self, *args: Any, **kwargs: Any):
+            url = str(self.path)
+            path = self.fs.concat_path(self.path, ".metadata")
+            try:
+                with self.fs.create_stream(path, "rb") as f:
+                    metadata = _DcpMetadataUnpickler(f).load()
+            except FileNotFoundError:
+                raise CheckpointError(f"{url}: sharded checkpoint without DCP .metadata (incomplete?)") from None
+            except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as e:
+                raise CheckpointError(f"{url}/.metadata: refused, not DCP metadata ({e})") from None
+            entries = getattr(metadata, "state_dict_metadata", None)
+            if not isinstance(entries, dict):
+                raise CheckpointError(f"{url}/.metadata: refused, not DCP metadata")
+            bad = next((k for k, v in entries.items() if not isinstance(v, TensorStorageMetadata)), None)
+            if bad is not None:
+                raise CheckpointError(f"{url}: entry {bad!r} is not a tensor; refused (it would be unpickled)")
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeDcpReader
+
+
+def dcp_reader(url: str):
+    """A DCP storage reader for the sharded checkpoint at ``url`` (any fsspec URL) that unpickles nothing foreign."""
+    return _safe_dcp_reader()(url.rstrip("/"))
+
+
+def read_sharded_tensors(url: str, prefix: str = "model") -> dict[str, Tensor]:
+    """The ``prefix`` part (``model`` or ``optimizer``) of a sharded checkpoint, consolidated into whole CPU tensors
+    in this process (as large as the full state: for tools, not for training)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    metadata = dcp_reader(url).read_metadata()  # refuses foreign metadata with a CheckpointError of its own
+    head = f"{prefix}."
+    # Whole tensors shaped from the metadata; DCP fills them from every rank's shards.
+    wanted = {
+        key.removeprefix(head): torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+        for key, meta in metadata.state_dict_metadata.items()
+        if key.startswith(head)
+    }
+    if not wanted:
+        raise CheckpointError(f"{url}: sharded checkpoint has no {prefix!r} entries")
+    state = {prefix: wanted}
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.distributed.*")
+            dcp.load(state, storage_reader=dcp_reader(url), no_dist=True)
+    except CheckpointException as e:
+        raise CheckpointError(f"{url}: sharded checkpoint cannot be read ({str(e).splitlines()[0]})") from None
+    return dict(state[prefix])
+
+
 def read_state_dict(url: str) -> dict[str, Tensor]:
-    """The weights in a checkpoint on any fsspec filesystem (local, gs://, memory://): ours, the release's, or a
-    plain state dict.
+    """The weights in a checkpoint on any fsspec filesystem (local, gs://, memory://): ours (single file or
+    sharded), the release's, or a plain state dict.
 
     ``.safetensors`` is read with safetensors; ``.pt``/``.pth``/``.bin`` with ``torch.load(weights_only=True)``.
     A wrapping ``state_dict``/``model`` entry and a DDP ``module.`` prefix are removed.
     """
+    if is_sharded(url):
+        return read_sharded_tensors(url, "model")
     suffix = next((s for s in STATE_DICT_SUFFIXES if url.endswith(s)), None)
     if suffix is None:
         raise CheckpointError(f"{url}: unsupported checkpoint type; expected one of {', '.join(STATE_DICT_SUFFIXES)}")

@@ -65,6 +65,7 @@ class TeacherConfig:
     clip_model: str = "ViT-H-14"
     checkpoint: str = ""  # local path or fsspec URL (gs://...) of open_clip weights
     precision: str = "auto"  # auto (the training precision) | fp32 | bf16 | fp16
+    fsdp: int = 0  # 0: split like the student (backend.fsdp); 1: a whole copy on every device
 
 
 @dataclass
@@ -112,6 +113,9 @@ class BackendConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16 (CUDA only, with a GradScaler) | tpu-emulation (cpu only)
     compile_cache: str = ""  # XLA persistent compile cache directory ("" = off)
     compile: bool = False  # torch.compile student and teacher (cuda/cpu; XLA compiles the step anyway)
+    # Size of the mesh axis that parameters and AdamW state are split over (FSDPv2 on xla-spmd, FSDP2 on
+    # cuda/cpu under torchrun); the other devices replicate them. 1 = plain data parallelism.
+    fsdp: int = 1
 
 
 @dataclass
@@ -393,6 +397,8 @@ RULES: dict[tuple[type, str], Rule] = {
     (ScheduleConfig, "warmup_epochs"): _num(0),
     (ScheduleConfig, "steps_per_epoch"): POSITIVE_INT_OR_NONE,
     (ScheduleConfig, "max_steps"): POSITIVE_INT_OR_NONE,
+    (BackendConfig, "fsdp"): POSITIVE_INT,
+    (TeacherConfig, "fsdp"): _num(0),
     (RunConfig, "log_every"): POSITIVE_INT,
     (RunConfig, "ckpt_every"): _num(0),
     (RunConfig, "keep_last"): _num(0),
@@ -435,6 +441,16 @@ def validate(obj: Any, prefix: str = "") -> None:
 
 def _check_combinations(cfg: Config) -> None:
     cfg.model.resolve_attention()
+    if cfg.teacher.fsdp not in (0, 1, cfg.backend.fsdp):
+        raise ConfigError(
+            f"teacher.fsdp={cfg.teacher.fsdp}: the teacher is split over the student's mesh axis or not at all; use 0 "
+            f"(follow backend.fsdp={cfg.backend.fsdp}) or 1"
+        )
+    if cfg.backend.fsdp > 1 and cfg.backend.name in ("xla", "auto"):
+        raise ConfigError(
+            f"backend.fsdp={cfg.backend.fsdp} with backend.name={cfg.backend.name!r}: sharding runs on xla-spmd (TPU), "
+            "or on cuda / cpu under torchrun; name one of them"
+        )
 
     problem = precision_problem(cfg.backend.name, cfg.backend.precision)
     if problem:

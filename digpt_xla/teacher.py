@@ -70,6 +70,10 @@ class ClipTeacher(nn.Module):
         check_state_dict(self.visual.state_dict(), state, url)
         self.visual.load_state_dict(state, strict=True)
 
+    def shard_units(self) -> list[nn.Module]:
+        """The tower's residual blocks, each sharded as one unit (FSDP)."""
+        return list(self.visual.transformer.resblocks)
+
     def train(self, mode: bool = True) -> ClipTeacher:
         return super().train(False)  # always frozen, whatever the caller's mode
 

@@ -125,3 +125,13 @@ def test_corrupt_newest_checkpoint_is_set_aside_and_the_previous_one_used(tmp_pa
     assert CheckpointManager(str(tmp_path / "checkpoints")).complete_steps() == [2]
     trainer.train()
     assert sorted(_losses(tmp_path)) == list(range(1, 7))
+
+
+def test_optimizer_groups_of_another_model_are_refused_by_name():
+    import torch
+
+    from digpt_xla.engine.step import with_backend_options
+
+    optimizer = torch.optim.AdamW([{"params": [torch.nn.Parameter(torch.zeros(2))]}, {"params": []}])
+    with pytest.raises(CheckpointError, match="has 1 parameter groups, this run builds 2"):
+        with_backend_options(optimizer, [{"params": [0], "lr": 1.0}])

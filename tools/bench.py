@@ -6,10 +6,14 @@
     python tools/bench.py data --source webdataset --img-size 224 --workers 0
     python tools/bench.py baseline --timm-model vit_base_patch16_224 --batch 8
     python tools/bench.py recount bench/*/*.json
+    python tools/bench.py memory --model digpt_vit_large_patch16_224 --backend xla-spmd --fsdp 8 --batch 32
 
 ``train`` times warm training steps (forward, backward, AdamW; teacher optional) of the real Pretrainer step,
 counts FLOPs with ``torch.utils.flop_counter.FlopCounterMode``, measures the machine's matmul peak in the same
 run, and reports MFU; on XLA also compilations, ``aten::`` CPU fallbacks and device-to-host transfers.
+``memory`` gives the per-device memory of one training step with parameters and AdamW state split over ``--fsdp``
+devices: on XLA (XLA:CPU with that many virtual devices, or a TPU slice) from the compiled program's buffer
+assignment, without running the step; on CUDA (under torchrun for fsdp > 1) from ``max_memory_allocated``.
 ``data`` times decode + augmentation of a data source on generated ImageNet-sized JPEGs (images/s per core).
 """
 
@@ -46,7 +50,8 @@ def device_name(backend) -> str:
             cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
     except OSError:
         pass
-    return f"cpu-{cpu.split()[0].lower()}-{os.cpu_count()}c"
+    vendor = cpu.split()[0].lower().replace("(r)", "").replace("(tm)", "")  # "Intel(R) Xeon(R) ..." -> intel
+    return f"cpu-{vendor}-{os.cpu_count()}c"
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, sync, n: int = 2048, reps: int = 5) -> float:
@@ -291,6 +296,51 @@ def bench_baseline(args: argparse.Namespace) -> dict:
     }  # fmt: skip
 
 
+HBM_GB = {"tpu_v4": 32, "tpu_v5e": 16, "tpu_v5p": 95, "tpu_v6e": 32, "gpu_80gb": 80}
+
+
+def bench_memory(args: argparse.Namespace) -> dict:
+    if args.backend.startswith("xla"):
+        dump = Path(args.out_dir) / "xla_dump"
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={dump}".strip()
+        if os.environ.get("PJRT_DEVICE", "CPU").upper() == "CPU":
+            os.environ["CPU_NUM_DEVICES"] = str(args.fsdp)  # a slice of fsdp virtual devices, one mesh row
+    overrides = [f"model.name={args.model}", f"backend.name={args.backend}", f"backend.fsdp={args.fsdp}",
+                 f"backend.precision={args.precision}", f"data.batch_size={args.batch}", "data.source=synthetic",
+                 f"teacher.kind={args.teacher}", f"run.out_dir={args.out_dir}", "run.resume=never",
+                 "run.progress=false", "run.knn_eval=false", *args.overrides]  # fmt: skip
+    cfg = load_config(None, overrides)
+    trainer = Pretrainer(cfg)
+    b = trainer.backend
+
+    def run_step() -> list[torch.Tensor]:
+        trainer.train_step(*trainer.next_step_inputs(trainer.data_stream()))
+        state = [v for s in trainer.optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+        return [*trainer.model.parameters(), *state]
+
+    measured = b.step_memory(run_step)
+    gib = measured["bytes"] / 2**30
+    return {
+        "name": args.name or f"memory_{args.model}_{args.backend}_fsdp{args.fsdp}_b{args.batch}",
+        "kind": "memory",
+        "device": device_name(b),
+        "model": args.model,
+        "teacher": args.teacher,
+        "backend": args.backend,
+        "precision": args.precision,
+        "fsdp": args.fsdp,
+        "per_device_batch": args.batch,
+        "per_device_bytes": measured["bytes"],
+        "per_device_gib": round(gib, 3),
+        # On XLA: the step's inputs (this device's weights, AdamW moments and batch) and its temporaries.
+        **{k: v for k, v in measured.items() if k.endswith("_bytes")},
+        "source": measured["source"],
+        "fits": {hbm: gib <= size for hbm, size in HBM_GB.items()},
+        "trainable_params_m": round(b.unwrap(trainer.model).num_trainable_params() / 1e6, 1),
+        "torch": torch.__version__,
+    }
+
+
 def write_result(result: dict, out: str) -> Path:
     path = Path(out) / result["device"] / f"{result['name']}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -335,6 +385,17 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--warmup", type=int, default=1)
     r.add_argument("--name", default="")
     r.add_argument("--out", default=str(REPO / "bench"))
+    m = sub.add_parser("memory", help="per-device memory of one training step, with --fsdp sharding")
+    m.add_argument("--model", default="digpt_tiny")
+    m.add_argument("--backend", default="xla-spmd", help="xla-spmd | cuda")
+    m.add_argument("--fsdp", type=int, default=1)
+    m.add_argument("--batch", type=int, default=8, help="per-device batch")
+    m.add_argument("--precision", default="fp32")
+    m.add_argument("--teacher", default="clip", help="clip (ViT-H-14, random weights) | pixel")
+    m.add_argument("--name", default="")
+    m.add_argument("--out", default=str(REPO / "bench"))
+    m.add_argument("--out-dir", default="/tmp/digpt_bench_memory", help="run directory (and the XLA dump)")
+    m.add_argument("overrides", nargs="*", help="extra section.key=value config overrides")
     rc = sub.add_parser("recount", help="recount FLOPs and MFU of committed train/baseline JSON files")
     rc.add_argument("files", nargs="+", type=Path)
     args = parser.parse_args(argv)
@@ -350,6 +411,13 @@ def main(argv: list[str] | None = None) -> int:
         path = write_result(result, args.out)
         speed = f"{result['achieved_gflops']:.1f} GFLOP/s = {100 * result['mfu']:.0f}% of the matmul peak"
         print(f"{result['name']} on {result['device']}: step {result['step_time_s']['median']:.3f}s, {speed} -> {path}")
+        return 0
+    if args.command == "memory":
+        result = bench_memory(args)
+        path = write_result(result, args.out)
+        fits = ", ".join(k for k, ok in result["fits"].items() if ok) or "none of the listed chips"
+        print(f"{result['name']} on {result['device']}: {result['per_device_gib']:.2f} GiB per device "
+              f"(fits {fits}) -> {path}")  # fmt: skip
         return 0
     if args.command == "data":
         result = bench_data(args)

@@ -1,8 +1,14 @@
 #!/usr/bin/env python
-"""Convert a D-iGPT pretraining checkpoint (ours or the published release) into a timm classifier state dict.
+"""Convert a D-iGPT pretraining checkpoint (ours, single-file or sharded, or the published release) into a timm
+classifier state dict, or consolidate it into the release's single state dict.
 
     python tools/convert_checkpoint.py runs/vit_base/checkpoints/ckpt-00100000.pt vit_b_digpt.safetensors \\
         --num-classes 1000
+    python tools/convert_checkpoint.py gs://bucket/runs/vit_huge_tpu/checkpoints/ckpt-00100000 vit_h_digpt.pth \\
+        --format release
+
+``--format release`` writes the pretraining model's state dict under the release's keys (loads with
+``strict=True`` into the release's model and ours); a sharded checkpoint directory is gathered into it.
 
 The result loads with ``strict=True`` into
 ``timm.create_model("vit_base_patch16_224", global_pool="avg", fc_norm=True, num_classes=1000)``: the encoder
@@ -29,29 +35,41 @@ TIMM_NAMES = {(768, 12, 16): "vit_base_patch16_224", (384, 12, 16): "vit_small_p
               (1024, 24, 16): "vit_large_patch16_224", (1280, 32, 14): "vit_huge_patch14_224"}  # fmt: skip
 
 
+def write_state_dict(state: dict[str, torch.Tensor], out: str) -> None:
+    if out.endswith(".safetensors"):
+        from safetensors.torch import save
+
+        # clone: tensors that share storage (a LayerNorm listed once per tap) are stored once each
+        payload = save({k: v.contiguous().clone() for k, v in state.items()})
+        with fsspec.open(out, "wb") as f:
+            f.write(payload)
+    else:
+        with fsspec.open(out, "wb") as f:
+            torch.save(state, f)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", help="pretraining checkpoint (.pt/.pth/.safetensors), local or fsspec URL")
+    parser.add_argument("checkpoint", help="pretraining checkpoint (.pt/.pth/.safetensors, or a sharded checkpoint "
+                        "directory), local or fsspec URL")  # fmt: skip
     parser.add_argument("out", help="output state dict: .safetensors or .pth, local or fsspec URL")
-    parser.add_argument("--num-classes", type=int, required=True)
+    parser.add_argument("--format", choices=("timm", "release"), default="timm")
+    parser.add_argument("--num-classes", type=int, help="classes of the timm head (--format timm)")
     args = parser.parse_args(argv)
-    if args.num_classes < 1:
-        parser.error(f"--num-classes must be >= 1, got {args.num_classes}")
+    if args.format == "timm" and (args.num_classes is None or args.num_classes < 1):
+        parser.error(f"--format timm needs --num-classes >= 1, got {args.num_classes}")
     try:
         state = read_state_dict(args.checkpoint)
-        converted, dropped = classifier_state(state, args.num_classes, source=args.checkpoint)
+        if args.format == "timm":
+            converted, dropped = classifier_state(state, args.num_classes, source=args.checkpoint)
     except CheckpointError as e:
         print(f"convert_checkpoint.py: error: {e}", file=sys.stderr)
         return 2
-    if args.out.endswith(".safetensors"):
-        from safetensors.torch import save
-
-        payload = save({k: v.contiguous() for k, v in converted.items()})
-        with fsspec.open(args.out, "wb") as f:
-            f.write(payload)
-    else:
-        with fsspec.open(args.out, "wb") as f:
-            torch.save(converted, f)
+    if args.format == "release":
+        write_state_dict(state, args.out)
+        print(f"wrote {len(state)} tensors under the release's keys to {args.out}")
+        return 0
+    write_state_dict(converted, args.out)
     groups = Counter(k.split(".")[0] for k in dropped)
     print(f"kept {len(converted) - 4} encoder tensors, added fc_norm + head ({args.num_classes} classes)")
     print("dropped: " + ", ".join(f"{name} ({n})" for name, n in sorted(groups.items())))

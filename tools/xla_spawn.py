@@ -41,9 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     from digpt_xla.repo import find_config
 
     try:  # a mistake in the config is one line here, not a traceback from every spawned process
-        load_config(find_config(args.config), args.overrides)
+        cfg = load_config(find_config(args.config), args.overrides)
     except user_errors() as e:
         print(f"xla_spawn.py: error: {e}", file=sys.stderr)
+        return 2
+    if cfg.backend.name == "xla-spmd" or cfg.backend.fsdp > 1:
+        print(f"xla_spawn.py: error: {args.config} asks for backend.name={cfg.backend.name}, backend.fsdp="
+              f"{cfg.backend.fsdp}: SPMD runs one process per host, so start it with `digpt pretrain --config "
+              f"{args.config}` on every host instead of one process per chip", file=sys.stderr)  # fmt: skip
         return 2
     os.environ.setdefault("PJRT_DEVICE", "TPU")
     single = args.single_process or os.environ["PJRT_DEVICE"].upper() == "CPU"

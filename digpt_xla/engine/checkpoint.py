@@ -1,10 +1,12 @@
 """Checkpoints on any fsspec filesystem, written so that a reader never sees a partial one.
 
-Layout: ``<dir>/ckpt-<step>.pt`` plus a ``ckpt-<step>.done`` marker written after the data. Object stores
-have no atomic rename, so the marker is the commit: readers ignore checkpoints without one. On local disks
-the data is additionally written to a temporary name and renamed. A checkpoint whose parameters are not all
-finite is never committed; a committed one that cannot be read is set aside (renamed ``*.corrupt``, never deleted)
-and the previous complete one is used.
+Layout: ``<dir>/ckpt-<step>.pt`` (one file, unsharded runs) or ``<dir>/ckpt-<step>/`` (sharded runs: DCP's files
+written by every rank plus ``meta.pt``), then a ``ckpt-<step>.done`` marker written after all the data. Object
+stores have no atomic rename, so the marker is the commit: readers ignore checkpoints without one. On local disks
+a single file is additionally written to a temporary name and renamed. A sharded checkpoint may be written in the
+background; it is committed once the write has finished (at the next save, or at once when asked to wait). A
+checkpoint whose parameters are not all finite is never committed; a committed one that cannot be read is set
+aside (renamed ``*.corrupt``, never deleted) and the previous complete one is used.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import contextlib
 import io
 import logging
 import re
-from collections.abc import Collection
+from collections.abc import Callable, Collection
+from concurrent.futures import Future
 from typing import Any
 
 import fsspec
@@ -21,10 +24,10 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from torch import Tensor
 
-from ..checkpoint_io import CheckpointError, read_checkpoint
+from ..checkpoint_io import SHARDED_META, CheckpointError, read_checkpoint
 
 log = logging.getLogger(__name__)
-_NAME = re.compile(r"ckpt-(\d+)\.pt$")
+_NAME = re.compile(r"ckpt-(\d+)(\.pt)?$")
 
 
 class CheckpointManager:
@@ -32,23 +35,26 @@ class CheckpointManager:
         self.fs, self.root = fsspec.core.url_to_fs(directory)
         self.directory = directory.rstrip("/")
         self.keep_last = keep_last
+        self._pending: tuple[int, Future | None, bool] | None = None  # a sharded write not yet committed
 
     def _path(self, step: int, suffix: str) -> str:
         return f"{self.root.rstrip('/')}/ckpt-{step:08d}{suffix}"
 
     def url(self, step: int) -> str:
-        return f"{self.directory}/ckpt-{step:08d}.pt"
+        """The checkpoint of ``step``: its directory when it is sharded, else its ``.pt`` file."""
+        sharded = self.fs.isdir(self._path(step, ""))
+        return f"{self.directory}/ckpt-{step:08d}" + ("" if sharded else ".pt")
 
     def complete_steps(self) -> list[int]:
         """Steps with a committed checkpoint, oldest first."""
         if not self.fs.exists(self.root):
             return []
         names = {p.rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False)}
-        steps = []
+        steps = set()
         for name in names:
             m = _NAME.match(name)
-            if m and name.replace(".pt", ".done") in names:
-                steps.append(int(m.group(1)))
+            if m and f"ckpt-{m.group(1)}.done" in names:
+                steps.add(int(m.group(1)))
         return sorted(steps)
 
     def latest(self) -> str | None:
@@ -77,6 +83,37 @@ class CheckpointManager:
         self._prune()
         return self.url(step)
 
+    def save_sharded(self, step: int, meta: dict[str, Any], write: Callable[[str], Future | None], is_main: bool,
+                     wait: bool = True) -> str:  # fmt: skip
+        """A sharded checkpoint: every rank calls this; ``write(url)`` writes the DCP part (returning a Future when
+        it runs in the background) and the main rank writes ``meta`` and, once all is written, the marker. With
+        ``wait`` false an asynchronous write is committed by the next save or ``commit_pending``."""
+        self.commit_pending()
+        path = self._path(step, "")
+        url = f"{self.directory}/ckpt-{step:08d}"
+        if is_main:
+            self.fs.makedirs(path, exist_ok=True)
+            buffer = io.BytesIO()
+            torch.save(meta, buffer)
+            self.fs.pipe_file(f"{path}/{SHARDED_META}", buffer.getvalue())
+        self._pending = (step, write(url), is_main)
+        if wait:
+            self.commit_pending()
+        return url
+
+    def commit_pending(self) -> None:
+        """Wait for a background checkpoint write, then commit it (main rank)."""
+        if self._pending is None:
+            return
+        step, future, is_main = self._pending
+        self._pending = None
+        if future is not None:
+            future.result()
+        if is_main:
+            self.fs.pipe_file(self._path(step, ".done"), b"")
+            self._prune()
+            log.info("committed %s", self.url(step))
+
     def load_latest(self, set_aside: bool = True) -> tuple[str, dict[str, Any]] | None:
         """The newest committed checkpoint that can be read, as (url, state); None when there is none. Unreadable
         ones on the way are reported by name and, when ``set_aside`` (the main rank), renamed ``*.corrupt``."""
@@ -91,15 +128,19 @@ class CheckpointManager:
         return None
 
     def _set_aside(self, step: int) -> None:
-        for suffix in (".done", ".pt"):  # uncommit first
+        url = self.url(step)
+        for suffix in (".done", ".pt", ""):  # uncommit first
             path = self._path(step, suffix)
-            with contextlib.suppress(FileNotFoundError):  # another rank was first
-                self.fs.mv(path, path + ".corrupt")
-        log.warning("renamed %s to %s.corrupt (kept for inspection)", self.url(step), self.url(step))
+            if self.fs.exists(path):
+                with contextlib.suppress(FileNotFoundError):  # another rank was first
+                    self.fs.mv(path, path + ".corrupt", recursive=True)
+        log.warning("renamed %s to %s.corrupt (kept for inspection)", url, url)
 
     def _prune(self) -> None:
         if self.keep_last <= 0:
             return
         for step in self.complete_steps()[: -self.keep_last]:
             self.fs.rm(self._path(step, ".done"))  # uncommit first: a crash here leaves no half checkpoint
-            self.fs.rm(self._path(step, ".pt"))
+            for suffix in (".pt", ""):
+                if self.fs.exists(self._path(step, suffix)):
+                    self.fs.rm(self._path(step, suffix), recursive=True)

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..backend import Backend
 from ..checkpoint_io import CheckpointError, load_model_state, read_state_dict
-from ..config import Config
+from ..config import Config, ConfigError
 from ..data import finetune_datasets
 from ..models import digpt_config
 from ..models.classifier import create_classifier, load_pretrained_encoder
@@ -88,6 +88,11 @@ class Finetuner(Trainer):
     metric_names = ("loss", "grad_norm")
 
     def __init__(self, cfg: Config, backend: Backend | None = None) -> None:
+        if cfg.backend.fsdp > 1:
+            raise ConfigError(
+                f"backend.fsdp={cfg.backend.fsdp}: finetuning runs data parallel (the classifier and its EMA fit one "
+                "device at every published size); set backend.fsdp=1"
+            )
         super().__init__(cfg, backend)
         b, f = self.backend, cfg.finetune
         self.model_cfg = digpt_config(cfg.model.name, **cfg.model.shape_overrides())
@@ -134,8 +139,8 @@ class Finetuner(Trainer):
         for micro, batch in enumerate(batches):
             with b.no_sync(model, skip=micro < len(batches) - 1):
                 mask, lam = self.mixup.draw(self.model_cfg.img_size)
-                images, targets = self.mixup(batch["images"], batch["labels"], b.move(mask),
-                                             b.move(torch.tensor(lam)))  # fmt: skip
+                images, targets = self.mixup(batch["images"], batch["labels"], b.replicate(mask),
+                                             b.replicate(torch.tensor(lam)))  # fmt: skip
                 with b.autocast(self.precision):
                     loss = self.criterion(model(images).float(), targets)
                 self.opt_step.backward(loss, len(batches))

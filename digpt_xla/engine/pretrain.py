@@ -82,8 +82,9 @@ class Pretrainer(Trainer):
         self.model_cfg = model.cfg
         if cfg.backend.compile:
             model, teacher = b.compile_module(model), b.compile_module(teacher)
-        self.model = b.prepare_model(model)  # on the device before the optimizer is built
-        self.teacher = b.prepare_frozen(teacher)
+        self.model = b.prepare_model(model, self.precision)  # on the device before the optimizer is built
+        shard_teacher = (cfg.teacher.fsdp or cfg.backend.fsdp) > 1
+        self.teacher = b.prepare_frozen(teacher, shard=shard_teacher, precision=self.teacher_precision)
         self.setup_optimizer(param_groups_weight_decay(b.unwrap(self.model), cfg.optim.weight_decay))
         self.dataset = build_train_dataset(cfg.data, self.model_cfg.img_size)
         self.setup_run(len(self.dataset))
@@ -160,6 +161,6 @@ class Pretrainer(Trainer):
         if sets is None:
             return math.nan
         model = DiGPT(self.model_cfg)
-        model.load_state_dict(self.backend.to_cpu(self.backend.unwrap(self.model).state_dict()))
+        model.load_state_dict(self.backend.model_state_cpu(self.model))
         set_attention(model, self.cfg.model.resolve_attention())
         return knn_accuracy(model, *sets)

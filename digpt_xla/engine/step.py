@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..backend import Backend
+from ..checkpoint_io import CheckpointError
 from ..config import OptimConfig
 
 
@@ -44,6 +45,7 @@ def build_adamw(
     optimizer = torch.optim.AdamW(param_groups, lr=lr, betas=tuple(optim.betas), eps=optim.eps,
                                   **backend.optimizer_options())  # fmt: skip
     init_adamw_state(optimizer)
+    backend.place_optimizer_state(optimizer)  # moments split like their parameters (FSDPv2)
     return optimizer
 
 
@@ -85,7 +87,7 @@ class OptimizerStep:
             self.scaler.unscale_(opt)
         if inspect is not None:
             inspect()
-        grad_norm = clip_grad_norm(self.params, self.clip_grad)
+        grad_norm = b.full_value(clip_grad_norm(self.params, self.clip_grad))
         if self.scaler is not None:
             self.scaler.step(opt)
             self.scaler.update()
@@ -106,14 +108,36 @@ class OptimizerStep:
             "grad_scaler": self.scaler is not None,
         }
 
-    def state_dict(self) -> dict[str, Any]:
-        b = self.backend
-        return {
-            "optimizer": b.to_cpu(self.optimizer.state_dict()),
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-        }
+    def scaler_state(self) -> dict[str, Any] | None:
+        return self.scaler.state_dict() if self.scaler is not None else None
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
+    def load_scaler_state(self, state: dict[str, Any] | None) -> None:
+        if self.scaler is not None and state:
+            self.scaler.load_state_dict(state)
+
+
+BACKEND_OPTIONS = ("capturable", "fused", "foreach", "differentiable")  # how a backend runs AdamW, not its state
+
+
+def with_backend_options(optimizer: torch.optim.Optimizer, saved_groups: list[dict[str, Any]]) -> list[dict]:
+    """Saved param groups with this run's backend options: a checkpoint written on XLA (capturable) or CUDA (fused)
+    resumes on any backend."""
+    if len(saved_groups) != len(optimizer.param_groups):
+        raise CheckpointError(f"the checkpoint's optimizer has {len(saved_groups)} parameter groups, this run builds "
+                              f"{len(optimizer.param_groups)} (another model or weight-decay rule)")  # fmt: skip
+    return [{**saved, **{k: group[k] for k in BACKEND_OPTIONS if k in group}}
+            for group, saved in zip(optimizer.param_groups, saved_groups, strict=True)]  # fmt: skip
+
+
+def optimizer_state_by_name(optimizer: torch.optim.Optimizer, model: nn.Module, saved: dict[str, Any]) -> dict:
+    """A ``torch.optim`` state dict (per-parameter state keyed by position) re-keyed by parameter name, as
+    ``torch.distributed.checkpoint.state_dict`` takes it. Positions follow ``optimizer``'s param groups, which
+    the same model and weight-decay rule build in the same order."""
+    names = {p: n for n, p in model.named_parameters()}
+    index_to_name = {}
+    for group, saved_group in zip(optimizer.param_groups, saved["param_groups"], strict=True):
+        for p, index in zip(group["params"], saved_group["params"], strict=True):
+            index_to_name[index] = names[p]
+    groups = [{**g, "params": [index_to_name[i] for i in g["params"]]}
+              for g in with_backend_options(optimizer, saved["param_groups"])]  # fmt: skip
+    return {"state": {index_to_name[i]: v for i, v in saved["state"].items()}, "param_groups": groups}

@@ -18,7 +18,7 @@ from typing import Any
 from torch import nn
 
 from ..backend import Backend, create_backend
-from ..checkpoint_io import CheckpointError, load_model_state, read_checkpoint
+from ..checkpoint_io import CheckpointError, check_state_dict, load_model_state, read_checkpoint
 from ..config import Config
 from ..data import build_train_loader
 from ..repo import git_revision
@@ -27,7 +27,7 @@ from .checkpoint import CheckpointManager
 from .metrics import DeferredMeter, MetricsWriter
 from .schedule import base_lr, cosine_lr, plan_steps
 from .signals import PreemptionFlag
-from .step import OptimizerStep, build_adamw
+from .step import OptimizerStep, build_adamw, optimizer_state_by_name, with_backend_options
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, backend: Backend | None = None) -> None:
         self.cfg = cfg
-        self.backend = b = backend or create_backend(cfg.backend.name, cfg.backend.compile_cache)
+        self.backend = b = backend or create_backend(cfg.backend.name, cfg.backend.compile_cache, cfg.backend.fsdp)
         self.precision = cfg.backend.precision
         b.check_precision(self.precision)
         b.manual_seed(cfg.run.seed)
@@ -107,12 +107,12 @@ class Trainer:
     def load_extra_state(self, state: dict[str, Any], url: str) -> None:
         pass
 
-    def state_dict(self) -> dict[str, Any]:
+    def run_state(self) -> dict[str, Any]:
+        """Everything a checkpoint holds besides model and optimizer tensors."""
         b = self.backend
         return {
             "kind": self.kind,
-            "model": b.to_cpu(b.unwrap(self.model).state_dict()),
-            **self.opt_step.state_dict(),
+            "scaler": self.opt_step.scaler_state(),
             "step": self.step,
             "data": self.data_position(),
             "rng": b.rng_state(),
@@ -121,6 +121,21 @@ class Trainer:
             **self.extra_state(),
         }
 
+    def state_dict(self) -> dict[str, Any]:
+        """The single-file checkpoint of an unsharded run: whole tensors on the host."""
+        b = self.backend
+        return {
+            "model": b.to_cpu(b.unwrap(self.model).state_dict()),
+            "optimizer": b.to_cpu(self.optimizer.state_dict()),
+            **self.run_state(),
+        }
+
+    def sharded_tensors(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """({"model": ..., "optimizer": {"state": ...}} keyed by parameter names, tensors as placed; the optimizer's
+        param groups): the DCP part of a sharded checkpoint and the plain part that goes with ``run_state``."""
+        model_state, optim_state = self.backend.training_state(self.model, self.optimizer)
+        return {"model": model_state, "optimizer": {"state": optim_state["state"]}}, optim_state["param_groups"]
+
     def load_state_dict(self, state: dict[str, Any], url: str) -> None:
         kind = state.get("kind")
         if kind != self.kind:
@@ -128,9 +143,26 @@ class Trainer:
                 f"{url}: a {kind or 'unlabelled'} checkpoint cannot resume {self.kind} (run.resume); a finetuning run "
                 "starts from a pretraining checkpoint through finetune.checkpoint"
             )
-        load_model_state(self.backend.unwrap(self.model), state["model"], url)
-        self.opt_step.load_state_dict(state)
-        self.backend.set_rng_state(state["rng"])
+        b = self.backend
+        if "sharded" in state:  # DCP: read in place into this run's placement, whatever fsdp size wrote it
+            tensors, _ = self.sharded_tensors()
+            b.read_sharded(tensors, state["sharded"])
+            groups = with_backend_options(self.optimizer, state["optimizer_param_groups"])
+            optimizer_state = {"state": tensors["optimizer"]["state"], "param_groups": groups}
+            b.load_training_state(self.model, self.optimizer, tensors["model"], optimizer_state)
+        elif b.shards_state:  # a single-file checkpoint into a sharded run: whole tensors, split on load
+            check_state_dict(b.unwrap(self.model).state_dict(), state["model"], url)
+            by_name = optimizer_state_by_name(self.optimizer, b.unwrap(self.model), state["optimizer"])
+            b.load_training_state(self.model, self.optimizer, state["model"], by_name, full=True)
+        else:
+            load_model_state(b.unwrap(self.model), state["model"], url)
+            saved = state["optimizer"]
+            self.optimizer.load_state_dict(
+                saved | {"param_groups": with_backend_options(self.optimizer, saved["param_groups"])}
+            )
+            b.place_optimizer_state(self.optimizer)
+        self.opt_step.load_scaler_state(state.get("scaler"))
+        b.set_rng_state(state["rng"])
         self.step = int(state["step"])
         self._check_resumed_data_position(state.get("data", {}))
         self.load_extra_state(state, url)
@@ -168,19 +200,39 @@ class Trainer:
                 )  # fmt: skip
         self.data_skipped = saved.get("skipped_samples", 0)
 
-    def save_checkpoint(self) -> str | None:
-        """Save unless a non-finite loss has been seen (then the last good checkpoint stays the newest)."""
+    def save_checkpoint(self, final: bool = False) -> str | None:
+        """Save unless a non-finite loss has been seen (then the last good checkpoint stays the newest). A sharded
+        checkpoint is written in the background except the ``final`` one, which is committed before this returns."""
         self._check_finite()
         if self.nonfinite_seen:
             return None
+        b = self.backend
+        if b.shards_state:
+            return self._save_sharded(final)
         state = self.state_dict()  # every rank takes part: on XLA this syncs pending work
         url = None
-        if self.backend.is_main:
-            parameters = [n for n, _ in self.backend.unwrap(self.model).named_parameters()]
+        if b.is_main:
+            parameters = [n for n, _ in b.unwrap(self.model).named_parameters()]
             url = self.checkpoints.save(state, self.step, parameters)
             log.info("saved %s", url)
         self.metrics.sync(force=True)
-        self.backend.barrier()
+        b.barrier()
+        return url
+
+    def _save_sharded(self, final: bool) -> str:
+        b = self.backend
+        bad = b.nonfinite_parameters(list(b.unwrap(self.model).named_parameters()))
+        if bad:
+            raise CheckpointError(f"refusing to commit the checkpoint of step {self.step}: parameter {bad[0]!r} "
+                                  "is not finite")  # fmt: skip
+        tensors, param_groups = self.sharded_tensors()
+        meta = self.run_state() | {"optimizer_param_groups": b.to_cpu(param_groups)}
+        url = self.checkpoints.save_sharded(
+            self.step, meta, lambda url: b.write_sharded(tensors, url, asynchronous=not final), b.is_main, wait=final
+        )
+        log.info("saving %s%s", url, "" if final else " (in the background)")
+        self.metrics.sync(force=True)
+        b.barrier()
         return url
 
     # ------------------------------------------------------------------ metrics
@@ -289,7 +341,7 @@ class Trainer:
                     self.save_checkpoint()
             if stopped == "finished" and self.step < self.total_steps:
                 stopped = "max_steps"
-            checkpoint = self.save_checkpoint()
+            checkpoint = self.save_checkpoint(final=True)
             self._raise_if_nonfinite()
             if progress is not None:
                 self._show(progress, None)  # the final window's figures, the same as the summary's
@@ -298,6 +350,7 @@ class Trainer:
             preempt.restore()
             if progress is not None:
                 progress.close()
+            self.checkpoints.commit_pending()  # a background write that finished is committed; never lost silently
             self.metrics.close()
 
     def _show(self, progress, img_s: float | None) -> None:
