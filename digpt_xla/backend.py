@@ -630,6 +630,10 @@ class XlaSpmdBackend(XlaBackend):
 
     def _parameter_spec(self, p: Tensor) -> tuple[str | None, ...] | None:
         """Split the largest dimension the fsdp size divides; None (replicated) when none does."""
+        if self.fsdp == 1:
+            # Declared replicated, not left unannotated: the first step's outputs come back annotated, and parameters
+            # without it in step 1 but with it from step 2 on made step 2 compile a second graph.
+            return (None,) * p.ndim
         dims = [d for d in sorted(range(p.ndim), key=lambda d: -p.shape[d]) if p.shape[d] % self.fsdp == 0]
         if not dims:
             return None
@@ -659,8 +663,7 @@ class XlaSpmdBackend(XlaBackend):
 
     def prepare_model(self, model: nn.Module, precision: str = "fp32") -> nn.Module:
         model = model.to(self.device)  # unsharded tensors are copied to every device
-        if self.fsdp > 1:
-            self._shard_parameters(model)
+        self._shard_parameters(model)
         return model
 
     def prepare_frozen(self, module: nn.Module, shard: bool = False, precision: str = "fp32") -> nn.Module:

@@ -100,6 +100,16 @@ def test_xla_spmd_on_a_data_by_fsdp_mesh_matches_one_eager_device(spmd_run, tmp_
     assert_really_sharded(run, devices=8, fsdp=4)
 
 
+@needs_xla
+def test_xla_spmd_data_parallel_compiles_the_step_once(tmp_path):
+    """fsdp=1: parameters and moments are declared replicated, so step 2's inputs carry the same annotations as
+    step 1's (left unannotated, step 2 compiled a second graph)."""
+    run = train(tmp_path / "dp", "backend.name=xla-spmd", "data.batch_size=2", "schedule.max_steps=4",
+                "run.ckpt_every=0", devices=4)  # fmt: skip
+    compiles = run["compilations"]
+    assert compiles == [compiles[0]] * 4, f"compilations after steps 1-4: {compiles}"
+
+
 def test_fsdp2_under_torchrun_matches_ddp_and_resumes_a_ddp_checkpoint(tmp_path):
     common = ["backend.name=cpu", f"data.batch_size={GLOBAL_BATCH // 2}", "schedule.max_steps=4", "run.ckpt_every=3"]
     fsdp = train(tmp_path / "fsdp", *common, "backend.fsdp=2", nproc=2)
