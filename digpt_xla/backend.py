@@ -7,6 +7,7 @@ lazily, only by the XLA backends, so ``import digpt_xla`` works where torch_xla 
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
 import logging
 import os
@@ -587,7 +588,8 @@ class XlaSpmdBackend(XlaBackend):
 
     The batch is sharded over both axes. With ``fsdp`` > 1 every parameter, and its AdamW moments, is split over the
     ``fsdp`` axis (FSDPv2: the compiler all-gathers a block's weights where it runs and reduce-scatters its
-    gradients) and each block's output is sharded on the batch. Each host feeds only its own slice of the batch,
+    gradients); with 1 they are declared replicated. The output of every module that owns weights is sharded on
+    the batch. Each host feeds only its own slice of the batch,
     declared to torch_xla as a minibatch of the global array; one host is the same code with one slice.
     """
 
@@ -719,16 +721,16 @@ class XlaSpmdBackend(XlaBackend):
         from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
         from torch_xla.experimental.distributed_checkpoint import SPMDSavePlanner
 
+        save = functools.partial(dcp.save, storage_writer=FsspecWriter(url), planner=SPMDSavePlanner())
         if not asynchronous:
-            dcp.save(state, storage_writer=FsspecWriter(url), planner=SPMDSavePlanner())
+            save(state)
             return None
         # This host's shards copied to host memory now, as torch_xla's own CheckpointManager.save_async stages them.
         from torch_xla.experimental.distributed_checkpoint._helpers import _sharded_cpu_state_dict
 
-        staged = _sharded_cpu_state_dict(state)
         if not hasattr(self, "_writer"):
             self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="digpt-dcp")
-        return self._writer.submit(dcp.save, staged, storage_writer=FsspecWriter(url), planner=SPMDSavePlanner())
+        return self._writer.submit(save, _sharded_cpu_state_dict(state))
 
     def read_sharded(self, state: dict[str, Any], url: str) -> None:
         import torch.distributed.checkpoint as dcp
@@ -741,8 +743,7 @@ class XlaSpmdBackend(XlaBackend):
     def shutdown(self) -> None:
         if getattr(self, "_writer", None) is not None:
             self._writer.shutdown(wait=True)
-        if self.distributed and dist.is_initialized():
-            dist.destroy_process_group()
+        Backend.shutdown(self)  # the gloo group of a multi-host run (XlaBackend has none to close)
 
 
 class _MappedIterable:

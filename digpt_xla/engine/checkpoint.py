@@ -40,10 +40,18 @@ class CheckpointManager:
     def _path(self, step: int, suffix: str) -> str:
         return f"{self.root.rstrip('/')}/ckpt-{step:08d}{suffix}"
 
+    def _url(self, step: int, suffix: str) -> str:
+        return f"{self.directory}/ckpt-{step:08d}{suffix}"
+
     def url(self, step: int) -> str:
         """The checkpoint of ``step``: its directory when it is sharded, else its ``.pt`` file."""
-        sharded = self.fs.isdir(self._path(step, ""))
-        return f"{self.directory}/ckpt-{step:08d}" + ("" if sharded else ".pt")
+        return self._url(step, "" if self.fs.isdir(self._path(step, "")) else ".pt")
+
+    @staticmethod
+    def _refuse_nonfinite(url: str, nonfinite: Collection[str]) -> None:
+        bad = next(iter(nonfinite), None)
+        if bad is not None:
+            raise CheckpointError(f"refusing to commit {url}: parameter {bad!r} is not finite")
 
     def complete_steps(self) -> list[int]:
         """Steps with a committed checkpoint, oldest first."""
@@ -66,9 +74,7 @@ class CheckpointManager:
         tensors: buffers such as the attention mask hold -inf by design) is not finite."""
         model = state["model"]
         finite = [isinstance(model.get(k), Tensor) and bool(torch.isfinite(model[k]).all()) for k in parameters]
-        bad = next((k for k, ok in zip(parameters, finite, strict=True) if not ok), None)
-        if bad is not None:
-            raise CheckpointError(f"refusing to commit {self.url(step)}: parameter {bad!r} is not finite")
+        self._refuse_nonfinite(self._url(step, ".pt"), [k for k, ok in zip(parameters, finite, strict=True) if not ok])
         buffer = io.BytesIO()
         torch.save(state, buffer)
         self.fs.makedirs(self.root, exist_ok=True)
@@ -84,13 +90,14 @@ class CheckpointManager:
         return self.url(step)
 
     def save_sharded(self, step: int, meta: dict[str, Any], write: Callable[[str], Future | None], is_main: bool,
-                     wait: bool = True) -> str:  # fmt: skip
+                     wait: bool = True, nonfinite: Collection[str] = ()) -> str:  # fmt: skip
         """A sharded checkpoint: every rank calls this; ``write(url)`` writes the DCP part (returning a Future when
         it runs in the background) and the main rank writes ``meta`` and, once all is written, the marker. With
-        ``wait`` false an asynchronous write is committed by the next save or ``commit_pending``."""
+        ``wait`` false an asynchronous write is committed by the next save or ``commit_pending``. Refused before
+        anything is written when ``nonfinite`` names a parameter (found on the devices, where the shards are)."""
+        path, url = self._path(step, ""), self._url(step, "")
+        self._refuse_nonfinite(url, nonfinite)
         self.commit_pending()
-        path = self._path(step, "")
-        url = f"{self.directory}/ckpt-{step:08d}"
         if is_main:
             self.fs.makedirs(path, exist_ok=True)
             buffer = io.BytesIO()

@@ -125,7 +125,7 @@ class Trainer:
         """The single-file checkpoint of an unsharded run: whole tensors on the host."""
         b = self.backend
         return {
-            "model": b.to_cpu(b.unwrap(self.model).state_dict()),
+            "model": b.model_state_cpu(self.model),
             "optimizer": b.to_cpu(self.optimizer.state_dict()),
             **self.run_state(),
         }
@@ -221,14 +221,16 @@ class Trainer:
 
     def _save_sharded(self, final: bool) -> str:
         b = self.backend
-        bad = b.nonfinite_parameters(list(b.unwrap(self.model).named_parameters()))
-        if bad:
-            raise CheckpointError(f"refusing to commit the checkpoint of step {self.step}: parameter {bad[0]!r} "
-                                  "is not finite")  # fmt: skip
+        nonfinite = b.nonfinite_parameters(list(b.unwrap(self.model).named_parameters()))
         tensors, param_groups = self.sharded_tensors()
         meta = self.run_state() | {"optimizer_param_groups": b.to_cpu(param_groups)}
         url = self.checkpoints.save_sharded(
-            self.step, meta, lambda url: b.write_sharded(tensors, url, asynchronous=not final), b.is_main, wait=final
+            self.step,
+            meta,
+            lambda url: b.write_sharded(tensors, url, asynchronous=not final),
+            b.is_main,
+            wait=final,
+            nonfinite=nonfinite,
         )
         log.info("saving %s%s", url, "" if final else " (in the background)")
         self.metrics.sync(force=True)
