@@ -14,7 +14,7 @@ import os
 import random
 import re
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .daemon_pool import DaemonPool
 from .precision import PRECISIONS, precision_problem
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ class Backend:
         self.fsdp = fsdp
         self._check_fsdp(self.world_size, "processes (torchrun --nproc_per_node x nodes)")
         self._mesh = None
+        self._control = dist.new_group(backend="gloo") if self.distributed else None
 
     def _check_fsdp(self, devices: int, what: str) -> None:
         if self.fsdp < 1 or devices % self.fsdp:
@@ -356,6 +358,16 @@ class Backend:
         if self.distributed:
             dist.barrier()
 
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is true on any (a preemption notice that reached some ranks only). A
+        host-side all-reduce over a gloo group of its own: no device sync, never interleaved with the step's or a
+        background checkpoint's collectives. Every rank calls it at the same step boundary."""
+        if self._control is None:
+            return flag
+        t = torch.tensor([int(flag)], dtype=torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._control)
+        return bool(t.item())  # a CPU tensor: no device sync
+
     def on_host(self, fn: Callable[..., None], *tensors: Tensor) -> None:
         """Call ``fn`` with ``tensors`` readable on the host (deferred until after the step on XLA)."""
         fn(*tensors)
@@ -445,6 +457,18 @@ class XlaBackend(Backend):
         self.world_size = xr.world_size()
         self.local_rank = xr.local_ordinal()
         self.device = torch_xla.device()
+        self._control = self._host_group() if type(self) is XlaBackend else None
+
+    def _host_group(self) -> Any:
+        """A gloo group between this run's processes (PJRT's ``xla://`` rendezvous) for host-side agreement and
+        DCP's coordination; None for one process."""
+        if self.world_size == 1:
+            return None
+        if not dist.is_initialized():
+            import torch_xla.distributed.xla_backend  # noqa: F401  (registers init_method="xla://")
+
+            dist.init_process_group("gloo", init_method="xla://")
+        return dist.new_group(backend="gloo")
 
     def _setup_runtime(self) -> None:
         if self.compile_cache:
@@ -612,11 +636,9 @@ class XlaSpmdBackend(XlaBackend):
         self._xs.set_global_mesh(self.mesh)
         self._param_specs: dict[Tensor, tuple[str | None, ...]] = {}
         self._input_specs: dict[int, Any] = {}
-        if self.world_size > 1 and not dist.is_initialized():
-            import torch_xla.distributed.xla_backend  # noqa: F401  (registers init_method="xla://")
-
-            dist.init_process_group("gloo", init_method="xla://")  # for DCP's coordination between hosts
-            self.distributed = True
+        # Hosts agree (preemption) over a group of their own; DCP coordinates over the default group.
+        self._control = self._host_group()
+        self.distributed = self._control is not None
 
     @property
     def devices_per_process(self) -> int:
@@ -719,9 +741,8 @@ class XlaSpmdBackend(XlaBackend):
     def write_sharded(self, state: dict[str, Any], url: str, asynchronous: bool) -> Future | None:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
-        from torch_xla.experimental.distributed_checkpoint import SPMDSavePlanner
 
-        save = functools.partial(dcp.save, storage_writer=FsspecWriter(url), planner=SPMDSavePlanner())
+        save = functools.partial(dcp.save, storage_writer=FsspecWriter(url), planner=_spmd_save_planner())
         if not asynchronous:
             save(state)
             return None
@@ -729,7 +750,7 @@ class XlaSpmdBackend(XlaBackend):
         from torch_xla.experimental.distributed_checkpoint._helpers import _sharded_cpu_state_dict
 
         if not hasattr(self, "_writer"):
-            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="digpt-dcp")
+            self._writer = DaemonPool(1, "digpt-dcp")  # one write at a time, in order; never blocks exit
         return self._writer.submit(save, _sharded_cpu_state_dict(state))
 
     def read_sharded(self, state: dict[str, Any], url: str) -> None:
@@ -741,9 +762,31 @@ class XlaSpmdBackend(XlaBackend):
         dcp.load(state, storage_reader=dcp_reader(url), planner=SPMDLoadPlanner())
 
     def shutdown(self) -> None:
-        if getattr(self, "_writer", None) is not None:
-            self._writer.shutdown(wait=True)
         Backend.shutdown(self)  # the gloo group of a multi-host run (XlaBackend has none to close)
+
+
+def _spmd_save_planner():
+    """torch_xla's SPMD save planner, writing each distinct shard of this host once.
+
+    Its own planner de-duplicates replicas only across hosts, keyed by (name, offset) per host's plan: a host that
+    holds two replicas of one shard (the data axis of a (data, fsdp) mesh on one host) listed the key twice in one
+    plan, and the de-duplication then dropped both, so the checkpoint held no sharded tensor at all."""
+    import dataclasses
+
+    from torch_xla.experimental.distributed_checkpoint import SPMDSavePlanner
+
+    class OneReplicaSpmdSavePlanner(SPMDSavePlanner):
+        def create_local_plan(self):
+            plan = super().create_local_plan()
+            seen, items = set(), []
+            for item in plan.items:
+                key = (item.index.fqn, item.index.offset)
+                if key not in seen:
+                    seen.add(key)
+                    items.append(item)
+            return dataclasses.replace(plan, items=items)
+
+    return OneReplicaSpmdSavePlanner()
 
 
 class _MappedIterable:

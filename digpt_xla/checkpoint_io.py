@@ -8,11 +8,18 @@ Sharded checkpoints (``torch.distributed.checkpoint``, DCP) are a directory: ``m
 sharded tensors, read as above) and DCP's files for ``model`` and ``optimizer``. DCP itself unpickles its
 ``.metadata`` with plain ``pickle`` and loads non-tensor entries with ``weights_only=False``; ``SafeDcpReader``
 unpickles only DCP's own metadata classes and refuses any non-tensor entry, so neither path runs.
+
+The release's checkpoints (MAE's ``save_model``) also hold ``args``, an ``argparse.Namespace``: plain data, the one
+class allowed beyond torch's own. A checkpoint committed by this project has a ``.done`` marker that lists the size
+and SHA-256 of every file it consists of; readers check them, so a truncated, missing or foreign file is named.
 """
 
 from __future__ import annotations
 
+import argparse
+import hashlib
 import io
+import json
 import pickle
 import warnings
 from collections.abc import Mapping
@@ -53,7 +60,7 @@ def _why_unpickling_failed(error: Exception) -> str:
 def load_torch_payload(payload: bytes, url: str) -> Any:
     """``torch.load(weights_only=True)`` of a file's bytes, every failure as one CheckpointError naming ``url``."""
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), torch.serialization.safe_globals([argparse.Namespace]):
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -72,22 +79,115 @@ def is_sharded(url: str) -> bool:
     return fs.isdir(path) and fs.exists(f"{path.rstrip('/')}/{SHARDED_META}")
 
 
+# ---------------------------------------------------------------------------------------------- commit records
+def marker_url(url: str) -> str:
+    """The ``.done`` commit marker of the checkpoint file or directory at ``url``."""
+    return url.rstrip("/").removesuffix(".pt") + ".done"
+
+
+def digest(data: bytes) -> dict[str, Any]:
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def file_digest(url: str) -> dict[str, Any]:
+    """Size and SHA-256 of a file, streamed (shards can be larger than memory should hold twice)."""
+    sha, size = hashlib.sha256(), 0
+    with fsspec.open(url, "rb") as f:
+        while chunk := f.read(1 << 24):
+            sha.update(chunk)
+            size += len(chunk)
+    return {"size": size, "sha256": sha.hexdigest()}
+
+
+def commit_record(url: str) -> dict[str, Any] | None:
+    """The file list of a checkpoint's marker; None for a marker without one (written before markers had it) and
+    for a checkpoint that has no marker beside it (a file handed over on its own)."""
+    fs, path = fsspec.core.url_to_fs(marker_url(url))
+    try:
+        text = fs.cat_file(path)
+    except FileNotFoundError:
+        return None
+    if not text.strip():
+        return None
+    try:
+        record = json.loads(text)
+        files = record["files"]
+        if not isinstance(files, dict) or not all(
+            isinstance(v, dict) and isinstance(v.get("size"), int) and isinstance(v.get("sha256"), str)
+            for v in files.values()
+        ):
+            raise TypeError("files")
+    except (ValueError, KeyError, TypeError):
+        raise CheckpointError(f"{marker_url(url)}: commit marker is not a file list (damaged?)") from None
+    return record
+
+
+def verify_files(url: str, payload: bytes | None = None) -> None:
+    """Check every file the commit record lists against its size and SHA-256 (``payload``: the bytes of a
+    single-file checkpoint already in memory). A checkpoint without a record passes unchecked."""
+    record = commit_record(url)
+    if record is None:
+        return
+    base = url.rstrip("/").rsplit("/", 1)[0]
+    fs = fsspec.core.url_to_fs(url)[0]
+    for name, expected in sorted(record["files"].items()):
+        file_url = f"{base}/{name}"
+        if payload is not None and file_url == url.rstrip("/"):
+            found = digest(payload)
+        else:
+            try:
+                size = fs.size(fsspec.core.url_to_fs(file_url)[1])
+            except FileNotFoundError:
+                raise CheckpointError(f"{file_url}: missing from the committed checkpoint {url}") from None
+            if size != expected["size"]:
+                raise CheckpointError(
+                    f"{file_url}: {size} bytes where the checkpoint committed {expected['size']} (truncated?)"
+                )
+            found = file_digest(file_url)
+        if found != expected:
+            what = "size" if found["size"] != expected["size"] else "SHA-256"
+            raise CheckpointError(
+                f"{file_url}: {what} differs from what {marker_url(url)} committed (damaged, or a file of another "
+                "checkpoint)"
+            )
+
+
+# ---------------------------------------------------------------------------------------------- training state
+
+def _check_training_state(state: Any, url: str, sharded: bool) -> dict[str, Any]:
+    """One line naming the entry when a safely loaded file does not have a training checkpoint's structure."""
+    what = "sharded checkpoint's meta.pt" if sharded else "training checkpoint"
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{url}: holds a {type(state).__name__}, not a digpt_xla {what}")
+    required = {"step": int, "rng": Mapping}
+    required |= {"optimizer_param_groups": list} if sharded else {"model": Mapping, "optimizer": Mapping}
+    for key, kind in required.items():
+        if key not in state:
+            raise CheckpointError(f"{url}: not a digpt_xla {what} (no {key!r} entry)")
+        if not isinstance(state[key], kind) or isinstance(state[key], bool):
+            raise CheckpointError(f"{url}: entry {key!r} is a {type(state[key]).__name__}, not a {kind.__name__}")
+    if state["step"] < 0:
+        raise CheckpointError(f"{url}: entry 'step' is {state['step']}, not a step count (>= 0)")
+    if not sharded and not {"state", "param_groups"} <= set(state["optimizer"]):
+        raise CheckpointError(f"{url}: entry 'optimizer' is not an optimizer state dict (no 'state'/'param_groups')")
+    return dict(state)
+
+
 def read_checkpoint(url: str) -> dict[str, Any]:
-    """A training checkpoint of this project (weights, optimizer, RNG, data position, config).
+    """A training checkpoint of this project (weights, optimizer, RNG, data position, config), its files checked
+    against its commit record.
 
     For a sharded checkpoint this is its ``meta.pt`` with ``sharded`` = the directory's URL: the model and optimizer
     tensors are read by whoever knows their placement (the trainer, through DCP, or ``read_sharded_tensors``)."""
     if is_sharded(url):
+        verify_files(url)
         meta_url = f"{url.rstrip('/')}/{SHARDED_META}"
-        state = load_torch_payload(read_bytes(meta_url), meta_url)
-        if not isinstance(state, Mapping) or "step" not in state:
-            raise CheckpointError(f"{meta_url}: not a digpt_xla sharded checkpoint (no 'step' entry)")
+        state = _check_training_state(load_torch_payload(read_bytes(meta_url), meta_url), meta_url, sharded=True)
         dcp_reader(url).read_metadata()  # unreadable or foreign DCP metadata fails here, before any tensor is read
-        return dict(state) | {"sharded": url.rstrip("/")}
-    state = load_torch_payload(read_bytes(url), url)
-    if not isinstance(state, Mapping) or "model" not in state or "step" not in state:
-        raise CheckpointError(f"{url}: not a digpt_xla training checkpoint (no 'model' and 'step' entries)")
-    return dict(state)
+        return state | {"sharded": url.rstrip("/")}
+    payload = read_bytes(url)
+    verify_files(url, payload)
+    return _check_training_state(load_torch_payload(payload, url), url, sharded=False)
 
 
 # DCP's .metadata holds instances of these classes (and torch dtypes / Size); nothing else is unpickled.
@@ -183,11 +283,13 @@ def read_state_dict(url: str) -> dict[str, Tensor]:
     A wrapping ``state_dict``/``model`` entry and a DDP ``module.`` prefix are removed.
     """
     if is_sharded(url):
+        verify_files(url)
         return read_sharded_tensors(url, "model")
     suffix = next((s for s in STATE_DICT_SUFFIXES if url.endswith(s)), None)
     if suffix is None:
         raise CheckpointError(f"{url}: unsupported checkpoint type; expected one of {', '.join(STATE_DICT_SUFFIXES)}")
     payload = read_bytes(url)
+    verify_files(url, payload)
     if suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load as load_safetensors

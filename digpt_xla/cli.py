@@ -147,6 +147,9 @@ def run_command(parser: argparse.ArgumentParser, argv: list[str] | None, errors:
     except NonFiniteLossError as e:  # not the user's mistake, but a clean stop all the same
         print(f"{parser.prog}: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C before training started (inside the loop it checkpoints and stops)
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        return 130
 
 
 def user_errors() -> tuple[type[Exception], ...]:

@@ -33,6 +33,7 @@ from torch.utils.data import IterableDataset, default_collate, get_worker_info
 from webdataset.filters import _shuffle
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from ..daemon_pool import DaemonPool
 from .errors import DataError, SkipCounter, log
 from .sampler import sample_seed
 from .transforms import decode_image, seeded
@@ -40,14 +41,14 @@ from .transforms import decode_image, seeded
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 MANIFEST = "manifest.json"
 MAX_UNREADABLE_IN_A_ROW = 1000
-_POOLS: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
+_POOLS: dict[int, DaemonPool] = {}
 
 
-def _pool() -> concurrent.futures.ThreadPoolExecutor:
+def _pool() -> DaemonPool:
     # One per process: a pool inherited through fork (DataLoader workers) has no threads and would never run.
     pid = os.getpid()
     if pid not in _POOLS:
-        _POOLS[pid] = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="digpt-shard-io")
+        _POOLS[pid] = DaemonPool(4, "digpt-shard-io")
     return _POOLS[pid]
 
 
@@ -79,17 +80,16 @@ def check_shards_exist(urls: list[str], timeout: float) -> None:
         return fs.exists(path)
 
     # In parallel: a thousand gs:// shards checked one by one would add a minute to every rank's start.
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="digpt-shard-check")
-    try:
-        futures = {u: pool.submit(exists, u) for u in urls}
-        found = []
-        for url, future in futures.items():
-            try:
-                found.append(future.result(timeout=timeout))
-            except concurrent.futures.TimeoutError:
-                raise _stalled(url, timeout) from None
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)  # never wait on a stalled check
+    pool = DaemonPool(32, "digpt-shard-check")  # daemon threads: a stalled check never keeps the process alive
+    futures = {u: pool.submit(exists, u) for u in urls}
+    found = []
+    for url, future in futures.items():
+        try:
+            found.append(future.result(timeout=timeout))
+        except concurrent.futures.TimeoutError:
+            for pending in futures.values():
+                pending.cancel()
+            raise _stalled(url, timeout) from None
     missing = [u for u, ok in zip(urls, found, strict=True) if not ok]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")

@@ -7,15 +7,21 @@ a single file is additionally written to a temporary name and renamed. A sharded
 background; it is committed once the write has finished (at the next save, or at once when asked to wait). A
 checkpoint whose parameters are not all finite is never committed; a committed one that cannot be read is set
 aside (renamed ``*.corrupt``, never deleted) and the previous complete one is used.
+
+Before its marker is written, a sharded checkpoint is checked for completeness: DCP's metadata must hold every
+tensor the run has (each parameter and optimizer state tensor, every element of it covered by the saved chunks).
+The marker then records each file's size and SHA-256, which every reader checks.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
+import math
 import re
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import Future
 from typing import Any
 
@@ -24,7 +30,8 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from torch import Tensor
 
-from ..checkpoint_io import SHARDED_META, CheckpointError, read_checkpoint
+from ..checkpoint_io import SHARDED_META, CheckpointError, dcp_reader, digest, file_digest, read_checkpoint
+from ..daemon_pool import in_background
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"ckpt-(\d+)(\.pt)?$")
@@ -35,13 +42,17 @@ class CheckpointManager:
         self.fs, self.root = fsspec.core.url_to_fs(directory)
         self.directory = directory.rstrip("/")
         self.keep_last = keep_last
-        self._pending: tuple[int, Future | None, bool] | None = None  # a sharded write not yet committed
+        self._pending: tuple[int, Future | None] | None = None  # a sharded write not yet committed
 
     def _path(self, step: int, suffix: str) -> str:
         return f"{self.root.rstrip('/')}/ckpt-{step:08d}{suffix}"
 
     def _url(self, step: int, suffix: str) -> str:
         return f"{self.directory}/ckpt-{step:08d}{suffix}"
+
+    def url_of(self, step: int) -> str:
+        """The sharded checkpoint directory of ``step`` (before it exists)."""
+        return self._url(step, "")
 
     def url(self, step: int) -> str:
         """The checkpoint of ``step``: its directory when it is sharded, else its ``.pt`` file."""
@@ -85,16 +96,22 @@ class CheckpointManager:
             self.fs.mv(tmp, final)
         else:
             self.fs.pipe_file(final, buffer.getvalue())
-        self.fs.pipe_file(self._path(step, ".done"), b"")
-        self._prune()
+        self._commit(step, {f"ckpt-{step:08d}.pt": digest(buffer.getvalue())})
         return self.url(step)
 
+    def _commit(self, step: int, files: dict[str, Any]) -> None:
+        """Write the marker (the commit), listing every file of the checkpoint with its size and SHA-256."""
+        self.fs.pipe_file(self._path(step, ".done"), json.dumps({"step": step, "files": files}, indent=1).encode())
+        self._prune()
+
     def save_sharded(self, step: int, meta: dict[str, Any], write: Callable[[str], Future | None], is_main: bool,
-                     wait: bool = True, nonfinite: Collection[str] = ()) -> str:  # fmt: skip
+                     expected: Mapping[str, tuple[int, ...]], wait: bool = True,
+                     nonfinite: Collection[str] = ()) -> str:  # fmt: skip
         """A sharded checkpoint: every rank calls this; ``write(url)`` writes the DCP part (returning a Future when
-        it runs in the background) and the main rank writes ``meta`` and, once all is written, the marker. With
-        ``wait`` false an asynchronous write is committed by the next save or ``commit_pending``. Refused before
-        anything is written when ``nonfinite`` names a parameter (found on the devices, where the shards are)."""
+        it runs in the background) and the main rank writes ``meta`` and, once all is written and found complete
+        (``expected``: every DCP key the checkpoint must hold, with its global shape), the marker. With ``wait``
+        false an asynchronous write is committed by the next save or ``commit_pending``. Refused before anything is
+        written when ``nonfinite`` names a parameter (found on the devices, where the shards are)."""
         path, url = self._path(step, ""), self._url(step, "")
         self._refuse_nonfinite(url, nonfinite)
         self.commit_pending()
@@ -103,22 +120,35 @@ class CheckpointManager:
             buffer = io.BytesIO()
             torch.save(meta, buffer)
             self.fs.pipe_file(f"{path}/{SHARDED_META}", buffer.getvalue())
-        self._pending = (step, write(url), is_main)
+        written = write(url)
+
+        def check() -> dict[str, Any] | None:
+            if written is not None:
+                written.result()
+            if not is_main:
+                return None
+            check_sharded_complete(url, expected)
+            return {
+                f"ckpt-{step:08d}/{p.rsplit('/', 1)[-1]}": file_digest(f"{url}/{p.rsplit('/', 1)[-1]}")
+                for p in self.fs.ls(path, detail=False)
+            }
+
+        # Checked and hashed in the background too when the write is: the step loop goes on meanwhile.
+        self._pending = (step, _done(check()) if written is None else in_background(check, name="digpt-ckpt-commit"))
         if wait:
             self.commit_pending()
         return url
 
     def commit_pending(self) -> None:
-        """Wait for a background checkpoint write, then commit it (main rank)."""
+        """Wait for a background checkpoint write and its check, then commit it (main rank). An incomplete
+        checkpoint is never committed: CheckpointError names what is missing."""
         if self._pending is None:
             return
-        step, future, is_main = self._pending
+        step, future = self._pending
         self._pending = None
-        if future is not None:
-            future.result()
-        if is_main:
-            self.fs.pipe_file(self._path(step, ".done"), b"")
-            self._prune()
+        files = future.result() if future is not None else None
+        if files is not None:
+            self._commit(step, files)
             log.info("committed %s", self.url(step))
 
     def load_latest(self, set_aside: bool = True) -> tuple[str, dict[str, Any]] | None:
@@ -151,3 +181,31 @@ class CheckpointManager:
             for suffix in (".pt", ""):
                 if self.fs.exists(self._path(step, suffix)):
                     self.fs.rm(self._path(step, suffix), recursive=True)
+
+
+def _done(value: Any) -> Future:
+    future: Future = Future()
+    future.set_result(value)
+    return future
+
+
+def check_sharded_complete(url: str, expected: Mapping[str, tuple[int, ...]], doing: str = "refusing to commit") -> None:
+    """Refuse (to commit, or to resume from: ``doing``) a DCP checkpoint whose metadata lacks a tensor of
+    ``expected``, has it with another shape, or whose saved chunks do not cover all of it (replicas of one chunk
+    count once)."""
+    entries = dcp_reader(url).read_metadata().state_dict_metadata
+    for key, shape in expected.items():
+        meta = entries.get(key)
+        if meta is None:
+            held = sum(1 for k in expected if k in entries)
+            raise CheckpointError(
+                f"{doing} {url}: it lacks {key!r} (holds {held} of the run's {len(expected)} tensors)"
+            )
+        if tuple(meta.size) != tuple(shape):
+            raise CheckpointError(f"{doing} {url}: {key!r} has shape {tuple(meta.size)}, the run's is {shape}")
+        chunks = {(tuple(c.offsets), tuple(c.sizes)) for c in meta.chunks}
+        covered = sum(math.prod(sizes) for _, sizes in chunks)
+        if covered != math.prod(shape):
+            raise CheckpointError(
+                f"{doing} {url}: {key!r} holds {covered} of its {math.prod(shape)} elements"
+            )

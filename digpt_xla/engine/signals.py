@@ -1,33 +1,86 @@
-"""Preemption: SIGTERM (what a TPU VM or a scheduler sends before taking the machine) sets a flag; the training
-loop checkpoints at the next step boundary and exits cleanly. A second SIGTERM stops the process at once, without
-a checkpoint (for a step that never ends: a stalled read, a hung collective)."""
+"""Preemption: SIGTERM (what a TPU VM or a scheduler sends before taking the machine) or SIGINT (Ctrl-C) sets a
+flag; the training loop agrees on it with every other rank at the next step boundary, checkpoints and exits
+cleanly. A second signal ends the process at once, without a checkpoint, even while it waits inside a collective
+or a stalled read.
+
+Python runs signal handlers only between bytecodes of the main thread, so a handler alone cannot stop a process
+blocked in C (a gloo all-reduce waiting for a rank that is gone). The signal is therefore also delivered through
+``signal.set_wakeup_fd`` to a daemon thread that counts it: that thread runs whatever the main thread is doing.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import threading
 from types import FrameType
 
 log = logging.getLogger(__name__)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class PreemptionFlag:
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)) -> None:
+    def __init__(self, signals: tuple[int, ...] = STOP_SIGNALS) -> None:
         self.requested = False
-        self._previous = {}
-        for sig in signals:
-            try:
+        self.signals = signals
+        self._count = 0
+        self._lock = threading.Lock()
+        self._previous: dict[int, object] = {}
+        self._wakeup: tuple[int, int] | None = None
+        self._previous_fd = -1
+        try:
+            for sig in signals:
                 self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. some launchers): rely on hard-kill resume
-                log.warning("cannot install a handler for signal %s outside the main thread", sig)
+            read_fd, write_fd = os.pipe()
+            os.set_blocking(write_fd, False)
+            self._previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+            self._wakeup = (read_fd, write_fd)
+            threading.Thread(target=self._watch, args=(read_fd,), name="digpt-signals", daemon=True).start()
+        except ValueError:  # not the main thread (e.g. some launchers): the handler alone, or hard-kill resume
+            log.warning("cannot install signal handlers outside the main thread")
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.requested:
-            log.warning("received signal %d again: stopping now, without a checkpoint", signum)
-            raise SystemExit(128 + signum)
-        log.warning("received signal %d: will checkpoint and stop at the next step boundary", signum)
-        self.requested = True
+        if self._wakeup is None:  # no watcher thread: count here (between bytecodes only)
+            self._received(signum)
+
+    def _watch(self, read_fd: int) -> None:
+        try:
+            while True:
+                data = os.read(read_fd, 64)
+                if not data or 0 in data:  # closed, or the stop byte of restore()
+                    return
+                for signum in data:
+                    if signum in self.signals:
+                        self._received(signum)
+        finally:
+            os.close(read_fd)
+
+    def _received(self, signum: int) -> None:
+        with self._lock:
+            self._count += 1
+            again = self._count > 1
+            self.requested = True
+        name = signal.Signals(signum).name
+        if again:
+            # Straight to stderr: a logging handler's lock may be held by the blocked main thread.
+            os.write(2, f"received {name} again: stopping now, without a checkpoint\n".encode())
+            os._exit(128 + signum)  # from this thread, whatever the main thread is blocked in
+        log.warning("received %s: will checkpoint and stop at the next step boundary (again to stop at once)", name)
+
+    def ignore_further(self) -> None:
+        """After a stop that has been carried out: ignore these signals for the rest of the process (its shutdown;
+        an ignored signal stays ignored even while the interpreter finalizes, unlike a Python handler)."""
+        self.restore()
+        for sig in self.signals:
+            signal.signal(sig, signal.SIG_IGN)
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        if self._wakeup is not None:
+            _, write_fd = self._wakeup
+            self._wakeup = None
+            signal.set_wakeup_fd(self._previous_fd)
+            os.write(write_fd, b"\0")  # the watcher stops and closes its end
+            os.close(write_fd)

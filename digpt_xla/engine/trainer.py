@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from ..backend import Backend, create_backend
 from ..checkpoint_io import CheckpointError, check_state_dict, load_model_state, read_checkpoint
@@ -23,7 +23,7 @@ from ..config import Config
 from ..data import build_train_loader
 from ..repo import git_revision
 from ..rundir import RunDir
-from .checkpoint import CheckpointManager
+from .checkpoint import CheckpointManager, check_sharded_complete
 from .metrics import DeferredMeter, MetricsWriter
 from .schedule import base_lr, cosine_lr, plan_steps
 from .signals import PreemptionFlag
@@ -146,6 +146,7 @@ class Trainer:
         b = self.backend
         if "sharded" in state:  # DCP: read in place into this run's placement, whatever fsdp size wrote it
             tensors, _ = self.sharded_tensors()
+            check_sharded_complete(state["sharded"], dcp_shapes(tensors), doing="cannot resume from")
             b.read_sharded(tensors, state["sharded"])
             groups = with_backend_options(self.optimizer, state["optimizer_param_groups"])
             optimizer_state = {"state": tensors["optimizer"]["state"], "param_groups": groups}
@@ -162,7 +163,10 @@ class Trainer:
             )
             b.place_optimizer_state(self.optimizer)
         self.opt_step.load_scaler_state(state.get("scaler"))
-        b.set_rng_state(state["rng"])
+        try:
+            b.set_rng_state(state["rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{url}: entry 'rng' is not a random-generator state this run can restore ({e})")
         self.step = int(state["step"])
         self._check_resumed_data_position(state.get("data", {}))
         self.load_extra_state(state, url)
@@ -224,15 +228,16 @@ class Trainer:
         nonfinite = b.nonfinite_parameters(list(b.unwrap(self.model).named_parameters()))
         tensors, param_groups = self.sharded_tensors()
         meta = self.run_state() | {"optimizer_param_groups": b.to_cpu(param_groups)}
+        log.info("saving %s%s", self.checkpoints.url_of(self.step), "" if final else " (in the background)")
         url = self.checkpoints.save_sharded(
             self.step,
             meta,
             lambda url: b.write_sharded(tensors, url, asynchronous=not final),
             b.is_main,
+            expected=dcp_shapes(tensors),
             wait=final,
             nonfinite=nonfinite,
         )
-        log.info("saving %s%s", url, "" if final else " (in the background)")
         self.metrics.sync(force=True)
         b.barrier()
         return url
@@ -335,7 +340,7 @@ class Trainer:
                     if now - t_last > 2.0:
                         self._show(progress, (self.step - step_last) * self.effective_batch / (now - t_last))
                         t_last, step_last = now, self.step
-                if preempt.requested:
+                if b.any_rank(preempt.requested):  # every rank stops at this boundary, whichever got the signal
                     stopped = "preempted"
                     break
                 self.after_step()
@@ -349,7 +354,12 @@ class Trainer:
                 self._show(progress, None)  # the final window's figures, the same as the summary's
             return self.finish(stopped, checkpoint)
         finally:
-            preempt.restore()
+            if stopped == "preempted":
+                # The notice reaches other ranks' processes late; one arriving while this process shuts down (its
+                # checkpoint committed) must not kill it and turn a clean stop into a failed one.
+                preempt.ignore_further()
+            else:
+                preempt.restore()
             if progress is not None:
                 progress.close()
             self.checkpoints.commit_pending()  # a background write that finished is committed; never lost silently
@@ -360,6 +370,18 @@ class Trainer:
         if "loss" in self.last_metrics:
             shown[f"loss@{self.last_metrics_step}"] = f"{self.last_metrics['loss']:.4f}"
         progress.set_postfix(shown)
+
+
+def dcp_shapes(tree: Any, prefix: str = "") -> dict[str, tuple[int, ...]]:
+    """The keys DCP gives the tensors of a nested dict (names joined by dots), with their global shapes."""
+    shapes = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            shapes |= dcp_shapes(value, f"{name}.")
+        elif isinstance(value, Tensor):
+            shapes[name] = tuple(value.shape)
+    return shapes
 
 
 class _CountSkipped:

@@ -1,0 +1,132 @@
+"""Preemption agreed across ranks: a SIGTERM that reaches one rank (or reaches two ranks 1.5 s apart, as notices
+reach hosts) stops every rank at the same step with one complete checkpoint; SIGINT behaves as SIGTERM; a second
+signal ends a process at once, even while it waits in a collective for a rank that will never come. Each test
+ends by itself within its timeouts: a hang fails it, it never blocks the suite."""
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import PYTHON, REPO, subprocess_env
+from digpt_xla.engine.checkpoint import CheckpointManager
+from digpt_xla.engine.metrics import read_metrics
+
+TINY = ["--config", "yaml/demo.yaml", "backend.name=cpu", "run.progress=false", "run.knn_eval=false",
+        "model.depth=2", "model.embed_dim=32", "model.num_heads=2", "data.batch_size=8", "run.log_every=1",
+        "run.ckpt_every=0", "schedule.max_steps=100000"]  # fmt: skip
+
+
+def _torchrun(out: Path, *overrides: str) -> subprocess.Popen:
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "digpt_xla.cli",
+           "pretrain", *TINY, f"run.out_dir={out}", *overrides]  # fmt: skip
+    return subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+
+
+def _workers(parent: int) -> dict[int, int]:
+    """{rank: pid} of torchrun's worker processes (its children with RANK in their environment)."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            env = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent:
+            rank = next((int(v[5:]) for v in env if v.startswith(b"RANK=")), None)
+            if rank is not None:
+                found[rank] = int(entry)
+    return found
+
+
+def _wait_for_step(proc: subprocess.Popen, out: Path, step: int, timeout: float = 240) -> dict[int, int]:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        metrics = out / "metrics.jsonl"
+        if metrics.exists() and any(r.get("step", 0) >= step for r in read_metrics(str(out))):
+            workers = _workers(proc.pid)
+            if len(workers) == 2:
+                return workers
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    pytest.fail(f"the run did not reach step {step} in {timeout}s")
+
+
+def _finish(proc: subprocess.Popen, timeout: float) -> str:
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate()
+        pytest.fail(f"still running {timeout}s after the signal (hung): {err[-3000:]}")
+    return err
+
+
+@pytest.mark.parametrize("who", ["one rank", "both ranks 1.5 s apart"])
+def test_a_signal_to_some_ranks_stops_all_at_one_step_with_a_checkpoint(tmp_path, who):
+    out = tmp_path / "run"
+    proc = _torchrun(out, "backend.fsdp=2")  # FSDP2: a rank that stopped alone left the other in an all-gather
+    workers = _wait_for_step(proc, out, 3)
+    os.kill(workers[1], signal.SIGTERM)
+    if who != "one rank":
+        time.sleep(1.5)
+        os.kill(workers[0], signal.SIGTERM)
+    err = _finish(proc, timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    steps = CheckpointManager(str(out / "checkpoints")).complete_steps()
+    assert len(steps) == 1 and steps[0] >= 3, steps
+    logged = max(r["step"] for r in read_metrics(str(out)) if "loss" in r)
+    assert logged == steps[0], "the checkpoint is of the step at which every rank stopped"
+    assert (out / "checkpoints" / f"ckpt-{steps[0]:08d}" / "meta.pt").is_file()
+
+
+def test_a_second_signal_ends_a_rank_blocked_in_a_collective(tmp_path):
+    out = tmp_path / "run"
+    proc = _torchrun(out)
+    workers = _wait_for_step(proc, out, 2)
+    os.kill(workers[1], signal.SIGSTOP)  # rank 0 now waits in its next collective for a rank that never comes
+    try:
+        time.sleep(2.0)
+        os.kill(workers[0], signal.SIGTERM)  # noted, but the step boundary is never reached
+        time.sleep(1.0)
+        assert Path(f"/proc/{workers[0]}").exists(), "one signal does not end the rank"
+        started = time.time()
+        os.kill(workers[0], signal.SIGTERM)
+        while Path(f"/proc/{workers[0]}").exists() and _state(workers[0]) != "Z" and time.time() - started < 20:
+            time.sleep(0.05)
+        assert time.time() - started < 20, "rank 0 still runs 20 s after a second SIGTERM"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        os.kill(workers[1], signal.SIGCONT)
+        proc.communicate(timeout=60)
+    assert not CheckpointManager(str(out / "checkpoints")).complete_steps(), "no checkpoint after a hard stop"
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "X"
+
+
+def test_ctrl_c_checkpoints_and_stops_like_sigterm(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([PYTHON, "-m", "digpt_xla.cli", "pretrain", *TINY, f"run.out_dir={out}"], cwd=REPO,
+                            env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.time() + 240
+    while not (out / "metrics.jsonl").exists() or not read_metrics(str(out)):
+        assert time.time() < deadline and proc.poll() is None, proc.stderr.read()[-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    err = _finish(proc, timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert "Traceback" not in err and "received SIGINT" in err
+    assert CheckpointManager(str(out / "checkpoints")).complete_steps()
