@@ -165,7 +165,7 @@ def _check_training_state(state: Any, url: str, sharded: bool) -> dict[str, Any]
         if key not in state:
             raise CheckpointError(f"{url}: not a digpt_xla {what} (no {key!r} entry)")
         if not isinstance(state[key], kind) or isinstance(state[key], bool):
-            raise CheckpointError(f"{url}: entry {key!r} is a {type(state[key]).__name__}, not a {kind.__name__}")
+            raise CheckpointError(f"{url}: entry {key!r} is a {type(state[key]).__name__}, expected {kind.__name__}")
     if state["step"] < 0:
         raise CheckpointError(f"{url}: entry 'step' is {state['step']}, not a step count (>= 0)")
     if not sharded and not {"state", "param_groups"} <= set(state["optimizer"]):
@@ -271,8 +271,21 @@ def read_sharded_tensors(url: str, prefix: str = "model") -> dict[str, Tensor]:
             warnings.filterwarnings("ignore", message=".*torch.distributed.*")
             dcp.load(state, storage_reader=dcp_reader(url), no_dist=True)
     except CheckpointException as e:
-        raise CheckpointError(f"{url}: sharded checkpoint cannot be read ({str(e).splitlines()[0]})") from None
+        cause = next(iter(getattr(e, "failures", {}).values()), e)  # DCP wraps each rank's own exception
+        first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        raise CheckpointError(f"{url}: sharded checkpoint cannot be read ({type(cause).__name__}: {first})") from None
     return dict(state[prefix])
+
+
+def saved_model_config(url: str) -> dict[str, Any] | None:
+    """The ``model`` section of the config a training checkpoint of this project was written with (None for the
+    release's checkpoints and plain state dicts, which carry none)."""
+    try:
+        state = read_checkpoint(url)
+    except CheckpointError:
+        return None
+    model = state.get("config", {}).get("model") if isinstance(state.get("config"), Mapping) else None
+    return dict(model) if isinstance(model, Mapping) else None
 
 
 def read_state_dict(url: str) -> dict[str, Tensor]:
@@ -287,7 +300,12 @@ def read_state_dict(url: str) -> dict[str, Tensor]:
         return read_sharded_tensors(url, "model")
     suffix = next((s for s in STATE_DICT_SUFFIXES if url.endswith(s)), None)
     if suffix is None:
-        raise CheckpointError(f"{url}: unsupported checkpoint type; expected one of {', '.join(STATE_DICT_SUFFIXES)}")
+        fs, path = fsspec.core.url_to_fs(url)
+        what = "a directory without meta.pt" if fs.isdir(path) else "not found" if not fs.exists(path) else "a file"
+        raise CheckpointError(
+            f"{url}: {what}; a checkpoint is a {'/'.join(STATE_DICT_SUFFIXES)} file or a sharded checkpoint "
+            "directory (with meta.pt)"
+        )
     payload = read_bytes(url)
     verify_files(url, payload)
     if suffix == ".safetensors":

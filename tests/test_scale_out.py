@@ -5,14 +5,15 @@ Parameters are compared per tensor by relative L2 error, leaving out the key par
 gradient is zero in exact arithmetic (softmax ignores a shift shared by all keys), so each backend's Adam step
 there is a normalised rounding error of its own and the two runs' values are unrelated noise of size lr."""
 
+import json
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import PYTHON, REPO, needs_xla, subprocess_env
-from digpt_xla.checkpoint_io import CheckpointError, read_checkpoint, read_state_dict
+from conftest import HAS_XLA, PYTHON, REPO, needs_xla, subprocess_env
+from digpt_xla.checkpoint_io import CheckpointError, read_checkpoint, read_sharded_tensors, read_state_dict
 from digpt_xla.engine.checkpoint import CheckpointManager
 from digpt_xla.models import DiGPT, digpt_config
 
@@ -169,6 +170,37 @@ def test_dcp_resume_under_fsdp2_equals_the_uninterrupted_run(tmp_path):
     model.load_state_dict(state, strict=True)
     torch.testing.assert_close(state["blocks.0.mlp.fc1.weight"], whole["params"]["blocks.0.mlp.fc1.weight"])
     assert "blocks.0.mlp.fc1.weight" in torch.load(tmp_path / "timm.pth", weights_only=True)
+
+
+# Meshes where parameters are split over one axis and replicated over another: each replica group must write its
+# shards once (xla-spmd's planner once dropped every replicated shard of a 2 x 2 mesh and committed an empty
+# checkpoint).
+TWO_D = {
+    "xla-spmd data 2 x fsdp 2": (["backend.name=xla-spmd", "backend.fsdp=2", "data.batch_size=2"], {"devices": 4}),
+    "HSDP torchrun 2 x fsdp 2": (["backend.name=cpu", "backend.fsdp=2", "data.batch_size=2"], {"nproc": 4}),
+}
+
+
+@pytest.mark.parametrize("layout", list(TWO_D))
+def test_a_two_dimensional_mesh_commits_a_complete_checkpoint_and_resumes_exactly(tmp_path, layout):
+    common, launch = TWO_D[layout]
+    if "devices" in launch and not HAS_XLA:
+        pytest.skip("needs torch_xla")
+    whole = train(tmp_path / "whole", *common, "schedule.max_steps=6", "run.ckpt_every=3", **launch)
+    train(tmp_path / "split", *common, "schedule.max_steps=3", **launch)
+    ckpt = str(tmp_path / "split/checkpoints/ckpt-00000003")
+    model = read_sharded_tensors(ckpt, "model")
+    assert model.keys() == whole["params"].keys()
+    moments = read_sharded_tensors(ckpt, "optimizer")
+    trained = list(whole["shards"])  # the trainable parameters
+    assert all(f"state.{k}.exp_avg" in moments and f"state.{k}.exp_avg_sq" in moments for k in trained)
+    record = json.loads((tmp_path / "split/checkpoints/ckpt-00000003.done").read_text())
+    assert {"ckpt-00000003/.metadata", "ckpt-00000003/meta.pt"} < set(record["files"])
+
+    resumed = train(tmp_path / "split", *common, "schedule.max_steps=6", "run.resume=auto", **launch)
+    assert [resumed["losses"][s] for s in (4, 5, 6)] == [whole["losses"][s] for s in (4, 5, 6)]
+    for name, value in whole["params"].items():
+        assert torch.equal(resumed["params"][name], value), name
 
 
 def test_a_sharded_checkpoint_without_its_marker_is_never_picked(tmp_path):

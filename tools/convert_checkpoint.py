@@ -28,7 +28,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from digpt_xla.checkpoint_io import CheckpointError, read_state_dict  # noqa: E402
+from digpt_xla.checkpoint_io import CheckpointError, read_state_dict, saved_model_config  # noqa: E402
+from digpt_xla.config import ModelConfig  # noqa: E402
+from digpt_xla.models import digpt_config  # noqa: E402
 from digpt_xla.models.classifier import classifier_state, encoder_config_from_state  # noqa: E402
 
 TIMM_NAMES = {(768, 12, 16): "vit_base_patch16_224", (384, 12, 16): "vit_small_patch16_224",
@@ -48,6 +50,16 @@ def write_state_dict(state: dict[str, torch.Tensor], out: str) -> None:
             torch.save(state, f)
 
 
+def model_config_from_dict(saved: dict):
+    """The full model shape of a checkpoint's saved ``model`` config section (a size name plus overrides)."""
+    fields = {k: v for k, v in saved.items() if k in ModelConfig.__dataclass_fields__}
+    try:
+        model = ModelConfig(**fields)
+        return digpt_config(model.name, **model.shape_overrides())
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"the checkpoint's model config cannot be read ({e})") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="pretraining checkpoint (.pt/.pth/.safetensors, or a sharded checkpoint "
@@ -62,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         state = read_state_dict(args.checkpoint)
         if args.format == "timm":
             converted, dropped = classifier_state(state, args.num_classes, source=args.checkpoint)
+            saved = saved_model_config(args.checkpoint)
+            # The head count is not in the weights' shapes: ours carry it in their config; the release's is B/L/H.
+            heads = model_config_from_dict(saved).num_heads if saved else encoder_config_from_state(state).num_heads
     except CheckpointError as e:
         print(f"convert_checkpoint.py: error: {e}", file=sys.stderr)
         return 2
@@ -78,10 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     if name:
         print(f'load: timm.create_model("{name}", global_pool="avg", fc_norm=True, num_classes={args.num_classes})')
     else:  # no registered timm name for this shape: the VisionTransformer arguments themselves
+        guessed = "" if saved else f"  # num_heads guessed as {heads}: the checkpoint has no config"
         print(
             f"load: timm.models.vision_transformer.VisionTransformer(img_size={cfg.img_size}, "
-            f"patch_size={cfg.patch_size}, embed_dim={cfg.embed_dim}, depth={cfg.depth}, num_heads={cfg.num_heads}, "
-            f"mlp_ratio={cfg.mlp_ratio:g}, global_pool='avg', fc_norm=True, num_classes={args.num_classes})"
+            f"patch_size={cfg.patch_size}, embed_dim={cfg.embed_dim}, depth={cfg.depth}, num_heads={heads}, "
+            f"mlp_ratio={cfg.mlp_ratio:g}, global_pool='avg', fc_norm=True, num_classes={args.num_classes}){guessed}"
         )
     print(f"wrote {args.out}")
     return 0

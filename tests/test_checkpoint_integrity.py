@@ -1,0 +1,151 @@
+"""Checkpoints that are complete or refused: a sharded checkpoint is committed only with every tensor in it; its
+marker records each file's size and SHA-256, so a truncated, missing or foreign file is named, set aside and the
+previous checkpoint used; files of the wrong structure are one line each; the release's own checkpoints load."""
+
+import argparse
+import json
+import subprocess
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+
+from conftest import PYTHON, REPO, subprocess_env
+from digpt_xla.checkpoint_io import CheckpointError, load_model_state, read_checkpoint, read_state_dict
+from digpt_xla.cli import main as digpt_main
+from digpt_xla.config import load_config
+from digpt_xla.engine import Pretrainer
+from digpt_xla.engine.checkpoint import CheckpointManager
+from digpt_xla.engine.finetune import Finetuner
+from digpt_xla.models import create_digpt
+
+CPU = ["backend.name=cpu", "run.progress=false", "run.knn_eval=false", "model.depth=2", "data.batch_size=16",
+       "run.log_every=1"]  # fmt: skip
+
+
+def _sharded(manager: CheckpointManager, step: int, tensors: dict, expected: dict | None = None) -> str:
+    """A sharded checkpoint written the way a trainer writes one, by one process."""
+    meta = {"step": step, "rng": {}, "optimizer_param_groups": [], "kind": "pretrain"}
+
+    def write(url: str) -> None:
+        dcp.save(tensors, storage_writer=FsspecWriter(url), no_dist=True)
+
+    shapes = {f"model.{k}": tuple(v.shape) for k, v in tensors["model"].items()}
+    return manager.save_sharded(step, meta, write, is_main=True, expected=expected or shapes)
+
+
+def test_an_incomplete_sharded_checkpoint_is_never_committed(tmp_path):
+    manager = CheckpointManager(str(tmp_path))
+    _sharded(manager, 3, {"model": {"w": torch.ones(4, 2)}})
+    expected = {"model.w": (4, 2), "model.v": (3,)}
+    with pytest.raises(CheckpointError, match=r"refusing to commit .*ckpt-00000006: it lacks 'model.v' \(holds 1 of"):
+        _sharded(manager, 6, {"model": {"w": torch.ones(4, 2)}}, expected)
+    with pytest.raises(CheckpointError, match=r"'model.w' has shape \(4, 2\), the run's is \(8, 2\)"):
+        _sharded(manager, 9, {"model": {"w": torch.ones(4, 2)}}, {"model.w": (8, 2)})
+    assert manager.complete_steps() == [3], "nothing after the complete one is committed"
+
+
+@pytest.mark.parametrize("damage", ["truncated shard", "missing shard", "shard of an older checkpoint", "meta.pt"])
+def test_a_damaged_sharded_checkpoint_is_named_set_aside_and_the_previous_one_used(tmp_path, damage, caplog):
+    manager = CheckpointManager(str(tmp_path))
+    _sharded(manager, 3, {"model": {"w": torch.zeros(64)}})
+    _sharded(manager, 6, {"model": {"w": torch.ones(64)}})
+    shard, older = tmp_path / "ckpt-00000006/__0_0.distcp", tmp_path / "ckpt-00000003/__0_0.distcp"
+    if damage == "truncated shard":
+        shard.write_bytes(shard.read_bytes()[:100])
+    elif damage == "missing shard":
+        shard.unlink()
+    elif damage == "shard of an older checkpoint":
+        shard.write_bytes(older.read_bytes())  # same name, same size: only the checksum tells
+    else:
+        torch.save({"step": 6, "rng": {}, "optimizer_param_groups": [], "kind": "pretrain"}, shard.parent / "meta.pt")
+    with pytest.raises(CheckpointError, match="ckpt-00000006/(__0_0.distcp|meta.pt): "):
+        read_checkpoint(str(tmp_path / "ckpt-00000006"))
+    url, state = manager.load_latest()
+    assert state["step"] == 3 and url.endswith("ckpt-00000003")
+    assert "ckpt-00000006/" in caplog.text, "the damaged file is named"
+    assert (tmp_path / "ckpt-00000006.corrupt").is_dir() and (tmp_path / "ckpt-00000006.done.corrupt").exists()
+    assert torch.equal(read_state_dict(url)["w"], torch.zeros(64))
+
+
+def test_the_marker_lists_every_file_with_size_and_sha256(tmp_path):
+    Pretrainer(load_config(REPO / "yaml/demo.yaml", [*CPU, "schedule.max_steps=1", f"run.out_dir={tmp_path}"])).train()
+    record = json.loads((tmp_path / "checkpoints/ckpt-00000001.done").read_text())
+    size = (tmp_path / "checkpoints/ckpt-00000001.pt").stat().st_size
+    assert record["files"]["ckpt-00000001.pt"]["size"] == size and len(record["files"]["ckpt-00000001.pt"]["sha256"]) == 64
+
+
+def _release_checkpoint(path) -> dict:
+    """A checkpoint as the release (MAE's misc.save_model) writes it: model, optimizer, epoch, scaler and args."""
+    model = create_digpt("digpt_tiny")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    args = argparse.Namespace(model="digpt_vit_base_patch16", batch_size=64, blr=1.5e-4, output_dir="./out",
+                              input_size=224, norm_pix_loss=False, resume="", dist_url="env://", epochs=300,
+                              betas=(0.9, 0.95), device="cuda", world_size=32)  # fmt: skip
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 299,
+                "scaler": torch.amp.GradScaler("cpu").state_dict(), "args": args}, path)  # fmt: skip
+    return model.state_dict()
+
+
+def test_the_releases_checkpoints_load_everywhere_a_checkpoint_is_accepted(tmp_path):
+    path = tmp_path / "checkpoint-299.pth"
+    reference = _release_checkpoint(path)
+    state = read_state_dict(str(path))
+    assert state.keys() == reference.keys() and all(torch.equal(state[k], reference[k]) for k in state)
+    load_model_state(create_digpt("digpt_tiny"), state, str(path))  # probe.checkpoint loads this way
+    ft = ["backend.name=cpu", "run.progress=false", f"finetune.checkpoint={path}", f"run.out_dir={tmp_path / 'ft'}"]
+    finetuner = Finetuner(load_config(REPO / "yaml/finetune/tiny_digits.yaml", ft))
+    assert torch.equal(finetuner.backend.unwrap(finetuner.model).patch_embed.proj.weight,
+                       reference["patch_embed.proj.weight"])  # fmt: skip
+    for fmt, extra in (("release", []), ("timm", ["--num-classes", "10"])):
+        cmd = [PYTHON, "tools/convert_checkpoint.py", str(path), str(tmp_path / f"{fmt}.pth"), "--format", fmt, *extra]
+        proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_the_converter_takes_the_head_count_from_the_checkpoints_config(tmp_path):
+    overrides = [*CPU, "model.depth=2", "model.num_heads=8", "schedule.max_steps=1", f"run.out_dir={tmp_path}"]
+    Pretrainer(load_config(REPO / "yaml/demo.yaml", overrides)).train()
+    ckpt = tmp_path / "checkpoints/ckpt-00000001.pt"
+    cmd = [PYTHON, "tools/convert_checkpoint.py", str(ckpt), str(tmp_path / "t.pth"), "--num-classes", "10"]
+    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "num_heads=8," in proc.stdout and "guessed" not in proc.stdout, proc.stdout
+
+
+STRUCTURE = {
+    "no optimizer": ({}, "optimizer", "no 'optimizer' entry"),
+    "step is text": ({"step": "six"}, "", "entry 'step' is a str, expected int"),
+    "negative step": ({"step": -6}, "", "entry 'step' is -6"),
+    "bad rng": ({"rng": {"python": 3}}, "", "entry 'rng' is not a random-generator state"),
+    "not a dict": (None, "", "holds a list"),
+}
+
+
+@pytest.fixture(scope="module")
+def one_step_checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("one")
+    Pretrainer(load_config(REPO / "yaml/demo.yaml", [*CPU, "schedule.max_steps=1", f"run.out_dir={out}"])).train()
+    return torch.load(out / "checkpoints/ckpt-00000001.pt", weights_only=True)
+
+
+@pytest.mark.parametrize("case", list(STRUCTURE))
+def test_a_checkpoint_of_the_wrong_structure_is_one_line_and_exit_2(tmp_path, capsys, one_step_checkpoint, case):
+    change, drop, message = STRUCTURE[case]
+    state = [1, 2] if change is None else {k: v for k, v in one_step_checkpoint.items() if k != drop} | change
+    path = tmp_path / "bad.pt"
+    torch.save(state, path)
+    code = digpt_main(["pretrain", "--config", "yaml/demo.yaml", *CPU, f"run.resume={path}",
+                       f"run.out_dir={tmp_path / 'run'}"])  # fmt: skip
+    err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_resuming_with_another_model_shape_is_one_line(tmp_path, capsys, one_step_checkpoint):
+    path = tmp_path / "ckpt.pt"
+    torch.save(one_step_checkpoint, path)
+    code = digpt_main(["pretrain", "--config", "yaml/demo.yaml", *CPU, "model.embed_dim=32", f"run.resume={path}",
+                       f"run.out_dir={tmp_path / 'run'}"])  # fmt: skip
+    err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert code == 2 and len(err) == 1 and "has shape" in err[0], err
