@@ -10,12 +10,17 @@ records since the last checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
+import socket
+import sys
 import tempfile
+import threading
 import time
+import uuid
 from typing import Any
 
 import fsspec
@@ -74,9 +79,12 @@ class RunDir:
     def write_bytes(self, name: str, data: bytes) -> str:
         path = self._path(name)
         parent = path.rsplit("/", 1)[0]
-        if parent:
-            self.fs.makedirs(parent, exist_ok=True)
-        self.fs.pipe_file(path, data)
+        try:
+            if parent:
+                self.fs.makedirs(parent, exist_ok=True)
+            self.fs.pipe_file(path, data)
+        except (FileExistsError, NotADirectoryError, PermissionError, IsADirectoryError) as e:
+            raise RunDirError(f"{self.url_of(name)}: cannot be written ({type(e).__name__}: {e})") from None
         return self.url_of(name)
 
     def write_text(self, name: str, text: str) -> str:
@@ -143,3 +151,106 @@ class RunDir:
     def _signature(path: str) -> tuple[float, int]:
         st = os.stat(path)
         return st.st_mtime, st.st_size
+
+
+class RunLease:
+    """One run per run directory: the main rank holds ``lease.json`` (owner, host, pid, heartbeat) and renews it
+    from a daemon thread. Object stores have no locks, so this is a lease, not a lock: a second run that finds a
+    live holder refuses with one line naming it; a holder silent for ``stale_after`` seconds, or a process on this
+    host that no longer exists, is taken over with a warning. Two runs that start within the same instant are told
+    apart by reading the lease back after a pause: the later writer wins, the other refuses."""
+
+    NAME = "lease.json"
+
+    def __init__(self, run_dir: RunDir, heartbeat: float = 30.0, stale_after: float = 120.0) -> None:
+        self.run_dir, self.heartbeat, self.stale_after = run_dir, heartbeat, stale_after
+        self.owner = uuid.uuid4().hex
+        self.lost: str | None = None  # who took the lease over, once someone has
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _record(self) -> dict[str, Any]:
+        return {"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(), "heartbeat": time.time(),
+                "command": " ".join(sys.argv)[:500]}  # fmt: skip
+
+    def _read(self) -> dict[str, Any] | None:
+        try:
+            record = json.loads(self.run_dir.fs.cat_file(self.run_dir._path(self.NAME)))
+        except FileNotFoundError:
+            return None
+        except (ValueError, OSError):
+            return None  # torn or unreadable: nobody can be shown to hold it
+        return record if isinstance(record, dict) else None
+
+    def _why_free(self, held: dict[str, Any]) -> str | None:
+        """Why a lease someone else wrote no longer binds (None: it does)."""
+        age = time.time() - float(held.get("heartbeat", 0))
+        if held.get("host") == socket.gethostname():
+            pid = int(held.get("pid", -1))
+            if pid == os.getpid():
+                return ""  # an earlier trainer of this same process
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return f"its process {pid} on this host is gone"
+            except (PermissionError, OverflowError, ValueError):
+                pass
+        if age > self.stale_after:
+            return f"its heartbeat is {age:.0f}s old (> {self.stale_after:g}s)"
+        return None
+
+    def _describe(self, held: dict[str, Any]) -> str:
+        age = time.time() - float(held.get("heartbeat", 0))
+        return f"host {held.get('host')} pid {held.get('pid')}, heartbeat {age:.0f}s ago"
+
+    def acquire(self, settle: float | None = None) -> None:
+        """Take the lease or refuse; ``settle``: the pause before reading it back (longer on object stores, whose
+        writes take longer to show)."""
+        settle = settle if settle is not None else 0.1 if self.run_dir.is_local else 1.0
+        if self.run_dir.fs.exists(self.run_dir.root) and not self.run_dir.fs.isdir(self.run_dir.root):
+            raise RunDirError(f"{self.run_dir.url}: is a file, not a directory (run.out_dir)")
+        held = self._read()
+        if held is not None and held.get("owner") != self.owner:
+            why = self._why_free(held)
+            if why is None:
+                raise RunDirError(
+                    f"{self.run_dir.url} is in use by another run ({self._describe(held)}); one run per run.out_dir "
+                    f"(a silent holder is taken over after {self.stale_after:g}s)"
+                )
+            if why:
+                log.warning("taking over the lease of %s from a dead run: %s", self.run_dir.url, why)
+        try:
+            self.run_dir.write_json(self.NAME, self._record())
+        except OSError as e:
+            raise RunDirError(f"{self.run_dir.url}: cannot write to the run directory ({e})") from None
+        time.sleep(settle)
+        held = self._read()
+        if held is None or held.get("owner") != self.owner:
+            raise RunDirError(
+                f"{self.run_dir.url} was claimed by another run starting at the same time "
+                f"({self._describe(held or {})}); one run per run.out_dir"
+            )
+        self._thread = threading.Thread(target=self._renew, name="digpt-lease", daemon=True)
+        self._thread.start()
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.heartbeat):
+            held = self._read()
+            if held is not None and held.get("owner") != self.owner:
+                self.lost = self._describe(held)
+                log.error("the lease of %s was taken over by %s", self.run_dir.url, self.lost)
+                return
+            try:
+                self.run_dir.write_json(self.NAME, self._record())
+            except OSError as e:  # transient on object stores: the next beat tries again
+                log.warning("could not renew the lease of %s: %s", self.run_dir.url, e)
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is None:
+            return
+        self._thread = None
+        held = self._read()
+        if held is not None and held.get("owner") == self.owner:
+            with contextlib.suppress(FileNotFoundError, OSError):
+                self.run_dir.fs.rm(self.run_dir._path(self.NAME))

@@ -130,3 +130,57 @@ def test_ctrl_c_checkpoints_and_stops_like_sigterm(tmp_path):
     assert proc.returncode == 0, err[-3000:]
     assert "Traceback" not in err and "received SIGINT" in err
     assert CheckpointManager(str(out / "checkpoints")).complete_steps()
+
+
+def test_a_second_run_on_a_busy_run_directory_refuses_naming_the_holder(tmp_path, capsys):
+    from digpt_xla.cli import main as digpt_main
+
+    out = tmp_path / "run"
+    first = subprocess.Popen([PYTHON, "-m", "digpt_xla.cli", "pretrain", *TINY, f"run.out_dir={out}"], cwd=REPO,
+                             env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.time() + 240
+        while not (out / "metrics.jsonl").exists() or not read_metrics(str(out)):
+            assert time.time() < deadline and first.poll() is None, first.stderr.read()[-3000:]
+            time.sleep(0.05)
+        code = digpt_main(["pretrain", *TINY, f"run.out_dir={out}", "run.resume=auto"])
+        err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert code == 2 and len(err) == 1, err
+        assert f"pid {first.pid}" in err[0] and "in use by another run" in err[0]
+        steps = [r["step"] for r in read_metrics(str(out))]
+        assert steps == sorted(steps), "the log is the first run's alone"
+    finally:
+        first.kill()
+        first.communicate(timeout=60)
+
+
+def test_a_lease_of_a_dead_or_silent_run_is_taken_over_and_a_live_one_is_not(tmp_path, caplog):
+    import json
+    import socket
+
+    from digpt_xla.rundir import RunDir, RunDirError, RunLease
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    held = {
+        "dead process on this host": ({"host": socket.gethostname(), "pid": gone.pid, "heartbeat": time.time()}, True),
+        "silent other host": ({"host": "tpu-vm-7", "pid": 1, "heartbeat": time.time() - 600}, True),
+        "live other host": ({"host": "tpu-vm-7", "pid": 1, "heartbeat": time.time() - 5}, False),
+    }
+    for name, (record, free) in held.items():
+        run = tmp_path / name.replace(" ", "_")
+        run.mkdir()
+        (run / "lease.json").write_text(json.dumps({"owner": "someone", **record}))
+        lease = RunLease(RunDir(str(run)))
+        if free:
+            lease.acquire(settle=0)
+            assert json.loads((run / "lease.json").read_text())["owner"] == lease.owner
+            assert "taking over the lease" in caplog.text
+            lease.release()
+            assert not (run / "lease.json").exists()
+        else:
+            with pytest.raises(RunDirError, match="in use by another run .host tpu-vm-7 pid 1, heartbeat 5s ago"):
+                lease.acquire(settle=0)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(RunDirError, match="is a file, not a directory"):
+        RunLease(RunDir(str(tmp_path / "file"))).acquire()

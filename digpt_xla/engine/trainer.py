@@ -22,7 +22,7 @@ from ..checkpoint_io import CheckpointError, check_state_dict, load_model_state,
 from ..config import Config
 from ..data import build_train_loader
 from ..repo import git_revision
-from ..rundir import RunDir
+from ..rundir import RunDir, RunDirError, RunLease
 from .checkpoint import CheckpointManager, check_sharded_complete
 from .metrics import DeferredMeter, MetricsWriter
 from .schedule import base_lr, cosine_lr, plan_steps
@@ -68,6 +68,9 @@ class Trainer:
         b.check_precision(self.precision)
         b.manual_seed(cfg.run.seed)
         self.run_dir = RunDir(cfg.run.out_dir)
+        self.lease = RunLease(self.run_dir)
+        if b.is_main:  # before anything is read or written there: one run per directory
+            self.lease.acquire()
         self.checkpoints = CheckpointManager(self.run_dir.url_of("checkpoints"), cfg.run.keep_last)
         opt = cfg.optim
         self.process_batch = cfg.data.batch_size * b.devices_per_process
@@ -328,6 +331,9 @@ class Trainer:
                     self.flush_metrics()
                 b.mark_step()
                 self._raise_if_nonfinite()
+                if self.lease.lost:
+                    raise RunDirError(f"{self.run_dir.url}: stopped, the run directory was taken over by "
+                                      f"{self.lease.lost}; no checkpoint written after it")  # fmt: skip
                 if progress is None and b.is_main and cfg.run.progress:
                     # Opened after the first step so that its rate and ETA leave out compilation.
                     from tqdm import tqdm
@@ -364,6 +370,7 @@ class Trainer:
                 progress.close()
             self.checkpoints.commit_pending()  # a background write that finished is committed; never lost silently
             self.metrics.close()
+            self.lease.release()
 
     def _show(self, progress, img_s: float | None) -> None:
         shown = {} if img_s is None else {"img_s": f"{img_s:.0f}"}
