@@ -13,6 +13,7 @@ import logging
 import os
 import random
 import re
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from typing import Any
@@ -23,7 +24,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .daemon_pool import DaemonPool
-from .precision import PRECISIONS, precision_problem
+from .precision import PRECISIONS, autocast_dtype, precision_problem
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +151,7 @@ class Backend:
             self._mesh = init_device_mesh(self.device.type, shape, mesh_dim_names=names)
             if shape[0] == 1:
                 self._mesh = self._mesh["fsdp"]
-        dtype = PRECISIONS.get(precision)
+        dtype = autocast_dtype(precision) if precision in PRECISIONS else None
         # Compute in the training precision; gradients are reduced in fp32 as under DDP + autocast.
         policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None)
         for unit in shard_units(module):
@@ -292,7 +293,7 @@ class Backend:
             from .tpu_emulation import tpu_matmul_emulation
 
             return tpu_matmul_emulation()
-        dtype = PRECISIONS[precision]
+        dtype = autocast_dtype(precision)
         if dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=dtype)
@@ -444,6 +445,10 @@ class XlaBackend(Backend):
             )
         self.fsdp = fsdp
         self.compile_cache = compile_cache or os.environ.get("DIGPT_XLA_CACHE", "")
+        _check_xla_environment()
+        # XLA's C++ warnings (GSPMD's deprecation notice, once per compiled graph on SPMD) would flood the log; set
+        # TF_CPP_MIN_LOG_LEVEL=0 to see them. Errors still show.
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         try:
             import torch_xla
             import torch_xla.core.xla_model as xm
@@ -592,6 +597,28 @@ class XlaBackend(Backend):
 
     def shutdown(self) -> None:
         pass
+
+
+# Python warnings that torch_xla's and DCP's own code raises at every sharded save; nothing a user can act on.
+_KNOWN_WARNINGS = (
+    "Using a non-tuple sequence for multidimensional indexing",  # torch_xla's XLAShardedTensor
+    "TypedStorage is deprecated",  # DCP's filesystem writer
+    ".*torch.distributed is disabled, unavailable or uninitialized",  # DCP in one process
+)
+for _message in _KNOWN_WARNINGS:
+    warnings.filterwarnings("ignore", message=_message)
+
+
+def _check_xla_environment() -> None:
+    """PJRT's own errors for these are a C++ abort or a hang; say what is wrong before torch_xla starts."""
+    device = os.environ.get("PJRT_DEVICE", "")
+    if device and device.upper() not in ("TPU", "CPU"):
+        raise BackendError(
+            f"PJRT_DEVICE={device}: torch_xla 2.9 runs on TPU (and CPU, for tests); GPUs run backend.name=cuda"
+        )
+    count = os.environ.get("CPU_NUM_DEVICES")
+    if count is not None and (not count.strip().isdigit() or int(count) < 1):
+        raise BackendError(f"CPU_NUM_DEVICES={count!r}: the number of XLA:CPU devices, a whole number >= 1")
 
 
 def _buffer_assignment(path: str) -> dict[str, int]:

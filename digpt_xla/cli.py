@@ -6,8 +6,8 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
 
-from .backend import BackendError, xla_available
 from .config import Config, ConfigError, load_config
 from .repo import find_config
 
@@ -57,6 +57,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from .backend import xla_available
+
     overrides = list(args.overrides)
     if not any(o.startswith("backend.name=") for o in overrides) and not xla_available():
         print("torch_xla is not available here: running the demo on the eager CPU backend instead.")
@@ -133,16 +135,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_command(parser: argparse.ArgumentParser, argv: list[str] | None, errors: tuple[type[Exception], ...]) -> int:
-    """Parse, run the chosen subcommand; expected input errors print one line and exit 2, not a traceback."""
+def run_command(parser: argparse.ArgumentParser, argv: list[str] | None,
+                errors: Callable[[], tuple[type[Exception], ...]]) -> int:  # fmt: skip
+    """Parse, run the chosen subcommand; expected input errors (the classes ``errors()`` names, imported only
+    after parsing so that ``--help`` does not wait for torch) print one line and exit 2, not a traceback."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     args = parser.parse_args(argv)
     from .engine.trainer import NonFiniteLossError
 
     try:
         return args.fn(args)
-    except errors as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+    except errors() as e:
+        print(f"{parser.prog}: error: {one_line(e)}", file=sys.stderr)
         return 2
     except NonFiniteLossError as e:  # not the user's mistake, but a clean stop all the same
         print(f"{parser.prog}: {e}", file=sys.stderr)
@@ -152,8 +156,22 @@ def run_command(parser: argparse.ArgumentParser, argv: list[str] | None, errors:
         return 130
 
 
+def one_line(error: Exception) -> str:
+    """The message of ``error`` as one line. An error raised in a DataLoader worker arrives wrapped in the worker's
+    whole traceback ("Caught DataError in DataLoader worker process 0. Original Traceback ..."), with the original
+    message last: that line is the one to show."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Caught "):
+        where = lines[0].removeprefix(f"Caught {type(error).__name__} ").rstrip(".")
+        original = lines[-1].split(": ", 1)[-1] if lines[-1].split(": ", 1)[0].endswith(type(error).__name__) \
+            else lines[-1]  # fmt: skip
+        return f"{original} ({where})"
+    return lines[0] if lines else type(error).__name__
+
+
 def user_errors() -> tuple[type[Exception], ...]:
     """The exceptions that mean a mistake in what the user handed us: one line and exit 2, no traceback."""
+    from .backend import BackendError
     from .checkpoint_io import CheckpointError
     from .data import DataError
     from .rundir import RunDirError
@@ -162,7 +180,7 @@ def user_errors() -> tuple[type[Exception], ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_command(build_parser(), argv, user_errors())
+    return run_command(build_parser(), argv, user_errors)
 
 
 if __name__ == "__main__":

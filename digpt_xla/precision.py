@@ -7,16 +7,28 @@ under ``no_grad``, so fp16 needs no loss scaler there and runs wherever autocast
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 # fp32; autocast to bf16 / fp16; or TPU emulation (fp32 with every matmul-like op on bf16-rounded operands, as a
-# TPU's default precision computes it: digpt_xla.tpu_emulation).
-PRECISIONS: dict[str, torch.dtype | None] = {
+# TPU's default precision computes it: digpt_xla.tpu_emulation). Names of torch dtypes, so that reading the table
+# (config checks, `digpt --help`) does not import torch.
+PRECISIONS: dict[str, str | None] = {
     "fp32": None,
-    "bf16": torch.bfloat16,
-    "fp16": torch.float16,
+    "bf16": "bfloat16",
+    "fp16": "float16",
     "tpu-emulation": None,
 }
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The dtype ``precision`` autocasts to; None for fp32 and tpu-emulation (which run fp32 tensors)."""
+    import torch
+
+    name = PRECISIONS[precision]
+    return getattr(torch, name) if name else None
 BACKEND_NAMES = ("cpu", "cuda", "xla", "xla-spmd")
 
 TRAINING: dict[str, tuple[str, ...]] = {

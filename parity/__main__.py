@@ -19,13 +19,15 @@ import fsspec
 from digpt_xla.cli import run_command
 from digpt_xla.config import ConfigError
 from digpt_xla.repo import find_config
+from digpt_xla.rundir import RunDirError
 
-from .harness import load_parity_config, run_parity
-from .report import environment, write_report
-from .sides import Side, SideError
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from .harness import load_parity_config, run_parity
+    from .report import environment, write_report
+    from .sides import Side, SideError
+
     cfg = load_parity_config(find_config(args.config), args.overrides)
     if args.backends:
         backends = args.backends.split(",")
@@ -36,6 +38,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         Side.parse(s)
     name = Path(args.config).stem
     out = args.out or os.path.join("runs", "parity", name)
+    fs, path = fsspec.core.url_to_fs(out)
+    if fs.exists(path) and not fs.isdir(path):  # found now, not after the sides have run
+        raise RunDirError(f"--out {out}: is a file; the report is a directory (report.json, report.md, plots)")
     report = run_parity(cfg)
     report["config"] = dataclasses.asdict(cfg)
     report["environment"] = environment()
@@ -108,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     add.add_argument("--config", default="", help="the run's YAML (hashed without seed, out_dir and backend)")
     add.add_argument("--config-hash", default="")
     add.set_defaults(fn=cmd_gap_add)
-    rep = gap.add_parser("report", help="table of the ledger beside the paper's rows, with Welch t-tests")
+    rep = gap.add_parser("report", help="table of the ledger beside the paper's rows, with paired t-tests over "
+                         "matched seeds (Welch's where fewer than two seeds match)")
     rep.add_argument("--ledger", required=True)
     rep.add_argument("--metric", required=True)
     rep.add_argument("--baseline", required=True, help="backend:setting the others are tested against")
@@ -119,12 +125,17 @@ def main(argv: list[str] | None = None) -> int:
     study.add_argument("--config", default="yaml/parity/gap_study_digits.yaml")
     study.add_argument("overrides", nargs="*", help="key=value, e.g. seeds=[0] sides=[cpu:fp32,cpu:bf16]")
     study.set_defaults(fn=cmd_gap_study)
+    return run_command(parser, argv, _user_errors)
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
     from digpt_xla.backend import BackendError
     from digpt_xla.data import DataError
 
     from .gap import GapError
+    from .sides import SideError
 
-    return run_command(parser, argv, (ConfigError, SideError, GapError, BackendError, DataError, FileNotFoundError))
+    return ConfigError, SideError, GapError, BackendError, DataError, RunDirError, FileNotFoundError
 
 
 if __name__ == "__main__":

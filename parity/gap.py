@@ -55,6 +55,8 @@ def config_hash(config: dict[str, Any]) -> str:
 def append_result(ledger: str, result: GapResult) -> None:
     """Append one row to the ledger at a local path or any fsspec URL (object stores cannot append: the ledger is
     small, so it is rewritten whole)."""
+    if not math.isfinite(result.value):
+        raise GapError(f"{ledger}: refusing {result.metric}={result.value}: a ledger value must be a finite number")
     line = json.dumps(asdict(result) | {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}) + "\n"
     fs, path = fsspec.core.url_to_fs(ledger)
     before = fs.cat_file(path).decode() if fs.exists(path) else ""
@@ -81,6 +83,8 @@ def read_ledger(ledger: str) -> list[dict[str, Any]]:
         missing = [k for k in FIELDS if k not in row]
         if missing:
             raise GapError(f"{ledger}:{n}: missing {', '.join(missing)}")
+        if not isinstance(row["value"], (int, float)) or not math.isfinite(row["value"]):
+            raise GapError(f"{ledger}:{n}: value {row['value']!r} is not a finite number")
         rows.append(row)
     return rows
 

@@ -12,6 +12,7 @@ the seed, run in the side's teacher precision). Each side runs a forward pass wi
 from __future__ import annotations
 
 import copy
+import math
 import dataclasses
 import logging
 import time
@@ -97,6 +98,14 @@ def load_parity_config(path, overrides=()) -> ParityConfig:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
     if cfg.perturb.startswith(TUNABLE_SECTIONS):
         side_sections(cfg, perturb=True)  # a bad key fails now, naming it
+    for f in dataclasses.fields(Tolerances):
+        value = getattr(cfg.tolerances, f.name)
+        low, high = (-1.0, 1.0) if f.name == "grad_cosine_min" else (0.0, math.inf)
+        if value is not None and not (math.isfinite(value) and low <= value <= high):
+            raise ConfigError(
+                f"tolerances.{f.name}={value}: must be a finite number in [{low:g}, {high:g}], or null to measure it "
+                "without judging"
+            )
     return cfg
 
 

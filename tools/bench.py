@@ -36,6 +36,7 @@ sys.path.insert(0, str(REPO))
 
 from digpt_xla.config import load_config  # noqa: E402
 from digpt_xla.engine import Pretrainer  # noqa: E402
+from digpt_xla.models import digpt_config  # noqa: E402
 
 
 def device_name(backend) -> str:
@@ -305,6 +306,8 @@ def bench_memory(args: argparse.Namespace) -> dict:
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={dump}".strip()
         if os.environ.get("PJRT_DEVICE", "CPU").upper() == "CPU":
             os.environ["CPU_NUM_DEVICES"] = str(args.fsdp)  # a slice of fsdp virtual devices, one mesh row
+    if args.teacher == "auto":  # the teacher the model's targets come from: CLIP ViT-H/14's 1024 wide tokens, or pixels
+        args.teacher = "clip" if digpt_config(args.model).teacher_dim == 1024 else "pixel"
     overrides = [f"model.name={args.model}", f"backend.name={args.backend}", f"backend.fsdp={args.fsdp}",
                  f"backend.precision={args.precision}", f"data.batch_size={args.batch}", "data.source=synthetic",
                  f"teacher.kind={args.teacher}", f"run.out_dir={args.out_dir}", "run.resume=never",
@@ -365,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--steps", type=int, default=10)
     t.add_argument("--warmup", type=int, default=2)
     t.add_argument("--name", default="")
-    t.add_argument("--out", default=str(REPO / "bench"))
+    t.add_argument("--out", default=str(REPO / "runs/bench"), help="OUT/<device>/<name>.json (committed: --out bench)")
     t.add_argument("--out-dir", default="/tmp/digpt_bench_run", help="run directory of the benchmarked trainer")
     t.add_argument("overrides", nargs="*", help="extra section.key=value config overrides")
     d = sub.add_parser("data", help="decode + augmentation images/s of a data source")
@@ -377,23 +380,26 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--workers", type=int, default=0, help="DataLoader workers (0: the main process, one core)")
     d.add_argument("--images", type=int, default=512, help="JPEGs generated for imagefolder/webdataset")
     d.add_argument("--name", default="")
-    d.add_argument("--out", default=str(REPO / "bench"))
+    d.add_argument("--out", default=str(REPO / "runs/bench"), help="OUT/<device>/<name>.json (committed: --out bench)")
     r = sub.add_parser("baseline", help="a straightforward reference: timm ViT forward + backward on the CPU")
     r.add_argument("--timm-model", default="vit_base_patch16_224")
     r.add_argument("--batch", type=int, default=8)
     r.add_argument("--steps", type=int, default=3)
     r.add_argument("--warmup", type=int, default=1)
     r.add_argument("--name", default="")
-    r.add_argument("--out", default=str(REPO / "bench"))
+    r.add_argument("--out", default=str(REPO / "runs/bench"), help="OUT/<device>/<name>.json (committed: --out bench)")
     m = sub.add_parser("memory", help="per-device memory of one training step, with --fsdp sharding")
-    m.add_argument("--model", default="digpt_tiny")
-    m.add_argument("--backend", default="xla-spmd", help="xla-spmd | cuda")
-    m.add_argument("--fsdp", type=int, default=1)
+    m.add_argument("--model", default="digpt_tiny", help="a model name (digpt_xla.models.MODEL_SIZES)")
+    m.add_argument("--backend", default="xla-spmd", help="xla-spmd (compiled, not run: XLA's buffer assignment; "
+                   "on XLA:CPU with --fsdp virtual devices) | cuda (measured peak)")  # fmt: skip
+    m.add_argument("--fsdp", type=int, default=1, help="devices that parameters and AdamW state are split over")
     m.add_argument("--batch", type=int, default=8, help="per-device batch")
-    m.add_argument("--precision", default="fp32")
-    m.add_argument("--teacher", default="clip", help="clip (ViT-H-14, random weights) | pixel")
-    m.add_argument("--name", default="")
-    m.add_argument("--out", default=str(REPO / "bench"))
+    m.add_argument("--precision", default="fp32", help="fp32 | bf16 (| fp16 on cuda)")
+    m.add_argument("--teacher", default="auto", help="auto (the model's own: CLIP ViT-H/14 with random weights for "
+                   "the ViT sizes, pixels for digpt_tiny) | clip | pixel")  # fmt: skip
+    m.add_argument("--name", default="", help="result name (default: from the settings)")
+    m.add_argument("--out", default=str(REPO / "runs/bench"), help="results go to OUT/<device>/<name>.json "
+                   "(committed figures: --out bench)")  # fmt: skip
     m.add_argument("--out-dir", default="/tmp/digpt_bench_memory", help="run directory (and the XLA dump)")
     m.add_argument("overrides", nargs="*", help="extra section.key=value config overrides")
     rc = sub.add_parser("recount", help="recount FLOPs and MFU of committed train/baseline JSON files")

@@ -59,7 +59,8 @@ def build_train_loader(
     common: dict[str, Any] = dict(num_workers=num_workers, persistent_workers=num_workers > 0,
                                   generator=torch.Generator().manual_seed(seed))  # fmt: skip
     if isinstance(dataset, WebDatasetSource):
-        return DataLoader(dataset.batches(batch_size, rank, world_size, seed, start_batch), batch_size=None, **common)
+        batches = dataset.batches(batch_size, rank, world_size, seed, start_batch, workers=num_workers)
+        return DataLoader(batches, batch_size=None, **common)
     sampler = ResumableBatchSampler(len(dataset), batch_size, rank, world_size, seed, start_batch=start_batch)
     return DataLoader(dataset, batch_sampler=sampler, **common)
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 
 from .errors import DataError, SkipCounter, log
 from .transforms import decode_image, seeded
@@ -24,7 +24,7 @@ def scan_image_folder(root: str) -> tuple[list[tuple[str, int]], dict[str, int]]
         classes, class_to_idx = find_classes(root)
     except FileNotFoundError as e:
         raise DataError(f"data.root: no class folders under {root!r} (expected root/<class>/<image>)") from e
-    samples = make_dataset(root, class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+    samples = [(path, class_to_idx[name]) for name in classes for path in _image_files(os.path.join(root, name))]
     if not samples:
         raise DataError(
             f"data.root: no images ({', '.join(IMG_EXTENSIONS)}) in the {len(classes)} class folders of {root!r}"
@@ -34,6 +34,22 @@ def scan_image_folder(root: str) -> tuple[list[tuple[str, int]], dict[str, int]]
         if class_to_idx[name] not in present:
             log.warning("%s: class folder %r holds no image", root, name)
     return samples, class_to_idx
+
+
+def _image_files(class_dir: str) -> list[str]:
+    """Image files under ``class_dir``, sorted, following symlinked folders but entering each real folder once:
+    a link back to a parent (a loop) would otherwise repeat the same images until the path length runs out."""
+    found, seen = [], set()
+    for folder, subdirs, files in os.walk(class_dir, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            log.warning("%s: a symlinked folder leads back to %s; not followed again", folder, real)
+            subdirs[:] = []
+            continue
+        seen.add(real)
+        subdirs.sort()
+        found += [os.path.join(folder, f) for f in sorted(files) if f.lower().endswith(IMG_EXTENSIONS)]
+    return found
 
 
 class ImageFolderDataset(Dataset):

@@ -139,9 +139,41 @@ def find_manifest(directory: str, timeout: float) -> dict[str, Any] | None:
     if text is None:
         return None
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{url}: not valid JSON ({e})") from e
+        manifest = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{url}: not valid JSON ({e})") from None
+    return check_manifest(manifest, url)
+
+
+def check_manifest(manifest: Any, url: str) -> dict[str, Any]:
+    """A manifest as tools/make_shards.py writes it: ``shards`` maps shard file names to sample counts."""
+    if not isinstance(manifest, dict):
+        raise DataError(f"{url}: a JSON {type(manifest).__name__}, not a manifest object")
+    shards = manifest.get("shards")
+    if not isinstance(shards, dict) or not shards:
+        raise DataError(f"{url}: 'shards' must map shard file names to sample counts, e.g. {{\"shard-000000.tar\": "
+                        "1000}")  # fmt: skip
+    bad = next((k for k, v in shards.items() if not isinstance(v, int) or isinstance(v, bool) or v < 0), None)
+    if bad is not None:
+        raise DataError(f"{url}: shards[{bad!r}] = {shards[bad]!r} is not a sample count")
+    classes = manifest.get("num_classes")
+    if classes is not None and (not isinstance(classes, int) or isinstance(classes, bool) or classes < 1):
+        raise DataError(f"{url}: num_classes = {classes!r} is not a positive whole number")
+    return manifest
+
+
+def check_protocols(urls: list[str]) -> None:
+    """Every URL's filesystem can be opened here: gs:// needs gcsfs, http(s):// aiohttp (one line, not ImportError)."""
+    for protocol in sorted({fsspec.core.split_protocol(u)[0] or "file" for u in urls}):
+        try:
+            fsspec.get_filesystem_class(protocol)
+        except ImportError as e:
+            hint = " (pip install 'digpt_xla[gcs]')" if protocol in ("gs", "gcs") else ""
+            first = next(u for u in urls if (fsspec.core.split_protocol(u)[0] or "file") == protocol)
+            raise DataError(f"data.urls: {first}: {protocol}:// needs a package that is not installed{hint}: "
+                            f"{str(e).splitlines()[0]}") from None  # fmt: skip
+        except ValueError:
+            raise DataError(f"data.urls: unknown protocol {protocol}:// (fsspec knows no such filesystem)") from None
 
 
 def raw_samples(url: str, timeout: float, skips: SkipCounter, expected: int | None = None) -> Iterator[dict]:
@@ -212,6 +244,7 @@ class WebDatasetSource:
         check: bool = True,
     ) -> None:  # fmt: skip
         self.urls = expand_urls(urls)
+        check_protocols(self.urls)
         self.transform, self.resampled, self.shuffle_buffer = transform, resampled, shuffle_buffer
         self.read_timeout = read_timeout
         if check:
@@ -237,8 +270,8 @@ class WebDatasetSource:
         share = self.urls[rank::world][lane::lanes]
         if not share:
             raise DataError(
-                f"{len(self.urls)} shards cannot be split over {world} ranks x {lanes} workers; use "
-                "data.resampled=true or fewer workers"
+                f"{len(self.urls)} shards cannot be split over {world} ranks x {lanes} workers (data.num_workers) with "
+                "data.resampled=false; use data.resampled=true, fewer workers or more shards"
             )
         return share
 
@@ -295,7 +328,10 @@ class WebDatasetSource:
                 out["skipped"] = torch.tensor(skips.take())
                 yield out
 
-    def batches(self, batch_size: int, rank: int, world: int, seed: int, start_batch: int = 0) -> _RankBatches:
+    def batches(self, batch_size: int, rank: int, world: int, seed: int, start_batch: int = 0,
+                workers: int = 0) -> _RankBatches:  # fmt: skip
+        if not self.resampled:  # every worker of every rank needs shards of its own: found now, not at step 7
+            self.shard_share(world - 1, world, max(workers, 1) - 1, max(workers, 1))
         return _RankBatches(self, batch_size, rank, world, seed, start_batch)
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections.abc import Callable
@@ -16,6 +17,9 @@ from ..rundir import RunDir
 
 if TYPE_CHECKING:
     from ..backend import Backend
+
+
+log = logging.getLogger(__name__)
 
 
 class DeferredMeter:
@@ -86,7 +90,7 @@ class MetricsWriter:
         records = []
         if os.path.exists(self.path):
             with open(self.path) as f:
-                records = [json.loads(line) for line in f if line.strip()]
+                records = parse_records(f.read(), self.path)
         keep = [r for r in records if step is not None and r.get("step", 0) <= step]
         with open(self.path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in keep)
@@ -123,4 +127,23 @@ class MetricsWriter:
 def read_metrics(run_dir: str | RunDir) -> list[dict[str, Any]]:
     """The records of a run's ``metrics.jsonl`` (local path or URL of the run directory)."""
     run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
-    return [json.loads(line) for line in run_dir.read_text("metrics.jsonl").splitlines() if line.strip()]
+    return parse_records(run_dir.read_text("metrics.jsonl"), run_dir.url_of("metrics.jsonl"), warn=False)
+
+
+def parse_records(text: str, source: str, warn: bool = True) -> list[dict[str, Any]]:
+    """The JSON records of a metrics log. A line that does not parse (the torn last write of a killed process) is
+    dropped, with a warning naming it when the log is about to be rewritten."""
+    records = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if warn:
+                log.warning("%s:%d: dropping a line that is not a whole record (a write cut short): %.60r", source, n,
+                            line)  # fmt: skip
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
