@@ -359,6 +359,15 @@ class Backend:
         if self.distributed:
             dist.barrier()
 
+    def from_main(self, value: str | None) -> str | None:
+        """The main rank's ``value`` on every rank (a decision such as which checkpoint to resume from), over the
+        host-side control group."""
+        if self._control is None:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0, group=self._control)
+        return box[0]
+
     def any_rank(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is true on any (a preemption notice that reached some ranks only). A
         host-side all-reduce over a gloo group of its own: no device sync, never interleaved with the step's or a

@@ -154,6 +154,7 @@ def verify_files(url: str, payload: bytes | None = None) -> None:
 
 # ---------------------------------------------------------------------------------------------- training state
 
+
 def _check_training_state(state: Any, url: str, sharded: bool) -> dict[str, Any]:
     """One line naming the entry when a safely loaded file does not have a training checkpoint's structure."""
     what = "sharded checkpoint's meta.pt" if sharded else "training checkpoint"

@@ -135,8 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_command(parser: argparse.ArgumentParser, argv: list[str] | None,
-                errors: Callable[[], tuple[type[Exception], ...]]) -> int:  # fmt: skip
+def run_command(
+    parser: argparse.ArgumentParser, argv: list[str] | None, errors: Callable[[], tuple[type[Exception], ...]]
+) -> int:
     """Parse, run the chosen subcommand; expected input errors (the classes ``errors()`` names, imported only
     after parsing so that ``--help`` does not wait for torch) print one line and exit 2, not a traceback."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
@@ -163,8 +164,9 @@ def one_line(error: Exception) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     if len(lines) > 1 and lines[0].startswith("Caught "):
         where = lines[0].removeprefix(f"Caught {type(error).__name__} ").rstrip(".")
-        original = lines[-1].split(": ", 1)[-1] if lines[-1].split(": ", 1)[0].endswith(type(error).__name__) \
-            else lines[-1]  # fmt: skip
+        original = (
+            lines[-1].split(": ", 1)[-1] if lines[-1].split(": ", 1)[0].endswith(type(error).__name__) else lines[-1]
+        )
         return f"{original} ({where})"
     return lines[0] if lines else type(error).__name__
 

@@ -8,9 +8,9 @@ against its allowed range (``RULES``), so a bad value fails at load time naming 
 from __future__ import annotations
 
 import dataclasses
-import os
 import difflib
 import math
+import os
 import types
 import typing
 from collections.abc import Callable
@@ -399,8 +399,10 @@ RULES: dict[tuple[type, str], Rule] = {
     (ScheduleConfig, "steps_per_epoch"): POSITIVE_INT_OR_NONE,
     (ScheduleConfig, "max_steps"): POSITIVE_INT_OR_NONE,
     (BackendConfig, "fsdp"): POSITIVE_INT,
-    (BackendConfig, "compile_cache"): (lambda v: not (v and os.path.exists(v) and not os.path.isdir(v)),
-                                       "a directory for XLA's compile cache (this path is a file)"),  # fmt: skip
+    (BackendConfig, "compile_cache"): (
+        lambda v: not (v and os.path.exists(v) and not os.path.isdir(v)),
+        "a directory for XLA's compile cache (this path is a file)",
+    ),
     (TeacherConfig, "fsdp"): _num(0),
     (RunConfig, "log_every"): POSITIVE_INT,
     (RunConfig, "ckpt_every"): _num(0),

@@ -29,6 +29,8 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
 
     name = PRECISIONS[precision]
     return getattr(torch, name) if name else None
+
+
 BACKEND_NAMES = ("cpu", "cuda", "xla", "xla-spmd")
 
 TRAINING: dict[str, tuple[str, ...]] = {

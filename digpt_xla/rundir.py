@@ -170,8 +170,13 @@ class RunLease:
         self._thread: threading.Thread | None = None
 
     def _record(self) -> dict[str, Any]:
-        return {"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(), "heartbeat": time.time(),
-                "command": " ".join(sys.argv)[:500]}  # fmt: skip
+        return {
+            "owner": self.owner,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "heartbeat": time.time(),
+            "command": " ".join(sys.argv)[:500],
+        }
 
     def _read(self) -> dict[str, Any] | None:
         try:

@@ -22,7 +22,6 @@ from digpt_xla.repo import find_config
 from digpt_xla.rundir import RunDirError
 
 
-
 def cmd_run(args: argparse.Namespace) -> int:
     from .harness import load_parity_config, run_parity
     from .report import environment, write_report
@@ -113,8 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     add.add_argument("--config", default="", help="the run's YAML (hashed without seed, out_dir and backend)")
     add.add_argument("--config-hash", default="")
     add.set_defaults(fn=cmd_gap_add)
-    rep = gap.add_parser("report", help="table of the ledger beside the paper's rows, with paired t-tests over "
-                         "matched seeds (Welch's where fewer than two seeds match)")
+    rep = gap.add_parser(
+        "report",
+        help="table of the ledger beside the paper's rows, with paired t-tests over "
+        "matched seeds (Welch's where fewer than two seeds match)",
+    )
     rep.add_argument("--ledger", required=True)
     rep.add_argument("--metric", required=True)
     rep.add_argument("--baseline", required=True, help="backend:setting the others are tested against")

@@ -12,9 +12,9 @@ the seed, run in the side's teacher precision). Each side runs a forward pass wi
 from __future__ import annotations
 
 import copy
-import math
 import dataclasses
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any

@@ -20,8 +20,14 @@ from digpt_xla.engine.checkpoint import CheckpointManager
 from digpt_xla.engine.finetune import Finetuner
 from digpt_xla.models import create_digpt
 
-CPU = ["backend.name=cpu", "run.progress=false", "run.knn_eval=false", "model.depth=2", "data.batch_size=16",
-       "run.log_every=1"]  # fmt: skip
+CPU = [
+    "backend.name=cpu",
+    "run.progress=false",
+    "run.knn_eval=false",
+    "model.depth=2",
+    "data.batch_size=16",
+    "run.log_every=1",
+]
 
 
 def _sharded(manager: CheckpointManager, step: int, tensors: dict, expected: dict | None = None) -> str:
@@ -73,18 +79,39 @@ def test_the_marker_lists_every_file_with_size_and_sha256(tmp_path):
     Pretrainer(load_config(REPO / "yaml/demo.yaml", [*CPU, "schedule.max_steps=1", f"run.out_dir={tmp_path}"])).train()
     record = json.loads((tmp_path / "checkpoints/ckpt-00000001.done").read_text())
     size = (tmp_path / "checkpoints/ckpt-00000001.pt").stat().st_size
-    assert record["files"]["ckpt-00000001.pt"]["size"] == size and len(record["files"]["ckpt-00000001.pt"]["sha256"]) == 64
+    assert (
+        record["files"]["ckpt-00000001.pt"]["size"] == size and len(record["files"]["ckpt-00000001.pt"]["sha256"]) == 64
+    )
 
 
 def _release_checkpoint(path) -> dict:
     """A checkpoint as the release (MAE's misc.save_model) writes it: model, optimizer, epoch, scaler and args."""
     model = create_digpt("digpt_tiny")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    args = argparse.Namespace(model="digpt_vit_base_patch16", batch_size=64, blr=1.5e-4, output_dir="./out",
-                              input_size=224, norm_pix_loss=False, resume="", dist_url="env://", epochs=300,
-                              betas=(0.9, 0.95), device="cuda", world_size=32)  # fmt: skip
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 299,
-                "scaler": torch.amp.GradScaler("cpu").state_dict(), "args": args}, path)  # fmt: skip
+    args = argparse.Namespace(
+        model="digpt_vit_base_patch16",
+        batch_size=64,
+        blr=1.5e-4,
+        output_dir="./out",
+        input_size=224,
+        norm_pix_loss=False,
+        resume="",
+        dist_url="env://",
+        epochs=300,
+        betas=(0.9, 0.95),
+        device="cuda",
+        world_size=32,
+    )
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "epoch": 299,
+            "scaler": torch.amp.GradScaler("cpu").state_dict(),
+            "args": args,
+        },
+        path,
+    )
     return model.state_dict()
 
 
@@ -96,8 +123,9 @@ def test_the_releases_checkpoints_load_everywhere_a_checkpoint_is_accepted(tmp_p
     load_model_state(create_digpt("digpt_tiny"), state, str(path))  # probe.checkpoint loads this way
     ft = ["backend.name=cpu", "run.progress=false", f"finetune.checkpoint={path}", f"run.out_dir={tmp_path / 'ft'}"]
     finetuner = Finetuner(load_config(REPO / "yaml/finetune/tiny_digits.yaml", ft))
-    assert torch.equal(finetuner.backend.unwrap(finetuner.model).patch_embed.proj.weight,
-                       reference["patch_embed.proj.weight"])  # fmt: skip
+    assert torch.equal(
+        finetuner.backend.unwrap(finetuner.model).patch_embed.proj.weight, reference["patch_embed.proj.weight"]
+    )
     for fmt, extra in (("release", []), ("timm", ["--num-classes", "10"])):
         cmd = [PYTHON, "tools/convert_checkpoint.py", str(path), str(tmp_path / f"{fmt}.pth"), "--format", fmt, *extra]
         proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
@@ -136,8 +164,9 @@ def test_a_checkpoint_of_the_wrong_structure_is_one_line_and_exit_2(tmp_path, ca
     state = [1, 2] if change is None else {k: v for k, v in one_step_checkpoint.items() if k != drop} | change
     path = tmp_path / "bad.pt"
     torch.save(state, path)
-    code = digpt_main(["pretrain", "--config", "yaml/demo.yaml", *CPU, f"run.resume={path}",
-                       f"run.out_dir={tmp_path / 'run'}"])  # fmt: skip
+    code = digpt_main(
+        ["pretrain", "--config", "yaml/demo.yaml", *CPU, f"run.resume={path}", f"run.out_dir={tmp_path / 'run'}"]
+    )
     err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert code == 2 and len(err) == 1 and message in err[0], err
 
@@ -145,7 +174,35 @@ def test_a_checkpoint_of_the_wrong_structure_is_one_line_and_exit_2(tmp_path, ca
 def test_resuming_with_another_model_shape_is_one_line(tmp_path, capsys, one_step_checkpoint):
     path = tmp_path / "ckpt.pt"
     torch.save(one_step_checkpoint, path)
-    code = digpt_main(["pretrain", "--config", "yaml/demo.yaml", *CPU, "model.embed_dim=32", f"run.resume={path}",
-                       f"run.out_dir={tmp_path / 'run'}"])  # fmt: skip
+    code = digpt_main(
+        [
+            "pretrain",
+            "--config",
+            "yaml/demo.yaml",
+            *CPU,
+            "model.embed_dim=32",
+            f"run.resume={path}",
+            f"run.out_dir={tmp_path / 'run'}",
+        ]
+    )
     err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert code == 2 and len(err) == 1 and "has shape" in err[0], err
+
+
+def test_the_converter_names_what_it_was_handed(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "folder").mkdir()
+    for given, expected in (
+        ("notes.txt", "notes.txt: a file; a checkpoint is a"),
+        ("folder", "folder: a directory without meta.pt; a checkpoint is a"),
+    ):  # noqa: E127
+        cmd = [
+            PYTHON,
+            "tools/convert_checkpoint.py",
+            str(tmp_path / given),
+            str(tmp_path / "o.pth"),
+            "--format",
+            "release",
+        ]  # noqa: E127
+        proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and expected in proc.stderr and len(proc.stderr.splitlines()) == 1, proc.stderr

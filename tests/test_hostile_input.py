@@ -215,5 +215,7 @@ def test_a_checkpoint_with_a_non_finite_parameter_is_never_committed(tmp_path):
         raise AssertionError("a refused checkpoint writes no shard")
 
     with pytest.raises(CheckpointError, match="refusing to commit .*ckpt-00000006: parameter 'w' is not finite"):
-        manager.save_sharded(6, {"step": 6}, write, is_main=True, expected={}, nonfinite=["w"])  # names found on the devices
+        manager.save_sharded(
+            6, {"step": 6}, write, is_main=True, expected={}, nonfinite=["w"]
+        )  # names found on the devices
     assert manager.complete_steps() == [3] and not (tmp_path / "ckpt-00000006").exists()

@@ -15,16 +15,53 @@ from conftest import PYTHON, REPO, subprocess_env
 from digpt_xla.engine.checkpoint import CheckpointManager
 from digpt_xla.engine.metrics import read_metrics
 
-TINY = ["--config", "yaml/demo.yaml", "backend.name=cpu", "run.progress=false", "run.knn_eval=false",
-        "model.depth=2", "model.embed_dim=32", "model.num_heads=2", "data.batch_size=8", "run.log_every=1",
-        "run.ckpt_every=0", "schedule.max_steps=100000"]  # fmt: skip
+TINY = [
+    "--config",
+    "yaml/demo.yaml",
+    "backend.name=cpu",
+    "run.progress=false",
+    "run.knn_eval=false",
+    "model.depth=2",
+    "model.embed_dim=32",
+    "model.num_heads=2",
+    "data.batch_size=8",
+    "run.log_every=1",
+    "run.ckpt_every=0",
+    "schedule.max_steps=100000",
+]
 
 
 def _torchrun(out: Path, *overrides: str) -> subprocess.Popen:
-    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "digpt_xla.cli",
-           "pretrain", *TINY, f"run.out_dir={out}", *overrides]  # fmt: skip
-    return subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    cmd = [
+        PYTHON,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "digpt_xla.cli",
+        "pretrain",
+        *TINY,
+        f"run.out_dir={out}",
+        *overrides,
+    ]
+    return subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=subprocess_env(OMP_NUM_THREADS="1"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def _alone(out: Path) -> subprocess.Popen:
+    cmd = [PYTHON, "-m", "digpt_xla.cli", "pretrain", *TINY, f"run.out_dir={out}"]
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
 
 
 def _workers(parent: int) -> dict[int, int]:
@@ -119,8 +156,7 @@ def _state(pid: int) -> str:
 
 def test_ctrl_c_checkpoints_and_stops_like_sigterm(tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen([PYTHON, "-m", "digpt_xla.cli", "pretrain", *TINY, f"run.out_dir={out}"], cwd=REPO,
-                            env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = _alone(out)
     deadline = time.time() + 240
     while not (out / "metrics.jsonl").exists() or not read_metrics(str(out)):
         assert time.time() < deadline and proc.poll() is None, proc.stderr.read()[-3000:]
@@ -136,8 +172,7 @@ def test_a_second_run_on_a_busy_run_directory_refuses_naming_the_holder(tmp_path
     from digpt_xla.cli import main as digpt_main
 
     out = tmp_path / "run"
-    first = subprocess.Popen([PYTHON, "-m", "digpt_xla.cli", "pretrain", *TINY, f"run.out_dir={out}"], cwd=REPO,
-                             env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    first = _alone(out)
     try:
         deadline = time.time() + 240
         while not (out / "metrics.jsonl").exists() or not read_metrics(str(out)):

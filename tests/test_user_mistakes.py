@@ -9,6 +9,8 @@ import subprocess
 import time
 
 import pytest
+from test_data import digits, image_folder, make_set, source
+
 from conftest import HAS_XLA, PYTHON, REPO, subprocess_env
 from digpt_xla.cli import main as digpt_main
 from digpt_xla.cli import one_line
@@ -18,10 +20,16 @@ from digpt_xla.data.imagefolder import scan_image_folder
 from digpt_xla.engine import Pretrainer
 from digpt_xla.engine.metrics import read_metrics
 from parity.__main__ import main as parity_main
-from test_data import digits, image_folder, make_set, source
 
-CPU = ["--config", "yaml/demo.yaml", "backend.name=cpu", "run.progress=false", "run.knn_eval=false", "model.depth=2",
-       "data.batch_size=16"]  # fmt: skip
+CPU = [
+    "--config",
+    "yaml/demo.yaml",
+    "backend.name=cpu",
+    "run.progress=false",
+    "run.knn_eval=false",
+    "model.depth=2",
+    "data.batch_size=16",
+]
 
 
 def _one_line_exit_2(code: int, capsys) -> str:
@@ -37,19 +45,29 @@ def test_a_compile_cache_that_is_a_file_is_refused_at_load(tmp_path, capsys):
     assert "backend.compile_cache=" in _one_line_exit_2(code, capsys)
 
 
+XLA_ENVIRONMENT = [
+    ("PJRT_DEVICE", "GPU", "PJRT_DEVICE=GPU: torch_xla 2.9 runs"),
+    ("CPU_NUM_DEVICES", "0", "CPU_NUM_DEVICES='0'"),
+    ("CPU_NUM_DEVICES", "abc", "CPU_NUM_DEVICES='abc'"),
+]
+
+
 @pytest.mark.skipif(not HAS_XLA, reason="needs torch_xla")
-@pytest.mark.parametrize(("var", "value", "expected"), [("PJRT_DEVICE", "GPU", "PJRT_DEVICE=GPU: torch_xla 2.9 runs"),
-                                                        ("CPU_NUM_DEVICES", "0", "CPU_NUM_DEVICES='0'"),
-                                                        ("CPU_NUM_DEVICES", "abc", "CPU_NUM_DEVICES='abc'")])  # fmt: skip
+@pytest.mark.parametrize(("var", "value", "expected"), XLA_ENVIRONMENT)
 def test_xla_environment_mistakes_are_one_line(tmp_path, capsys, monkeypatch, var, value, expected):
     monkeypatch.setenv(var, value)
     code = digpt_main(["pretrain", *CPU, "backend.name=xla", f"run.out_dir={tmp_path}"])
     assert expected in _one_line_exit_2(code, capsys)
 
 
-@pytest.mark.parametrize(("url", "expected"), [("gs://bucket/train-{0..3}.tar", "gs:// needs a package"),
-                                               ("http://host/train-0.tar", "http:// needs a package"),
-                                               ("nosuchfs://x/train-0.tar", "unknown protocol nosuchfs://")])  # fmt: skip
+DATA_URLS = [
+    ("gs://bucket/train-{0..3}.tar", "gs:// needs a package"),
+    ("http://host/train-0.tar", "http:// needs a package"),
+    ("nosuchfs://x/train-0.tar", "unknown protocol nosuchfs://"),
+]
+
+
+@pytest.mark.parametrize(("url", "expected"), DATA_URLS)
 def test_data_urls_without_their_filesystem_package_are_one_line(tmp_path, capsys, url, expected):
     try:
         import fsspec
@@ -63,18 +81,28 @@ def test_data_urls_without_their_filesystem_package_are_one_line(tmp_path, capsy
     assert expected in _one_line_exit_2(code, capsys)
 
 
-@pytest.mark.parametrize(("manifest", "expected"), [([1, 2], "a JSON list, not a manifest"),
-                                                    ({"shards": []}, "'shards' must map shard file names"),
-                                                    ({"shards": {"shard-000000.tar": "ten"}}, "shards\\['shard-000000.tar'\\] = 'ten' is not"),
-                                                    ({"shards": {"shard-000000.tar": 10}, "num_classes": 0},
-                                                     "num_classes = 0")])  # fmt: skip
+MANIFESTS = [  # (manifest.json, the error as a regular expression)
+    ([1, 2], "a JSON list, not a manifest"),
+    ({"shards": []}, "'shards' must map shard file names"),
+    ({"shards": {"shard-000000.tar": "ten"}}, r"shards\['shard-000000.tar'\] = 'ten' is not"),
+    ({"shards": {"shard-000000.tar": 10}, "num_classes": 0}, "num_classes = 0"),
+]
+
+
+@pytest.mark.parametrize(("manifest", "expected"), MANIFESTS)
 def test_a_manifest_of_the_wrong_shape_is_named_here_and_in_make_shards_check(tmp_path, manifest, expected):
     make_set(str(tmp_path), digits(10), per_shard=10)
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(DataError, match=f"manifest.json: {expected}"):  # expected: a regular expression
+    with pytest.raises(DataError, match=f"manifest.json: {expected}"):
         source(str(tmp_path / "shard-000000.tar"))
-    proc = subprocess.run([PYTHON, "tools/make_shards.py", "check", str(tmp_path), "--no-progress"], cwd=REPO,
-                          env=subprocess_env(), capture_output=True, text=True, timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [PYTHON, "tools/make_shards.py", "check", str(tmp_path), "--no-progress"],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and re.search(expected, proc.stderr) and "Traceback" not in proc.stderr, proc.stderr
 
 
@@ -92,12 +120,23 @@ def test_a_fifo_manifest_stalls_into_one_line_and_the_process_exits(tmp_path):
     make_set(str(tmp_path), digits(10), per_shard=10)
     (tmp_path / "manifest.json").unlink()
     os.mkfifo(tmp_path / "manifest.json")
-    cmd = [PYTHON, "-m", "digpt_xla.cli", "pretrain", *CPU, "data.source=webdataset", "data.read_timeout=2",
-           f"data.urls={tmp_path / 'shard-000000.tar'}", f"run.out_dir={tmp_path / 'run'}"]  # fmt: skip
+    cmd = [
+        PYTHON,
+        "-m",
+        "digpt_xla.cli",
+        "pretrain",
+        *CPU,
+        "data.source=webdataset",
+        "data.read_timeout=2",
+        f"data.urls={tmp_path / 'shard-000000.tar'}",
+        f"run.out_dir={tmp_path / 'run'}",
+    ]
     started = time.time()
     proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
     errors = [line for line in proc.stderr.splitlines() if "error:" in line]
-    assert proc.returncode == 2 and len(errors) == 1 and "manifest.json: read: no answer in 2s" in errors[0], proc.stderr
+    assert proc.returncode == 2 and len(errors) == 1 and "manifest.json: read: no answer in 2s" in errors[0], (
+        proc.stderr
+    )
     assert time.time() - started < 60
 
 
@@ -130,8 +169,9 @@ def test_a_symlink_loop_in_an_image_folder_is_followed_once(tmp_path, caplog):
 
 @pytest.mark.parametrize("value", ["nan", "-1"])
 def test_parity_tolerances_must_be_finite_and_not_negative(tmp_path, capsys, value):
-    code = parity_main(["run", "--config", "yaml/parity/tiny_fp32.yaml", f"tolerances.loss_rel={value}",
-                        "--out", str(tmp_path / "r")])  # fmt: skip
+    code = parity_main(
+        ["run", "--config", "yaml/parity/tiny_fp32.yaml", f"tolerances.loss_rel={value}", "--out", str(tmp_path / "r")]
+    )
     assert "tolerances.loss_rel=" in _one_line_exit_2(code, capsys)
 
 
@@ -144,8 +184,21 @@ def test_parity_out_that_is_a_file_is_exit_2_before_any_side_runs(tmp_path, caps
 
 def test_a_non_finite_ledger_value_is_refused(tmp_path, capsys):
     ledger = tmp_path / "ledger.jsonl"
-    add = ["gap", "add", "--ledger", str(ledger), "--backend", "cpu", "--setting", "fp32", "--metric", "top1",
-           "--seed", "0", "--value"]  # fmt: skip
+    add = [
+        "gap",
+        "add",
+        "--ledger",
+        str(ledger),
+        "--backend",
+        "cpu",
+        "--setting",
+        "fp32",
+        "--metric",
+        "top1",
+        "--seed",
+        "0",
+        "--value",
+    ]
     assert "must be a finite number" in _one_line_exit_2(parity_main([*add, "nan"]), capsys)
     assert not ledger.exists()
     assert parity_main([*add, "68.5"]) == 0
@@ -176,4 +229,3 @@ def test_help_does_not_wait_for_torch():
     probe = "import sys, digpt_xla.cli, parity.__main__; print('torch' in sys.modules)"
     out = subprocess.run([PYTHON, "-c", probe], cwd=REPO, env=subprocess_env(), capture_output=True, text=True)
     assert out.stdout.strip() == "False", out.stderr
-

@@ -390,16 +390,27 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--out", default=str(REPO / "runs/bench"), help="OUT/<device>/<name>.json (committed: --out bench)")
     m = sub.add_parser("memory", help="per-device memory of one training step, with --fsdp sharding")
     m.add_argument("--model", default="digpt_tiny", help="a model name (digpt_xla.models.MODEL_SIZES)")
-    m.add_argument("--backend", default="xla-spmd", help="xla-spmd (compiled, not run: XLA's buffer assignment; "
-                   "on XLA:CPU with --fsdp virtual devices) | cuda (measured peak)")  # fmt: skip
+    m.add_argument(
+        "--backend",
+        default="xla-spmd",
+        help="xla-spmd (compiled, not run: XLA's buffer assignment; "
+        "on XLA:CPU with --fsdp virtual devices) | cuda (measured peak)",
+    )
     m.add_argument("--fsdp", type=int, default=1, help="devices that parameters and AdamW state are split over")
     m.add_argument("--batch", type=int, default=8, help="per-device batch")
     m.add_argument("--precision", default="fp32", help="fp32 | bf16 (| fp16 on cuda)")
-    m.add_argument("--teacher", default="auto", help="auto (the model's own: CLIP ViT-H/14 with random weights for "
-                   "the ViT sizes, pixels for digpt_tiny) | clip | pixel")  # fmt: skip
+    m.add_argument(
+        "--teacher",
+        default="auto",
+        help="auto (the model's own: CLIP ViT-H/14 with random weights for "
+        "the ViT sizes, pixels for digpt_tiny) | clip | pixel",
+    )
     m.add_argument("--name", default="", help="result name (default: from the settings)")
-    m.add_argument("--out", default=str(REPO / "runs/bench"), help="results go to OUT/<device>/<name>.json "
-                   "(committed figures: --out bench)")  # fmt: skip
+    m.add_argument(
+        "--out",
+        default=str(REPO / "runs/bench"),
+        help="results go to OUT/<device>/<name>.json (committed figures: --out bench)",
+    )
     m.add_argument("--out-dir", default="/tmp/digpt_bench_memory", help="run directory (and the XLA dump)")
     m.add_argument("overrides", nargs="*", help="extra section.key=value config overrides")
     rc = sub.add_parser("recount", help="recount FLOPs and MFU of committed train/baseline JSON files")

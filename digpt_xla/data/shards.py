@@ -151,8 +151,9 @@ def check_manifest(manifest: Any, url: str) -> dict[str, Any]:
         raise DataError(f"{url}: a JSON {type(manifest).__name__}, not a manifest object")
     shards = manifest.get("shards")
     if not isinstance(shards, dict) or not shards:
-        raise DataError(f"{url}: 'shards' must map shard file names to sample counts, e.g. {{\"shard-000000.tar\": "
-                        "1000}")  # fmt: skip
+        raise DataError(
+            f"{url}: 'shards' must map shard file names to sample counts, e.g. {{\"shard-000000.tar\": 1000}}"
+        )
     bad = next((k for k, v in shards.items() if not isinstance(v, int) or isinstance(v, bool) or v < 0), None)
     if bad is not None:
         raise DataError(f"{url}: shards[{bad!r}] = {shards[bad]!r} is not a sample count")
@@ -170,8 +171,10 @@ def check_protocols(urls: list[str]) -> None:
         except ImportError as e:
             hint = " (pip install 'digpt_xla[gcs]')" if protocol in ("gs", "gcs") else ""
             first = next(u for u in urls if (fsspec.core.split_protocol(u)[0] or "file") == protocol)
-            raise DataError(f"data.urls: {first}: {protocol}:// needs a package that is not installed{hint}: "
-                            f"{str(e).splitlines()[0]}") from None  # fmt: skip
+            raise DataError(
+                f"data.urls: {first}: {protocol}:// needs a package that is not installed{hint}: "
+                f"{str(e).splitlines()[0]}"
+            ) from None
         except ValueError:
             raise DataError(f"data.urls: unknown protocol {protocol}:// (fsspec knows no such filesystem)") from None
 
@@ -328,8 +331,9 @@ class WebDatasetSource:
                 out["skipped"] = torch.tensor(skips.take())
                 yield out
 
-    def batches(self, batch_size: int, rank: int, world: int, seed: int, start_batch: int = 0,
-                workers: int = 0) -> _RankBatches:  # fmt: skip
+    def batches(
+        self, batch_size: int, rank: int, world: int, seed: int, start_batch: int = 0, workers: int = 0
+    ) -> _RankBatches:
         if not self.resampled:  # every worker of every rank needs shards of its own: found now, not at step 7
             self.shard_share(world - 1, world, max(workers, 1) - 1, max(workers, 1))
         return _RankBatches(self, batch_size, rank, world, seed, start_batch)

@@ -104,9 +104,16 @@ class CheckpointManager:
         self.fs.pipe_file(self._path(step, ".done"), json.dumps({"step": step, "files": files}, indent=1).encode())
         self._prune()
 
-    def save_sharded(self, step: int, meta: dict[str, Any], write: Callable[[str], Future | None], is_main: bool,
-                     expected: Mapping[str, tuple[int, ...]], wait: bool = True,
-                     nonfinite: Collection[str] = ()) -> str:  # fmt: skip
+    def save_sharded(
+        self,
+        step: int,
+        meta: dict[str, Any],
+        write: Callable[[str], Future | None],
+        is_main: bool,
+        expected: Mapping[str, tuple[int, ...]],
+        wait: bool = True,
+        nonfinite: Collection[str] = (),
+    ) -> str:
         """A sharded checkpoint: every rank calls this; ``write(url)`` writes the DCP part (returning a Future when
         it runs in the background) and the main rank writes ``meta`` and, once all is written and found complete
         (``expected``: every DCP key the checkpoint must hold, with its global shape), the marker. With ``wait``
@@ -151,17 +158,16 @@ class CheckpointManager:
             self._commit(step, files)
             log.info("committed %s", self.url(step))
 
-    def load_latest(self, set_aside: bool = True) -> tuple[str, dict[str, Any]] | None:
+    def load_latest(self) -> tuple[str, dict[str, Any]] | None:
         """The newest committed checkpoint that can be read, as (url, state); None when there is none. Unreadable
-        ones on the way are reported by name and, when ``set_aside`` (the main rank), renamed ``*.corrupt``."""
+        ones on the way are reported by name and renamed ``*.corrupt`` (the main rank's call)."""
         for step in reversed(self.complete_steps()):
             url = self.url(step)
             try:
                 return url, read_checkpoint(url)
             except CheckpointError as e:
                 log.warning("skipping a checkpoint that cannot be loaded: %s", e)
-                if set_aside:
-                    self._set_aside(step)
+                self._set_aside(step)
         return None
 
     def _set_aside(self, step: int) -> None:
@@ -189,7 +195,9 @@ def _done(value: Any) -> Future:
     return future
 
 
-def check_sharded_complete(url: str, expected: Mapping[str, tuple[int, ...]], doing: str = "refusing to commit") -> None:
+def check_sharded_complete(
+    url: str, expected: Mapping[str, tuple[int, ...]], doing: str = "refusing to commit"
+) -> None:
     """Refuse (to commit, or to resume from: ``doing``) a DCP checkpoint whose metadata lacks a tensor of
     ``expected``, has it with another shape, or whose saved chunks do not cover all of it (replicas of one chunk
     count once)."""
@@ -206,6 +214,4 @@ def check_sharded_complete(url: str, expected: Mapping[str, tuple[int, ...]], do
         chunks = {(tuple(c.offsets), tuple(c.sizes)) for c in meta.chunks}
         covered = sum(math.prod(sizes) for _, sizes in chunks)
         if covered != math.prod(shape):
-            raise CheckpointError(
-                f"{doing} {url}: {key!r} holds {covered} of its {math.prod(shape)} elements"
-            )
+            raise CheckpointError(f"{doing} {url}: {key!r} holds {covered} of its {math.prod(shape)} elements")

@@ -141,8 +141,9 @@ def parse_records(text: str, source: str, warn: bool = True) -> list[dict[str, A
             record = json.loads(line)
         except json.JSONDecodeError:
             if warn:
-                log.warning("%s:%d: dropping a line that is not a whole record (a write cut short): %.60r", source, n,
-                            line)  # fmt: skip
+                log.warning(
+                    "%s:%d: dropping a line that is not a whole record (a write cut short): %.60r", source, n, line
+                )
             continue
         if isinstance(record, dict):
             records.append(record)

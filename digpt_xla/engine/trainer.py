@@ -47,13 +47,13 @@ def accumulation_steps(accum_steps: int, effective_batch: int | None, global_mic
     return effective_batch // global_micro_batch
 
 
-def resume_checkpoint(resume: str, manager: CheckpointManager, is_main: bool) -> tuple[str, dict[str, Any]] | None:
+def resume_checkpoint(resume: str, manager: CheckpointManager) -> tuple[str, dict[str, Any]] | None:
     """(url, state) to resume from, per ``run.resume``: ``never``; ``auto`` = the newest committed checkpoint that
-    loads (unreadable ones are set aside by the main rank); anything else is a path or URL that must load."""
+    loads (unreadable ones are set aside); anything else is a path or URL that must load. The main rank's call."""
     if resume == "never":
         return None
     if resume == "auto":
-        return manager.load_latest(set_aside=is_main)
+        return manager.load_latest()
     return resume, read_checkpoint(resume)
 
 
@@ -169,16 +169,22 @@ class Trainer:
         try:
             b.set_rng_state(state["rng"])
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            raise CheckpointError(f"{url}: entry 'rng' is not a random-generator state this run can restore ({e})")
+            raise CheckpointError(
+                f"{url}: entry 'rng' is not a random-generator state this run can restore ({e})"
+            ) from None
         self.step = int(state["step"])
         self._check_resumed_data_position(state.get("data", {}))
         self.load_extra_state(state, url)
 
     def resume(self) -> str | None:
-        found = resume_checkpoint(self.cfg.run.resume, self.checkpoints, self.backend.is_main)
-        if found is None:
+        b = self.backend
+        # The main rank chooses (and sets aside what it cannot read); every rank then loads that one checkpoint, so
+        # a read that fails on one rank only cannot send the ranks to different steps.
+        found = resume_checkpoint(self.cfg.run.resume, self.checkpoints) if b.is_main else None
+        url = b.from_main(found[0] if found else None)
+        if url is None:
             return None
-        url, state = found
+        state = found[1] if found else read_checkpoint(url)
         self.load_state_dict(state, url)
         log.info("resumed from %s at step %d", url, self.step)
         return url
@@ -332,8 +338,10 @@ class Trainer:
                 b.mark_step()
                 self._raise_if_nonfinite()
                 if self.lease.lost:
-                    raise RunDirError(f"{self.run_dir.url}: stopped, the run directory was taken over by "
-                                      f"{self.lease.lost}; no checkpoint written after it")  # fmt: skip
+                    raise RunDirError(
+                        f"{self.run_dir.url}: stopped, the run directory was taken over by "
+                        f"{self.lease.lost}; no checkpoint written after it"
+                    )
                 if progress is None and b.is_main and cfg.run.progress:
                     # Opened after the first step so that its rate and ETA leave out compilation.
                     from tqdm import tqdm
