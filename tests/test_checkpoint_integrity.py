@@ -195,7 +195,7 @@ def test_the_converter_names_what_it_was_handed(tmp_path):
     for given, expected in (
         ("notes.txt", "notes.txt: a file; a checkpoint is a"),
         ("folder", "folder: a directory without meta.pt; a checkpoint is a"),
-    ):  # noqa: E127
+    ):
         cmd = [
             PYTHON,
             "tools/convert_checkpoint.py",
@@ -203,6 +203,6 @@ def test_the_converter_names_what_it_was_handed(tmp_path):
             str(tmp_path / "o.pth"),
             "--format",
             "release",
-        ]  # noqa: E127
+        ]
         proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and expected in proc.stderr and len(proc.stderr.splitlines()) == 1, proc.stderr
