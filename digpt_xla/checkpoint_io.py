@@ -182,9 +182,9 @@ def read_checkpoint(url: str) -> dict[str, Any]:
     tensors are read by whoever knows their placement (the trainer, through DCP, or ``read_sharded_tensors``)."""
     if is_sharded(url):
         verify_files(url)
+        dcp_reader(url).read_metadata()  # unreadable or foreign DCP metadata fails here, before any tensor is read
         meta_url = f"{url.rstrip('/')}/{SHARDED_META}"
         state = _check_training_state(load_torch_payload(read_bytes(meta_url), meta_url), meta_url, sharded=True)
-        dcp_reader(url).read_metadata()  # unreadable or foreign DCP metadata fails here, before any tensor is read
         return state | {"sharded": url.rstrip("/")}
     payload = read_bytes(url)
     verify_files(url, payload)
@@ -302,7 +302,12 @@ def read_state_dict(url: str) -> dict[str, Tensor]:
     suffix = next((s for s in STATE_DICT_SUFFIXES if url.endswith(s)), None)
     if suffix is None:
         fs, path = fsspec.core.url_to_fs(url)
-        what = "a directory without meta.pt" if fs.isdir(path) else "not found" if not fs.exists(path) else "a file"
+        name = url.rstrip("/").rsplit("/", 1)[-1]
+        what = (
+            "a directory without meta.pt, not a sharded checkpoint"
+            if fs.isdir(path)
+            else f"unsupported checkpoint type {'.' + name.rsplit('.', 1)[-1] if '.' in name else '(no suffix)'}"
+        )
         raise CheckpointError(
             f"{url}: {what}; a checkpoint is a {'/'.join(STATE_DICT_SUFFIXES)} file or a sharded checkpoint "
             "directory (with meta.pt)"

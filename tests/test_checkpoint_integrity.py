@@ -193,8 +193,8 @@ def test_the_converter_names_what_it_was_handed(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     (tmp_path / "folder").mkdir()
     for given, expected in (
-        ("notes.txt", "notes.txt: a file; a checkpoint is a"),
-        ("folder", "folder: a directory without meta.pt; a checkpoint is a"),
+        ("notes.txt", "notes.txt: unsupported checkpoint type .txt; a checkpoint is a"),
+        ("folder", "folder: a directory without meta.pt, not a sharded checkpoint; a checkpoint is a"),
     ):
         cmd = [
             PYTHON,
