@@ -203,8 +203,14 @@ class Backend:
 
         return get_state_dict(model, optimizer)
 
-    def load_training_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict,
-                            optimizer_state: dict, full: bool = False) -> None:  # fmt: skip
+    def load_training_state(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        model_state: dict,
+        optimizer_state: dict,
+        full: bool = False,
+    ) -> None:
         """Load name-keyed states: as placed (``training_state``'s form), or whole tensors when ``full``."""
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
@@ -219,11 +225,13 @@ class Backend:
             # but leaves the second name of a shared parameter (the release's ar_enc_norm.1 is ar_enc_norm.0) whole.
             placed = get_model_state_dict(model)
             model_state = {
-                k: distribute_tensor(v.to(placed[k].device), placed[k].device_mesh, placed[k].placements,
-                                     src_data_rank=None)
-                if isinstance(placed.get(k), DTensor) else v
+                k: distribute_tensor(
+                    v.to(placed[k].device), placed[k].device_mesh, placed[k].placements, src_data_rank=None
+                )
+                if isinstance(placed.get(k), DTensor)
+                else v
                 for k, v in model_state.items()
-            }  # fmt: skip
+            }
         set_model_state_dict(model, model_state)
         set_optimizer_state_dict(model, optimizer, optimizer_state, options=StateDictOptions(full_state_dict=full))
         self.place_optimizer_state(optimizer)
@@ -703,8 +711,9 @@ class XlaSpmdBackend(XlaBackend):
         for p in module.parameters():
             spec = self._parameter_spec(p)
             if spec is None:
-                log.warning("backend.fsdp=%d divides no dimension of a %s parameter: replicated", self.fsdp,
-                            tuple(p.shape))  # fmt: skip
+                log.warning(
+                    "backend.fsdp=%d divides no dimension of a %s parameter: replicated", self.fsdp, tuple(p.shape)
+                )
                 continue
             self._xs.mark_sharding(p, self.mesh, spec)
             self._param_specs[p] = spec

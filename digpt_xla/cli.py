@@ -91,8 +91,10 @@ def cmd_probe(args: argparse.Namespace) -> int:
     cfg = load_config(find_config(args.config), args.overrides)
     result = run_probe(cfg)
     shown = ", ".join(f"{k} {result[k]:.1f}%" for k in ("knn_top1", "linear_top1") if k in result)
-    print(f"probe of {result['checkpoint']} ({result['train_samples']} train / {result['val_samples']} held out): "
-          f"{shown} -> {os.path.join(cfg.run.out_dir, 'probe.json')}")  # fmt: skip
+    print(
+        f"probe of {result['checkpoint']} ({result['train_samples']} train / {result['val_samples']} held out): "
+        f"{shown} -> {os.path.join(cfg.run.out_dir, 'probe.json')}"
+    )
     return 0
 
 
@@ -104,12 +106,16 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if "top1" not in result:
         print(f"finetuning stopped ({result['stopped']}) at step {result['step']}; checkpoint {result['checkpoint']}")
         return 0
-    scores = (f"top-1 {result['top1']:.2f}%, top-5 {result['top5']:.2f}% on {result['eval_samples']} held-out samples"
-              f" (best top-1 {result['best_top1']:.2f}% at epoch {result['best_epoch']:.2f})")  # fmt: skip
+    scores = (
+        f"top-1 {result['top1']:.2f}%, top-5 {result['top5']:.2f}% on {result['eval_samples']} held-out samples"
+        f" (best top-1 {result['best_top1']:.2f}% at epoch {result['best_epoch']:.2f})"
+    )
     if "ema_top1" in result:
         scores += f", EMA top-1 {result['ema_top1']:.2f}%"
-    print(f"finetuned {cfg.model.name} for {result['step']} steps ({result['stopped']}): {scores} "
-          f"-> {cfg.run.out_dir}/finetune.json")  # fmt: skip
+    print(
+        f"finetuned {cfg.model.name} for {result['step']} steps ({result['stopped']}): {scores} "
+        f"-> {cfg.run.out_dir}/finetune.json"
+    )
     return 0
 
 

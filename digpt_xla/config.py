@@ -50,8 +50,10 @@ class ModelConfig:
         if self.fused_attention is not None:
             legacy = "sdpa" if self.fused_attention else "explicit"
             if self.attention not in ("sdpa", legacy):
-                raise ConfigError(f"model.fused_attention={self.fused_attention} contradicts model.attention="
-                                  f"{self.attention!r}; drop model.fused_attention (deprecated)")  # fmt: skip
+                raise ConfigError(
+                    f"model.fused_attention={self.fused_attention} contradicts model.attention="
+                    f"{self.attention!r}; drop model.fused_attention (deprecated)"
+                )
             self.attention, self.fused_attention = legacy, None
         return self.attention
 
@@ -311,8 +313,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 Rule = tuple[Callable[[Any], bool], str | Callable[[], str]]  # (check, what is allowed)
 
 
-def _num(lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False,
-         optional: bool = False) -> Rule:  # fmt: skip
+def _num(
+    lo: float | None = None,
+    hi: float | None = None,
+    lo_open: bool = False,
+    hi_open: bool = False,
+    optional: bool = False,
+) -> Rule:
     def ok(v: Any) -> bool:
         if v is None:
             return optional
@@ -322,8 +329,10 @@ def _num(lo: float | None = None, hi: float | None = None, lo_open: bool = False
             return False
         return not (hi is not None and (v >= hi if hi_open else v > hi))
 
-    bounds = [f">{'' if lo_open else '='} {lo}" if lo is not None else "",
-              f"<{'' if hi_open else '='} {hi}" if hi is not None else ""]  # fmt: skip
+    bounds = [
+        f">{'' if lo_open else '='} {lo}" if lo is not None else "",
+        f"<{'' if hi_open else '='} {hi}" if hi is not None else "",
+    ]
     desc = "a finite number " + " and ".join(b for b in bounds if b)
     return ok, desc.rstrip() + (" (or null)" if optional else "")
 
@@ -374,7 +383,7 @@ RULES: dict[tuple[type, str], Rule] = {
             "decoder_heads",
             "segments_per_side",
         )
-    },  # fmt: skip
+    },
     (DataConfig, "batch_size"): POSITIVE_INT,
     (DataConfig, "num_workers"): _num(0),
     (DataConfig, "urls"): (_balanced_braces, "shard URLs with balanced braces, e.g. shard-{000000..000127}.tar"),
@@ -446,6 +455,12 @@ def validate(obj: Any, prefix: str = "") -> None:
 
 def _check_combinations(cfg: Config) -> None:
     cfg.model.resolve_attention()
+    from .models import digpt_config
+
+    try:  # the model's own shape rules (divisibility, taps, segments), checked now rather than at build time
+        digpt_config(cfg.model.name, **cfg.model.shape_overrides())
+    except ValueError as e:
+        raise ConfigError(f"model ({cfg.model.name} with the model.* overrides): {e}") from None
     if cfg.teacher.fsdp not in (0, 1, cfg.backend.fsdp):
         raise ConfigError(
             f"teacher.fsdp={cfg.teacher.fsdp}: the teacher is split over the student's mesh axis or not at all; use 0 "
@@ -465,5 +480,6 @@ def _check_combinations(cfg: Config) -> None:
     teacher = cfg.backend.precision if cfg.teacher.precision == "auto" else cfg.teacher.precision
     problem = precision_problem(cfg.backend.name, teacher, role="teacher")
     if problem:
-        raise ConfigError(f"teacher.precision={cfg.teacher.precision!r} with backend.name={cfg.backend.name!r}: "
-                          f"{problem}")  # fmt: skip
+        raise ConfigError(
+            f"teacher.precision={cfg.teacher.precision!r} with backend.name={cfg.backend.name!r}: {problem}"
+        )

@@ -47,9 +47,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     for comp in report["comparisons"]:
         failed = [c["check"] for c in comp["checks"] if c["ok"] is False]
         fd = comp["first_divergent"]
-        print(f"{comp['candidate']} vs {comp['reference']}: {'PASS' if comp['passed'] else 'FAIL'}"
-              + (f" (over tolerance: {', '.join(failed)})" if failed else "")
-              + (f"; first divergent module: {fd['module']} (rel. L2 {fd['rel_l2']:.3g})" if fd else ""))  # fmt: skip
+        print(
+            f"{comp['candidate']} vs {comp['reference']}: {'PASS' if comp['passed'] else 'FAIL'}"
+            + (f" (over tolerance: {', '.join(failed)})" if failed else "")
+            + (f"; first divergent module: {fd['module']} (rel. L2 {fd['rel_l2']:.3g})" if fd else "")
+        )
     print(f"report: {files['md']}")
     return 0 if report["passed"] else 1
 
@@ -64,8 +66,9 @@ def cmd_gap_add(args: argparse.Namespace) -> int:
         from digpt_xla.config import load_config
 
         chash = config_hash(load_config(args.config, []).to_dict())
-    result = GapResult(args.backend, args.setting, args.seed, chash or "unknown", git_revision(), args.data,
-                       args.metric, args.value)  # fmt: skip
+    result = GapResult(
+        args.backend, args.setting, args.seed, chash or "unknown", git_revision(), args.data, args.metric, args.value
+    )
     append_result(args.ledger, result)
     print(f"appended {args.backend}:{args.setting} seed {args.seed} {args.metric}={args.value} to {args.ledger}")
     return 0
@@ -87,14 +90,16 @@ def cmd_gap_study(args: argparse.Namespace) -> int:
 
     cfg = load_study_config(args.config, args.overrides)
     result = GapStudy(cfg).run()
-    print(f"gap study: {result['ran']} of {result['runs']} runs done now; "
-          f"report {os.path.join(cfg.out_dir, 'report.md')}")  # fmt: skip
+    print(
+        f"gap study: {result['ran']} of {result['runs']} runs done now; report {os.path.join(cfg.out_dir, 'report.md')}"
+    )
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m parity", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python -m parity", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the sides of a parity config and write the report")
     run.add_argument("--config", required=True)

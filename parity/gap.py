@@ -139,19 +139,27 @@ def summarize(rows: list[dict[str, Any]], metric: str, baseline: str, alpha: flo
         diffs = [v - base_seeds[seed] for seed, v in by_seed[name].items() if seed in base_seeds]
         welch, paired = (math.nan, math.nan) if name == baseline else (welch_p(values, base), paired_p(diffs))
         p = paired if len(diffs) >= 2 else welch
-        out.append({
-            "side": name, "n": len(values), "mean": statistics.mean(values),
-            "std": statistics.stdev(values) if len(values) > 1 else math.nan,
-            "diff": statistics.mean(values) - statistics.mean(base), "p": p, "welch_p": welch,
-            "paired_p": paired, "paired_n": 0 if name == baseline else len(diffs),
-            "test": "paired" if len(diffs) >= 2 else "welch",
-            "significant": bool(p < alpha) if not math.isnan(p) else None,
-        })  # fmt: skip
+        out.append(
+            {
+                "side": name,
+                "n": len(values),
+                "mean": statistics.mean(values),
+                "std": statistics.stdev(values) if len(values) > 1 else math.nan,
+                "diff": statistics.mean(values) - statistics.mean(base),
+                "p": p,
+                "welch_p": welch,
+                "paired_p": paired,
+                "paired_n": 0 if name == baseline else len(diffs),
+                "test": "paired" if len(diffs) >= 2 else "welch",
+                "significant": bool(p < alpha) if not math.isnan(p) else None,
+            }
+        )
     return sorted(out, key=lambda s: (s["side"] != baseline, s["side"]))
 
 
-def render_markdown(rows: list[dict[str, Any]], metric: str, baseline: str, alpha: float = 0.05,
-                    decimals: int = 2) -> str:  # fmt: skip
+def render_markdown(
+    rows: list[dict[str, Any]], metric: str, baseline: str, alpha: float = 0.05, decimals: int = 2
+) -> str:
     lines = [
         f"# Gap ledger: `{metric}`",
         "",

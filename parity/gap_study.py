@@ -108,8 +108,9 @@ class GapStudy:
         base_p = load_config(find_config(cfg.pretrain_config), cfg.pretrain_overrides)
         base_f = load_config(find_config(cfg.finetune_config), cfg.finetune_overrides)
         # One hash for the pair: a ledger row counts as done only for the same pretraining and finetuning recipe.
-        self.config_hash = config_hash({"pretrain": {"h": config_hash(base_p.to_dict())},
-                                        "finetune": {"h": config_hash(base_f.to_dict())}})  # fmt: skip
+        self.config_hash = config_hash(
+            {"pretrain": {"h": config_hash(base_p.to_dict())}, "finetune": {"h": config_hash(base_f.to_dict())}}
+        )
         self.data = base_p.data.source
         self.revision = git_revision()
         self._backends: dict[str, Backend] = {}
@@ -121,12 +122,22 @@ class GapStudy:
             for side in cfg.sides:
                 backend, precision = parse_side(side)
                 where = os.path.join(cfg.run_dir, side.replace(":", "_"), f"seed{seed}")
-                common = [f"backend.name={backend}", f"backend.precision={precision}", f"run.seed={seed}",
-                          "run.resume=auto", "run.knn_eval=false", "run.progress=false"]  # fmt: skip
-                p = load_config(find_config(cfg.pretrain_config),
-                                [*cfg.pretrain_overrides, *common, f"run.out_dir={where}/pretrain"])  # fmt: skip
-                f = load_config(find_config(cfg.finetune_config),
-                                [*cfg.finetune_overrides, *common, f"run.out_dir={where}/finetune"])  # fmt: skip
+                common = [
+                    f"backend.name={backend}",
+                    f"backend.precision={precision}",
+                    f"run.seed={seed}",
+                    "run.resume=auto",
+                    "run.knn_eval=false",
+                    "run.progress=false",
+                ]
+                p = load_config(
+                    find_config(cfg.pretrain_config),
+                    [*cfg.pretrain_overrides, *common, f"run.out_dir={where}/pretrain"],
+                )
+                f = load_config(
+                    find_config(cfg.finetune_config),
+                    [*cfg.finetune_overrides, *common, f"run.out_dir={where}/finetune"],
+                )
                 out.append(_Run(side, seed, p, f))
         return out
 
@@ -147,8 +158,9 @@ class GapStudy:
         for run in runs:  # before any backward: autograd sizes its per-device queues at its first run
             self.backend(run.pretrain.backend.name)
         todo = [r for r in runs if any((r.side, r.seed, m) not in done for m in self.cfg.metrics)]
-        log.info("gap study: %d runs, %d already in %s, %d to do", len(runs), len(runs) - len(todo), self.ledger,
-                 len(todo))  # fmt: skip
+        log.info(
+            "gap study: %d runs, %d already in %s, %d to do", len(runs), len(runs) - len(todo), self.ledger, len(todo)
+        )
         seconds: dict[str, float] = {}
         for i, run in enumerate(todo, start=1):
             log.info("[%d/%d] %s seed %d", i, len(todo), run.side, run.seed)
@@ -156,8 +168,10 @@ class GapStudy:
             missing = {m for m in self.cfg.metrics if (run.side, run.seed, m) not in done}
             backend, precision = parse_side(run.side)
             for metric, value in self.run_one(run, missing):
-                append_result(self.ledger, GapResult(backend, precision, run.seed, self.config_hash, self.revision,
-                                                     self.data, metric, value))  # fmt: skip
+                append_result(
+                    self.ledger,
+                    GapResult(backend, precision, run.seed, self.config_hash, self.revision, self.data, metric, value),
+                )
             took = seconds[f"{run.side} seed {run.seed}"] = time.perf_counter() - t0
             left = (len(todo) - i) * sum(seconds.values()) / i
             log.info("%s seed %d took %.0f s; about %.0f min left", run.side, run.seed, took, left / 60)
@@ -197,8 +211,15 @@ class GapStudy:
         self.out.write_bytes("gap_study.png", plot_study(rows, metrics, cfg.sides, cfg.baseline))
         self.out.write_text("report.md", render_study(rows, metrics, cfg, self.config_hash))
         summary = {m: summarize(rows, m, cfg.baseline, cfg.alpha) for m in metrics}
-        self.out.write_json("study.json", {"config": dataclasses.asdict(cfg), "config_hash": self.config_hash,
-                                           "environment": environment(), "summary": summary})  # fmt: skip
+        self.out.write_json(
+            "study.json",
+            {
+                "config": dataclasses.asdict(cfg),
+                "config_hash": self.config_hash,
+                "environment": environment(),
+                "summary": summary,
+            },
+        )
         log.info("report: %s", self.out.url_of("report.md"))
 
 

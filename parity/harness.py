@@ -92,8 +92,10 @@ def load_parity_config(path, overrides=()) -> ParityConfig:
     validate_config(cfg.schedule, "schedule.")
     if cfg.steps < 1 or cfg.input.batch_size < 1:
         raise ConfigError(f"steps={cfg.steps} and input.batch_size={cfg.input.batch_size} must be >= 1")
-    for key, value, choices in (("input.source", cfg.input.source, ("random", "digits")),
-                                ("input.teacher", cfg.input.teacher, ("random", "pixel", "clip"))):  # fmt: skip
+    for key, value, choices in (
+        ("input.source", cfg.input.source, ("random", "digits")),
+        ("input.teacher", cfg.input.teacher, ("random", "pixel", "clip")),
+    ):
         if value not in choices:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
     if cfg.perturb.startswith(TUNABLE_SECTIONS):
@@ -151,8 +153,9 @@ class SideResult:
 
     def summary(self) -> SideResult:
         """The same result without its tensors (what the report's side table needs)."""
-        return dataclasses.replace(self, activations=[], grads={}, params_after_step={}, final_params={},
-                                   teacher_tokens=None)  # fmt: skip
+        return dataclasses.replace(
+            self, activations=[], grads={}, params_after_step={}, final_params={}, teacher_tokens=None
+        )
 
 
 def build_clip_teacher(cfg: ParityConfig) -> ClipTeacher:
@@ -167,8 +170,10 @@ def make_inputs(cfg: ParityConfig, mc) -> Inputs:
     g = torch.Generator().manual_seed(cfg.seed)
     pixel = PixelTeacher(mc.patch_size, mc.img_size) if cfg.input.teacher == "pixel" else None
     if pixel is not None and (pixel.grid_size, pixel.dim) != (mc.teacher_grid, mc.teacher_dim):
-        raise ValueError(f"input.teacher=pixel gives {pixel.grid_size}^2 x {pixel.dim} tokens; the model expects "
-                         f"{mc.teacher_grid}^2 x {mc.teacher_dim}")  # fmt: skip
+        raise ValueError(
+            f"input.teacher=pixel gives {pixel.grid_size}^2 x {pixel.dim} tokens; the model expects "
+            f"{mc.teacher_grid}^2 x {mc.teacher_dim}"
+        )
     digits = None
     if cfg.input.source == "digits":
         from digpt_xla.data.digits import load_digits_images, normalize
@@ -232,8 +237,15 @@ def _cpu_float(t: Tensor) -> Tensor:
 class _SideTrainer:
     """One side's student, teacher and optimizer step, built as ``digpt pretrain`` builds them."""
 
-    def __init__(self, cfg: ParityConfig, side: Side, model_cfg, initial: dict[str, Tensor],
-                 teacher_state: dict[str, Tensor] | None, perturb: bool) -> None:  # fmt: skip
+    def __init__(
+        self,
+        cfg: ParityConfig,
+        side: Side,
+        model_cfg,
+        initial: dict[str, Tensor],
+        teacher_state: dict[str, Tensor] | None,
+        perturb: bool,
+    ) -> None:
         self.side, self.backend = side, side.backend_object()
         self.backend.check_attention(cfg.model.resolve_attention())
         model = DiGPT(model_cfg)
@@ -253,8 +265,9 @@ class _SideTrainer:
         plan = plan_steps(schedule, cfg.steps * batch, batch, 1)
         self.lrs = [cosine_lr(i, plan.total_steps, plan.warmup_steps, peak, optim.min_lr) for i in range(cfg.steps)]
         groups = param_groups_weight_decay(self.model, optim.weight_decay)
-        self.step = OptimizerStep(build_adamw(groups, optim, self.backend, peak), self.backend,
-                                  side.autocast_precision, optim.clip_grad)  # fmt: skip
+        self.step = OptimizerStep(
+            build_adamw(groups, optim, self.backend, peak), self.backend, side.autocast_precision, optim.clip_grad
+        )
 
     def loss(self, images: Tensor, tokens: Tensor | None, order: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(teacher tokens, ar_loss, kd_loss) on the side's device and in its numeric setting."""
@@ -267,8 +280,9 @@ class _SideTrainer:
         return tokens, out.ar_loss, out.kd_loss
 
 
-def run_side(cfg: ParityConfig, side: Side, model_cfg, initial_state, teacher_state, inputs: Inputs,
-             perturb: bool) -> SideResult:  # fmt: skip
+def run_side(
+    cfg: ParityConfig, side: Side, model_cfg, initial_state, teacher_state, inputs: Inputs, perturb: bool
+) -> SideResult:
     t0 = time.perf_counter()
     backend = side.backend_object()
     run = _SideTrainer(cfg, side, model_cfg, initial_state, teacher_state, perturb)
@@ -306,9 +320,21 @@ def run_side(cfg: ParityConfig, side: Side, model_cfg, initial_state, teacher_st
     seconds = time.perf_counter() - t0
     log.info("side %s done in %.1fs", side, seconds)
     return SideResult(
-        str(side), str(backend.device), ar_loss, kd_loss, names, activations, seen["grads"], params_after,
-        [float(v) for v in losses], final, seconds, run.step.settings(), run.lrs, teacher_tokens,
-    )  # fmt: skip
+        str(side),
+        str(backend.device),
+        ar_loss,
+        kd_loss,
+        names,
+        activations,
+        seen["grads"],
+        params_after,
+        [float(v) for v in losses],
+        final,
+        seconds,
+        run.step.settings(),
+        run.lrs,
+        teacher_tokens,
+    )
 
 
 def compare_sides(ref: SideResult, cand: SideResult, initial: dict[str, Tensor], tol: Tolerances) -> dict[str, Any]:
@@ -351,12 +377,12 @@ def compare_sides(ref: SideResult, cand: SideResult, initial: dict[str, Tensor],
     ]
     worst_act = max((d.rel_l2 for d in act), default=0.0)
     checks.append(_check("max module-output rel. L2 error", worst_act, tol.activation_rel_l2, "<="))
-    checks.append(_check("max trajectory loss rel. error", max(s["rel"] for s in steps), tol.trajectory_loss_rel,
-                         "<="))  # fmt: skip
+    checks.append(_check("max trajectory loss rel. error", max(s["rel"] for s in steps), tol.trajectory_loss_rel, "<="))
     teacher = None
     if ref.teacher_tokens is not None and cand.teacher_tokens is not None:
-        token_cos = torch.nn.functional.cosine_similarity(ref.teacher_tokens.double(), cand.teacher_tokens.double(),
-                                                          dim=-1)  # fmt: skip
+        token_cos = torch.nn.functional.cosine_similarity(
+            ref.teacher_tokens.double(), cand.teacher_tokens.double(), dim=-1
+        )
         teacher = diff(ref.teacher_tokens, cand.teacher_tokens).as_dict() | {
             "min_token_cosine": token_cos.min().item(),
             "mean_token_cosine": token_cos.mean().item(),
@@ -364,8 +390,9 @@ def compare_sides(ref: SideResult, cand: SideResult, initial: dict[str, Tensor],
         checks.insert(0, _check("teacher tokens rel. L2 error", teacher["rel_l2"], tol.teacher_rel_l2, "<="))
     optimizer_differences = [
         {"setting": k, "ref": ref.optimizer[k], "cand": cand.optimizer.get(k)}
-        for k in ref.optimizer if ref.optimizer[k] != cand.optimizer.get(k)
-    ]  # fmt: skip
+        for k in ref.optimizer
+        if ref.optimizer[k] != cand.optimizer.get(k)
+    ]
     lr_steps = [i + 1 for i, (a, b) in enumerate(zip(ref.lrs, cand.lrs, strict=True)) if a != b]
     if lr_steps:
         first = lr_steps[0] - 1
@@ -439,7 +466,7 @@ def run_parity(cfg: ParityConfig) -> dict[str, Any]:
         "sides": [
             {"side": r.side, "device": r.device, "seconds": r.seconds, "optimizer": r.optimizer, "lrs": r.lrs}
             for r in results
-        ],  # fmt: skip
+        ],
         "comparisons": comparisons,
         "passed": all(c["passed"] for c in comparisons),
     }

@@ -81,20 +81,28 @@ def render_markdown(report: dict[str, Any], title: str) -> str:
         *optimizer_table(report["sides"]),
     ]
     for comp in report["comparisons"]:
-        lines += [f"## `{comp['candidate']}` against `{comp['reference']}`", "", "| check | value | target | ok |",
-                  "|---|---|---|---|"]  # fmt: skip
+        lines += [
+            f"## `{comp['candidate']}` against `{comp['reference']}`",
+            "",
+            "| check | value | target | ok |",
+            "|---|---|---|---|",
+        ]
         lines += [f"| {c['check']} | {_fmt(c['value'])} | {' | '.join(_target(c))} |" for c in comp["checks"]]
         if comp.get("optimizer_differences"):
-            shown = "; ".join(f"{d['setting']} {d['ref']} vs {d['cand']}"
-                              + (f" (steps {_steps(d['steps'])})" if "steps" in d else "")
-                              for d in comp["optimizer_differences"])  # fmt: skip
+            shown = "; ".join(
+                f"{d['setting']} {d['ref']} vs {d['cand']}" + (f" (steps {_steps(d['steps'])})" if "steps" in d else "")
+                for d in comp["optimizer_differences"]
+            )
             lines += ["", f"Optimizer settings differ from the reference: {shown}."]
         if comp.get("teacher_tokens"):
             t = comp["teacher_tokens"]
-            lines += ["", "| teacher tokens (first batch) | max abs | rel. L2 | cosine | min token cosine |",
-                      "|---|---|---|---|---|",
-                      f"| `{comp['candidate']}` vs `{comp['reference']}` | {_fmt(t['max_abs'])} | "
-                      f"{_fmt(t['rel_l2'])} | {t['cosine']:.8f} | {t['min_token_cosine']:.8f} |"]  # fmt: skip
+            lines += [
+                "",
+                "| teacher tokens (first batch) | max abs | rel. L2 | cosine | min token cosine |",
+                "|---|---|---|---|---|",
+                f"| `{comp['candidate']}` vs `{comp['reference']}` | {_fmt(t['max_abs'])} | "
+                f"{_fmt(t['rel_l2'])} | {t['cosine']:.8f} | {t['min_token_cosine']:.8f} |",
+            ]
         losses = comp["losses"]
         lines += ["", "| loss | reference | candidate | rel. error |", "|---|---|---|---|"]
         lines += [f"| {k} | {v['ref']:.8f} | {v['cand']:.8f} | {_fmt(v['rel'])} |" for k, v in losses.items()]
@@ -103,34 +111,60 @@ def render_markdown(report: dict[str, Any], title: str) -> str:
         if fd is None:
             lines.append("Every module output is within tolerance.")
         else:
-            lines.append(f"First module over tolerance (rel. L2 > {_fmt(fd['tolerance'])}), in execution order: "
-                         f"`{fd['module']}` (call #{fd['index']}), rel. L2 {_fmt(fd['rel_l2'])}, "
-                         f"max abs {_fmt(fd['max_abs'])}.")  # fmt: skip
+            lines.append(
+                f"First module over tolerance (rel. L2 > {_fmt(fd['tolerance'])}), in execution order: "
+                f"`{fd['module']}` (call #{fd['index']}), rel. L2 {_fmt(fd['rel_l2'])}, "
+                f"max abs {_fmt(fd['max_abs'])}."
+            )
         acts = comp["activations"]
         shown = sorted({0, len(acts) - 1, *(range(0, len(acts), max(1, len(acts) // 12)))})
         if fd is not None:
             shown = sorted(set(shown) | {fd["index"]})
         lines += ["", "| # | module | max abs | rel. L2 | cosine |", "|---|---|---|---|---|"]
-        lines += [f"| {i} | `{acts[i]['module']}` | {_fmt(acts[i]['max_abs'])} | {_fmt(acts[i]['rel_l2'])} | "
-                  f"{acts[i]['cosine']:.8f} |" for i in shown]  # fmt: skip
-        lines += ["", "### Worst 10 gradients (rel. L2)", "", "| parameter | max abs | rel. L2 | cosine |",
-                  "|---|---|---|---|"]  # fmt: skip
-        lines += [f"| `{g['param']}` | {_fmt(g['max_abs'])} | {_fmt(g['rel_l2'])} | {g['cosine']:.8f} |"
-                  for g in comp["worst_grads"]]  # fmt: skip
-        lines += ["", "### Parameters after one AdamW step: worst 5 individually", "",
-                  "Zero-initialised parameters with an analytically zero gradient (attention key biases) take a "
-                  "step of Adam's sign of rounding noise, so individual relative errors there say little; the "
-                  "check above uses all parameters together.", "", "| parameter | max abs | rel. L2 |",
-                  "|---|---|---|"]  # fmt: skip
-        lines += [f"| `{p['param']}` | {_fmt(p['max_abs'])} | {_fmt(p['rel_l2'])} |"
-                  for p in comp["worst_params_after_step"]]  # fmt: skip
+        lines += [
+            f"| {i} | `{acts[i]['module']}` | {_fmt(acts[i]['max_abs'])} | {_fmt(acts[i]['rel_l2'])} | "
+            f"{acts[i]['cosine']:.8f} |"
+            for i in shown
+        ]
+        lines += [
+            "",
+            "### Worst 10 gradients (rel. L2)",
+            "",
+            "| parameter | max abs | rel. L2 | cosine |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| `{g['param']}` | {_fmt(g['max_abs'])} | {_fmt(g['rel_l2'])} | {g['cosine']:.8f} |"
+            for g in comp["worst_grads"]
+        ]
+        lines += [
+            "",
+            "### Parameters after one AdamW step: worst 5 individually",
+            "",
+            "Zero-initialised parameters with an analytically zero gradient (attention key biases) take a "
+            "step of Adam's sign of rounding noise, so individual relative errors there say little; the "
+            "check above uses all parameters together.",
+            "",
+            "| parameter | max abs | rel. L2 |",
+            "|---|---|---|",
+        ]
+        lines += [
+            f"| `{p['param']}` | {_fmt(p['max_abs'])} | {_fmt(p['rel_l2'])} |" for p in comp["worst_params_after_step"]
+        ]
         traj = comp["trajectory"]
         steps = traj["steps"]
         pick = sorted({0, len(steps) - 1, *range(0, len(steps), max(1, len(steps) // 10))})
-        lines += ["", "### Loss drift over the trajectory", "", "| step | reference | candidate | rel. error |",
-                  "|---|---|---|---|"]  # fmt: skip
-        lines += [f"| {steps[i]['step']} | {steps[i]['ref']:.6f} | {steps[i]['cand']:.6f} | {_fmt(steps[i]['rel'])} |"
-                  for i in pick]  # fmt: skip
+        lines += [
+            "",
+            "### Loss drift over the trajectory",
+            "",
+            "| step | reference | candidate | rel. error |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {steps[i]['step']} | {steps[i]['ref']:.6f} | {steps[i]['cand']:.6f} | {_fmt(steps[i]['rel'])} |"
+            for i in pick
+        ]
         lines += [
             "",
             f"Parameters after {len(steps)} steps: distance {_fmt(traj['final_param_distance'])}, "
@@ -197,8 +231,10 @@ def write_report(report: dict[str, Any], out_dir: str, title: str) -> dict[str, 
 
     out = RunDir(out_dir)
     report = {**report, "environment": report.get("environment") or environment()}
-    files = {"json": out.write_text("report.json", json.dumps(report, indent=1)),
-             "md": out.write_text("report.md", render_markdown(report, title))}  # fmt: skip
+    files = {
+        "json": out.write_text("report.json", json.dumps(report, indent=1)),
+        "md": out.write_text("report.md", render_markdown(report, title)),
+    }
     for i, (name, png) in enumerate(plot(report).items()):
         files[f"png{i}"] = out.write_bytes(name, png)
     return files

@@ -5,9 +5,27 @@ from conftest import PYTHON, REPO, subprocess_env
 
 
 def test_bench_train_writes_json_with_flops_and_mfu(tmp_path):
-    cmd = [PYTHON, "tools/bench.py", "train", "--model", "digpt_tiny", "--backend", "cpu", "--batch", "4",
-           "--steps", "2", "--warmup", "1", "--name", "t", "--out", str(tmp_path),
-           "--out-dir", str(tmp_path / "r")]  # fmt: skip
+    cmd = [
+        PYTHON,
+        "tools/bench.py",
+        "train",
+        "--model",
+        "digpt_tiny",
+        "--backend",
+        "cpu",
+        "--batch",
+        "4",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--name",
+        "t",
+        "--out",
+        str(tmp_path),
+        "--out-dir",
+        str(tmp_path / "r"),
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     (path,) = tmp_path.glob("*/t.json")
@@ -21,8 +39,27 @@ def test_bench_train_writes_json_with_flops_and_mfu(tmp_path):
 
 
 def test_bench_data_reports_images_per_core_for_generated_jpeg_shards(tmp_path):
-    cmd = [PYTHON, "tools/bench.py", "data", "--source", "webdataset", "--img-size", "64", "--batch", "8",
-           "--batches", "2", "--warmup", "1", "--images", "40", "--name", "d", "--out", str(tmp_path)]  # fmt: skip
+    cmd = [
+        PYTHON,
+        "tools/bench.py",
+        "data",
+        "--source",
+        "webdataset",
+        "--img-size",
+        "64",
+        "--batch",
+        "8",
+        "--batches",
+        "2",
+        "--warmup",
+        "1",
+        "--images",
+        "40",
+        "--name",
+        "d",
+        "--out",
+        str(tmp_path),
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     (path,) = tmp_path.glob("*/d.json")
@@ -61,13 +98,29 @@ def test_flop_counter_counts_fused_cpu_attention_kernels():
 
 
 def test_recount_updates_flops_and_mfu_and_keeps_the_previous_count(tmp_path):
-    stale = {"name": "t", "model": "digpt_tiny", "teacher": "pixel", "precision": "fp32", "per_device_batch": 4,
-             "effective_batch": 4, "step_time_s": {"median": 0.5, "min": 0.5, "max": 0.5}, "flops_per_step": 1000,
-             "achieved_gflops": 2e-6, "matmul_peak_gflops": {"fp32": 10.0}, "mfu": 2e-7}  # fmt: skip
+    stale = {
+        "name": "t",
+        "model": "digpt_tiny",
+        "teacher": "pixel",
+        "precision": "fp32",
+        "per_device_batch": 4,
+        "effective_batch": 4,
+        "step_time_s": {"median": 0.5, "min": 0.5, "max": 0.5},
+        "flops_per_step": 1000,
+        "achieved_gflops": 2e-6,
+        "matmul_peak_gflops": {"fp32": 10.0},
+        "mfu": 2e-7,
+    }
     path = tmp_path / "t.json"
     path.write_text(json.dumps(stale))
-    proc = subprocess.run([PYTHON, "tools/bench.py", "recount", str(path)], cwd=REPO, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [PYTHON, "tools/bench.py", "recount", str(path)],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(path.read_text())
     assert 1e8 < result["flops_per_step"] < 1e10 and result["recounted"]["previous_flops_per_step"] == 1000
@@ -86,9 +139,26 @@ def test_bench_memory_reads_the_compiled_step_and_fsdp_splits_the_state(tmp_path
     runs = {}
     for fsdp, batch in ((1, 1), (4, 1), (1, 32), (4, 32)):
         name = f"m{fsdp}b{batch}"
-        cmd = [PYTHON, "tools/bench.py", "memory", "--model", "digpt_tiny", "--fsdp", str(fsdp), "--batch", str(batch),
-               "--teacher", "pixel", "--name", name, "--out", str(tmp_path), "--out-dir", str(tmp_path / name),
-               *shape]  # fmt: skip
+        cmd = [
+            PYTHON,
+            "tools/bench.py",
+            "memory",
+            "--model",
+            "digpt_tiny",
+            "--fsdp",
+            str(fsdp),
+            "--batch",
+            str(batch),
+            "--teacher",
+            "pixel",
+            "--name",
+            name,
+            "--out",
+            str(tmp_path),
+            "--out-dir",
+            str(tmp_path / name),
+            *shape,
+        ]
         proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-2000:]
         (path,) = tmp_path.glob(f"*/{name}.json")

@@ -10,8 +10,16 @@ STEPS, LOG_EVERY, CHECKPOINT_AT = 50, 5, 23
 
 @needs_xla
 def test_one_compilation_no_fallbacks_no_host_reads_inside_steps(tmp_path):
-    overrides = ["backend.name=xla", f"run.out_dir={tmp_path}", "run.progress=false", "run.knn_eval=false",
-                 f"run.log_every={LOG_EVERY}", "run.ckpt_every=0", "data.batch_size=8", "run.resume=never"]  # fmt: skip
+    overrides = [
+        "backend.name=xla",
+        f"run.out_dir={tmp_path}",
+        "run.progress=false",
+        "run.knn_eval=false",
+        f"run.log_every={LOG_EVERY}",
+        "run.ckpt_every=0",
+        "data.batch_size=8",
+        "run.resume=never",
+    ]
     trainer = Pretrainer(load_config(REPO / "yaml/demo.yaml", overrides))
     b = trainer.backend
     stream = trainer.data_stream()
@@ -29,8 +37,11 @@ def test_one_compilation_no_fallbacks_no_host_reads_inside_steps(tmp_path):
     assert compiles[1] - compiles[0] == 1, f"the first step compiles the step graph once: {compiles}"
     assert compiles[2:] == [compiles[1]] * (STEPS - 1), f"no compilation after the first step: {compiles}"
     assert counters[-1]["aten_fallbacks"] == {}, "no aten:: op falls back to the CPU"
-    reads = [s for s in range(1, STEPS + 1)
-             if counters[s]["device_to_host_transfers"] > counters[s - 1]["device_to_host_transfers"]]  # fmt: skip
+    reads = [
+        s
+        for s in range(1, STEPS + 1)
+        if counters[s]["device_to_host_transfers"] > counters[s - 1]["device_to_host_transfers"]
+    ]
     expected = sorted({s for s in range(LOG_EVERY, STEPS + 1, LOG_EVERY)} | {CHECKPOINT_AT})
     assert reads == expected, "device-to-host transfers only at the log interval and the checkpoint"
     assert trainer.last_metrics["loss"] > 0 and not trainer.nonfinite_seen

@@ -3,16 +3,31 @@ import pytest
 from conftest import needs_xla
 from digpt_xla.config import ConfigError, load_config
 
-REPO_YAML = ["yaml/demo.yaml", "yaml/pretrain/vit_base_gpu.yaml", "yaml/pretrain/vit_base_tpu.yaml",
-             "yaml/pretrain/vit_large_gpu.yaml", "yaml/pretrain/vit_large_tpu.yaml",
-             "yaml/pretrain/vit_huge_gpu.yaml", "yaml/pretrain/vit_huge_tpu.yaml"]  # fmt: skip
+REPO_YAML = [
+    "yaml/demo.yaml",
+    "yaml/pretrain/vit_base_gpu.yaml",
+    "yaml/pretrain/vit_base_tpu.yaml",
+    "yaml/pretrain/vit_large_gpu.yaml",
+    "yaml/pretrain/vit_large_tpu.yaml",
+    "yaml/pretrain/vit_huge_gpu.yaml",
+    "yaml/pretrain/vit_huge_tpu.yaml",
+]
 
 
 def test_defaults_yaml_and_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("model:\n  name: digpt_tiny\noptim:\n  blr: 1.0e-3\n")
-    cfg = load_config(path, ["optim.blr=2e-4", "data.batch_size=8", "optim.betas=[0.9, 0.99]",
-                             "optim.clip_grad=null", "schedule.epochs=2", "model.feature_taps=[2,4]"])  # fmt: skip
+    cfg = load_config(
+        path,
+        [
+            "optim.blr=2e-4",
+            "data.batch_size=8",
+            "optim.betas=[0.9, 0.99]",
+            "optim.clip_grad=null",
+            "schedule.epochs=2",
+            "model.feature_taps=[2,4]",
+        ],
+    )
     assert cfg.optim.blr == 2e-4 and isinstance(cfg.optim.blr, float)
     assert cfg.data.batch_size == 8 and cfg.optim.betas == [0.9, 0.99]
     assert cfg.optim.clip_grad is None and cfg.schedule.epochs == 2.0 and isinstance(cfg.schedule.epochs, float)

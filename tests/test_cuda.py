@@ -57,8 +57,10 @@ def test_torch_compile_matches_eager_on_cuda(tmp_path):
 
 @needs_cuda
 def test_compiled_checkpoint_keeps_release_key_names(tmp_path):
-    cfg = load_config(REPO / "yaml/demo.yaml", [*TINY, f"run.out_dir={tmp_path}", "backend.name=cuda",
-                                                 "backend.compile=true", "schedule.max_steps=1"])  # fmt: skip
+    cfg = load_config(
+        REPO / "yaml/demo.yaml",
+        [*TINY, f"run.out_dir={tmp_path}", "backend.name=cuda", "backend.compile=true", "schedule.max_steps=1"],
+    )
     trainer = Pretrainer(cfg)
     keys = set(trainer.state_dict()["model"])
     assert keys and not any("_orig_mod" in k for k in keys)
@@ -68,10 +70,18 @@ def test_compiled_checkpoint_keeps_release_key_names(tmp_path):
 def test_fp16_finetuning_uses_a_loss_scaler(tmp_path):
     from digpt_xla.engine.finetune import Finetuner
 
-    cfg = load_config(REPO / "yaml/finetune/tiny_digits.yaml", [
-        "backend.name=cuda", "backend.precision=fp16", "schedule.max_steps=30", "run.log_every=1",
-        "run.progress=false", "data.batch_size=16", f"run.out_dir={tmp_path}",
-    ])  # fmt: skip
+    cfg = load_config(
+        REPO / "yaml/finetune/tiny_digits.yaml",
+        [
+            "backend.name=cuda",
+            "backend.precision=fp16",
+            "schedule.max_steps=30",
+            "run.log_every=1",
+            "run.progress=false",
+            "data.batch_size=16",
+            f"run.out_dir={tmp_path}",
+        ],
+    )
     tuner = Finetuner(cfg)
     scaler = tuner.opt_step.scaler
     assert scaler is not None

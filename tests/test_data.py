@@ -131,11 +131,22 @@ def test_corrupt_image_and_truncated_tar_are_skipped_counted_and_named(tmp_path,
 
 def test_training_continues_over_bad_samples_and_logs_the_count(tmp_path):
     out, _ = damaged_set(tmp_path)
-    cfg = load_config(REPO / "yaml/demo.yaml", [
-        "backend.name=cpu", "data.source=webdataset", f"data.urls={out}/shard-{{000000..000002}}.tar",
-        "data.batch_size=8", "data.shuffle_buffer=0", "data.resampled=false", "schedule.max_steps=14",
-        "run.log_every=14", f"run.out_dir={tmp_path / 'run'}", "run.knn_eval=false", "run.progress=false",
-    ])  # fmt: skip
+    cfg = load_config(
+        REPO / "yaml/demo.yaml",
+        [
+            "backend.name=cpu",
+            "data.source=webdataset",
+            f"data.urls={out}/shard-{{000000..000002}}.tar",
+            "data.batch_size=8",
+            "data.shuffle_buffer=0",
+            "data.resampled=false",
+            "schedule.max_steps=14",
+            "run.log_every=14",
+            f"run.out_dir={tmp_path / 'run'}",
+            "run.knn_eval=false",
+            "run.progress=false",
+        ],
+    )
     result = Pretrainer(cfg).train()
     assert result.step == 14
     (record,) = read_metrics(str(tmp_path / "run"))
@@ -284,9 +295,14 @@ def image_folder(tmp_path, per_class: int):
 
 @pytest.mark.parametrize("kind", ["imagefolder", "digits"])
 def test_map_style_resume_is_exact(tmp_path, kind):
-    overrides = ["data.source=digits"] if kind == "digits" else [
-        "data.source=imagefolder", f"data.root={image_folder(tmp_path, per_class=10)}",
-    ]  # fmt: skip
+    overrides = (
+        ["data.source=digits"]
+        if kind == "digits"
+        else [
+            "data.source=imagefolder",
+            f"data.root={image_folder(tmp_path, per_class=10)}",
+        ]
+    )
     cfg = load_config(None, overrides).data
     ds = build_train_dataset(cfg, IMG)
 
@@ -318,11 +334,21 @@ def test_skip_counts_follow_trained_batches_not_the_device_loaders_read_ahead(tm
     broken.write_bytes(b"not a png")
     counts = {}
     for backend in ("cpu", "xla"):
-        cfg = load_config(REPO / "yaml/demo.yaml", [
-            f"backend.name={backend}", "data.source=imagefolder", f"data.root={root}", "data.batch_size=4",
-            "schedule.max_steps=8", "run.log_every=1", "run.progress=false", "run.knn_eval=false", "model.depth=1",
-            f"run.out_dir={tmp_path / backend}",
-        ])  # fmt: skip
+        cfg = load_config(
+            REPO / "yaml/demo.yaml",
+            [
+                f"backend.name={backend}",
+                "data.source=imagefolder",
+                f"data.root={root}",
+                "data.batch_size=4",
+                "schedule.max_steps=8",
+                "run.log_every=1",
+                "run.progress=false",
+                "run.knn_eval=false",
+                "model.depth=1",
+                f"run.out_dir={tmp_path / backend}",
+            ],
+        )
         Pretrainer(cfg).train()
         counts[backend] = [r["data_skipped"] for r in read_metrics(str(tmp_path / backend))]
     assert counts["xla"] == counts["cpu"]

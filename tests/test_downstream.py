@@ -71,13 +71,30 @@ def test_convert_checkpoint_loads_strictly_into_timm_vit_base(tmp_path):
 
 
 def test_our_training_checkpoint_converts_and_probes(tmp_path):
-    cfg = load_config(REPO / "yaml/demo.yaml", ["backend.name=cpu", "schedule.max_steps=3", "run.knn_eval=false",
-                                                "run.progress=false", f"run.out_dir={tmp_path / 'run'}"])  # fmt: skip
+    cfg = load_config(
+        REPO / "yaml/demo.yaml",
+        [
+            "backend.name=cpu",
+            "schedule.max_steps=3",
+            "run.knn_eval=false",
+            "run.progress=false",
+            f"run.out_dir={tmp_path / 'run'}",
+        ],
+    )
     ckpt = Pretrainer(cfg).train().checkpoint
     state = read_state_dict(ckpt)  # a full training checkpoint, read weights-only like any other file
     assert "cls_token" in state and "ar_pred.weight" in state
-    cmd = [PYTHON, "-m", "digpt_xla.cli", "probe", "--config", "yaml/demo.yaml", f"probe.checkpoint={ckpt}",
-           "probe.epochs=20", f"run.out_dir={tmp_path / 'probe'}"]  # fmt: skip
+    cmd = [
+        PYTHON,
+        "-m",
+        "digpt_xla.cli",
+        "probe",
+        "--config",
+        "yaml/demo.yaml",
+        f"probe.checkpoint={ckpt}",
+        "probe.epochs=20",
+        f"run.out_dir={tmp_path / 'probe'}",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads((tmp_path / "probe" / "probe.json").read_text())
@@ -147,13 +164,43 @@ def test_gap_ledger_flags_a_real_difference_and_ignores_a_null_one(tmp_path):
 def test_gap_cli_add_and_report(tmp_path):
     ledger = tmp_path / "l.jsonl"
     for seed, value in enumerate([1.0, 1.1, 0.9]):
-        cmd = [PYTHON, "-m", "parity", "gap", "add", "--ledger", str(ledger), "--backend", "cpu", "--setting", "fp32",
-               "--seed", str(seed), "--metric", "m", "--value", str(value), "--config", "yaml/demo.yaml"]  # fmt: skip
+        cmd = [
+            PYTHON,
+            "-m",
+            "parity",
+            "gap",
+            "add",
+            "--ledger",
+            str(ledger),
+            "--backend",
+            "cpu",
+            "--setting",
+            "fp32",
+            "--seed",
+            str(seed),
+            "--metric",
+            "m",
+            "--value",
+            str(value),
+            "--config",
+            "yaml/demo.yaml",
+        ]
         subprocess.run(cmd, cwd=REPO, env=subprocess_env(), check=True, capture_output=True, timeout=120)
     rows = read_ledger(str(ledger))
     assert len({r["config_hash"] for r in rows}) == 1 and rows[0]["config_hash"] != "unknown"
-    report = [PYTHON, "-m", "parity", "gap", "report", "--ledger", str(ledger), "--metric", "m",
-              "--baseline", "cpu:nope"]  # fmt: skip
+    report = [
+        PYTHON,
+        "-m",
+        "parity",
+        "gap",
+        "report",
+        "--ledger",
+        str(ledger),
+        "--metric",
+        "m",
+        "--baseline",
+        "cpu:nope",
+    ]
     proc = subprocess.run(report, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "baseline 'cpu:nope' has no m rows" in proc.stderr
     with pytest.raises(Exception, match="missing"):

@@ -27,8 +27,9 @@ def losses(run_dir) -> dict[int, float]:
 
 
 def run_cpu(tmp_path, name, *overrides):
-    cfg = load_config(REPO / "yaml/demo.yaml", [*TINY, "backend.name=cpu", f"run.out_dir={tmp_path / name}",
-                                               *overrides])  # fmt: skip
+    cfg = load_config(
+        REPO / "yaml/demo.yaml", [*TINY, "backend.name=cpu", f"run.out_dir={tmp_path / name}", *overrides]
+    )
     return Pretrainer(cfg).train(), tmp_path / name
 
 
@@ -46,8 +47,15 @@ def test_cpu_loss_decreases(tmp_path):
 @pytest.fixture(scope="module")
 def xla_spawn_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("xla") / "run"
-    cmd = [PYTHON, "tools/xla_spawn.py", "--config", "yaml/demo.yaml", *TINY, f"run.out_dir={out}",
-           "schedule.max_steps=30"]  # fmt: skip
+    cmd = [
+        PYTHON,
+        "tools/xla_spawn.py",
+        "--config",
+        "yaml/demo.yaml",
+        *TINY,
+        f"run.out_dir={out}",
+        "schedule.max_steps=30",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=900)
     return proc, out
 
@@ -75,13 +83,30 @@ def test_eager_and_xla_first_losses_agree(xla_spawn_run, tmp_path):
 
 
 def _pretrain_cmd(out, *overrides):
-    return [PYTHON, "-m", "digpt_xla.cli", "pretrain", "--config", "yaml/demo.yaml", *TINY, *SMALLER,
-            "backend.name=cpu", f"run.out_dir={out}", *overrides]  # fmt: skip
+    return [
+        PYTHON,
+        "-m",
+        "digpt_xla.cli",
+        "pretrain",
+        "--config",
+        "yaml/demo.yaml",
+        *TINY,
+        *SMALLER,
+        "backend.name=cpu",
+        f"run.out_dir={out}",
+        *overrides,
+    ]
 
 
 def _start_and_interrupt(out, sig, after_step, *overrides):
-    proc = subprocess.Popen(_pretrain_cmd(out, *overrides), cwd=REPO, env=subprocess_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        _pretrain_cmd(out, *overrides),
+        cwd=REPO,
+        env=subprocess_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     metrics = Path(out) / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -105,11 +130,21 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, sig):
     stopped_at = CheckpointManager(str(out / "checkpoints")).complete_steps()[-1]
     assert stopped_at >= 3
     end = stopped_at + 4
-    subprocess.run(_pretrain_cmd(out, f"schedule.max_steps={end}", "run.ckpt_every=3", "run.resume=auto"),
-                   cwd=REPO, env=subprocess_env(), check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        _pretrain_cmd(out, f"schedule.max_steps={end}", "run.ckpt_every=3", "run.resume=auto"),
+        cwd=REPO,
+        env=subprocess_env(),
+        check=True,
+        capture_output=True,
+    )
     ref = tmp_path / "reference"
-    subprocess.run(_pretrain_cmd(ref, f"schedule.max_steps={end}", "run.ckpt_every=3"),
-                   cwd=REPO, env=subprocess_env(), check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        _pretrain_cmd(ref, f"schedule.max_steps={end}", "run.ckpt_every=3"),
+        cwd=REPO,
+        env=subprocess_env(),
+        check=True,
+        capture_output=True,
+    )
     resumed, reference = losses(out), losses(ref)
     assert sorted(resumed) == list(range(1, end + 1)), "one record per step, nothing lost or repeated"
     assert [resumed[s] for s in range(1, end + 1)] == [reference[s] for s in range(1, end + 1)]
@@ -136,10 +171,21 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 def test_torchrun_two_processes_match_one_process_on_the_concatenated_batch(tmp_path):
     common = [*SMALLER, "backend.name=cpu", f"run.out_dir={tmp_path / 'unused'}"]
-    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "tests/workers/step_grads.py", str(tmp_path / "ddp.pt"), "data.batch_size=4", *common]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
+    cmd = [
+        PYTHON,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "tests/workers/step_grads.py",
+        str(tmp_path / "ddp.pt"),
+        "data.batch_size=4",
+        *common,
+    ]
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     single = [PYTHON, "tests/workers/step_grads.py", str(tmp_path / "one.pt"), "data.batch_size=8", *common]
     subprocess.run(single, cwd=REPO, env=subprocess_env(), check=True, capture_output=True, timeout=600)
@@ -153,14 +199,27 @@ def test_torchrun_two_processes_match_one_process_on_the_concatenated_batch(tmp_
 @needs_xla
 def test_xla_spmd_four_devices_match_one_device(tmp_path):
     common = [*SMALLER, f"run.out_dir={tmp_path / 'unused'}"]
-    spmd = [PYTHON, "tests/workers/step_grads.py", str(tmp_path / "spmd.pt"), "backend.name=xla-spmd",
-            "data.batch_size=2", *common]  # fmt: skip
-    proc = subprocess.run(spmd, cwd=REPO, env=subprocess_env(CPU_NUM_DEVICES="4"), capture_output=True, text=True,
-                          timeout=900)  # fmt: skip
+    spmd = [
+        PYTHON,
+        "tests/workers/step_grads.py",
+        str(tmp_path / "spmd.pt"),
+        "backend.name=xla-spmd",
+        "data.batch_size=2",
+        *common,
+    ]
+    proc = subprocess.run(
+        spmd, cwd=REPO, env=subprocess_env(CPU_NUM_DEVICES="4"), capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "xla-spmd" in proc.stderr
-    eager = [PYTHON, "tests/workers/step_grads.py", str(tmp_path / "cpu.pt"), "backend.name=cpu",
-             "data.batch_size=8", *common]  # fmt: skip
+    eager = [
+        PYTHON,
+        "tests/workers/step_grads.py",
+        str(tmp_path / "cpu.pt"),
+        "backend.name=cpu",
+        "data.batch_size=8",
+        *common,
+    ]
     subprocess.run(eager, cwd=REPO, env=subprocess_env(), check=True, capture_output=True, timeout=600)
     a, b = torch.load(tmp_path / "spmd.pt"), torch.load(tmp_path / "cpu.pt")
     torch.testing.assert_close(a["loss"], b["loss"], rtol=1e-5, atol=0)

@@ -15,14 +15,31 @@ from digpt_xla.engine.mixup import FixedShapeMixup
 
 
 def test_finetuning_from_a_pretraining_checkpoint_lowers_the_loss(tmp_path):
-    pre = load_config(REPO / "yaml/demo.yaml", ["backend.name=cpu", "schedule.max_steps=2", "run.knn_eval=false",
-                                                "run.progress=false", f"run.out_dir={tmp_path / 'pre'}"])  # fmt: skip
+    pre = load_config(
+        REPO / "yaml/demo.yaml",
+        [
+            "backend.name=cpu",
+            "schedule.max_steps=2",
+            "run.knn_eval=false",
+            "run.progress=false",
+            f"run.out_dir={tmp_path / 'pre'}",
+        ],
+    )
     ckpt = Pretrainer(pre).train().checkpoint
-    cfg = load_config(REPO / "yaml/finetune/tiny_digits.yaml", [
-        f"finetune.checkpoint={ckpt}", "finetune.mixup=0", "finetune.cutmix=0", "finetune.ema=true",
-        "finetune.ema_decay=0.9", "schedule.max_steps=40", "schedule.warmup_epochs=0.1", "run.log_every=1",
-        f"run.out_dir={tmp_path / 'ft'}",
-    ])  # fmt: skip
+    cfg = load_config(
+        REPO / "yaml/finetune/tiny_digits.yaml",
+        [
+            f"finetune.checkpoint={ckpt}",
+            "finetune.mixup=0",
+            "finetune.cutmix=0",
+            "finetune.ema=true",
+            "finetune.ema_decay=0.9",
+            "schedule.max_steps=40",
+            "schedule.warmup_epochs=0.1",
+            "run.log_every=1",
+            f"run.out_dir={tmp_path / 'ft'}",
+        ],
+    )
     result = Finetuner(cfg).train()
     records = read_metrics(str(tmp_path / "ft"))
     curve = [r["loss"] for r in records if "loss" in r]
@@ -33,16 +50,27 @@ def test_finetuning_from_a_pretraining_checkpoint_lowers_the_loss(tmp_path):
     written = json.loads((tmp_path / "ft" / "finetune.json").read_text())
     assert written["top1"] == result["top1"] and written["best_top1"] == max(e["top1"] for e in written["evaluations"])
     evals = [r for r in records if "top1" in r]  # 22 steps per epoch at batch 64: epoch 1 at step 22, then the end
-    assert [r["step"] for r in evals] == [22, 40] and all({"top5", "ema_top1", "best_top1", "best_epoch"} <= set(r)
-                                                           for r in evals)  # fmt: skip
+    assert [r["step"] for r in evals] == [22, 40] and all(
+        {"top5", "ema_top1", "best_top1", "best_epoch"} <= set(r) for r in evals
+    )
 
 
 def test_distributed_evaluation_counts_every_sample_once(tmp_path):
     common = ["finetune.eval_batch_size=64", f"run.out_dir={tmp_path / 'unused'}"]
-    two = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "tests/workers/finetune_eval.py", str(tmp_path / "two.json"), *common]  # fmt: skip
-    proc = subprocess.run(two, cwd=REPO, env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
+    two = [
+        PYTHON,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "tests/workers/finetune_eval.py",
+        str(tmp_path / "two.json"),
+        *common,
+    ]
+    proc = subprocess.run(
+        two, cwd=REPO, env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     one = [PYTHON, "tests/workers/finetune_eval.py", str(tmp_path / "one.json"), *common]
     subprocess.run(one, cwd=REPO, env=subprocess_env(), check=True, capture_output=True, timeout=600)
@@ -77,10 +105,17 @@ def test_fixed_shape_mixup_and_cutmix():
 
 @needs_xla
 def test_finetuning_and_evaluation_run_on_xla(tmp_path):
-    cfg = load_config(REPO / "yaml/finetune/tiny_digits.yaml", [
-        "backend.name=xla", "schedule.max_steps=4", "data.batch_size=16", "finetune.eval_batch_size=128",
-        f"run.out_dir={tmp_path}", "run.log_every=2",
-    ])  # fmt: skip
+    cfg = load_config(
+        REPO / "yaml/finetune/tiny_digits.yaml",
+        [
+            "backend.name=xla",
+            "schedule.max_steps=4",
+            "data.batch_size=16",
+            "finetune.eval_batch_size=128",
+            f"run.out_dir={tmp_path}",
+            "run.log_every=2",
+        ],
+    )
     tuner = Finetuner(cfg)
     result = tuner.train()
     assert result["eval_samples"] == 359 and 0 <= result["top1"] <= 100

@@ -54,7 +54,7 @@ def _one_error_line(capsys) -> str:
 ENTRY_POINTS = {
     "run.resume": lambda p, out: digpt_main(
         ["pretrain", "--config", "yaml/demo.yaml", *CPU, f"run.resume={p}", f"run.out_dir={out}"]
-    ),  # fmt: skip
+    ),
     "finetune.checkpoint": lambda p, out: digpt_main(["finetune", f"finetune.checkpoint={p}", f"run.out_dir={out}"]),
     "probe.checkpoint": lambda p, out: digpt_main(["probe", f"probe.checkpoint={p}", f"run.out_dir={out}"]),
     "teacher.checkpoint": lambda p, out: digpt_main(
@@ -68,7 +68,7 @@ ENTRY_POINTS = {
             f"teacher.checkpoint={p}",
             f"run.out_dir={out}",
         ]
-    ),  # fmt: skip
+    ),
     "convert_checkpoint.py": lambda p, out: _convert([str(p), f"{out}/timm.safetensors", "--num-classes", "10"]),
 }
 
@@ -138,8 +138,18 @@ def test_finetune_and_yaml_mistakes_name_the_key_or_file(tmp_path, capsys):
 
 def test_sigterm_during_setup_stops_promptly(tmp_path):
     # Building the ViT-H/14 teacher takes several seconds: the signal arrives while it is being built.
-    cmd = [PYTHON, "-m", "digpt_xla.cli", "pretrain", "--config", "yaml/demo.yaml", *CPU, "teacher.kind=clip",
-           "teacher.clip_model=ViT-H-14", f"run.out_dir={tmp_path}"]  # fmt: skip
+    cmd = [
+        PYTHON,
+        "-m",
+        "digpt_xla.cli",
+        "pretrain",
+        "--config",
+        "yaml/demo.yaml",
+        *CPU,
+        "teacher.kind=clip",
+        "teacher.clip_model=ViT-H-14",
+        f"run.out_dir={tmp_path}",
+    ]
     proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stderr=subprocess.PIPE, text=True)
     time.sleep(4)
     t0 = time.perf_counter()
@@ -160,35 +170,109 @@ def test_every_output_lands_under_an_fsspec_run_directory(tmp_path, monkeypatch,
     if fs.exists(base):
         fs.rm(base, recursive=True)
     pre = f"{root}/pretrain"
-    cfg = load_config(REPO / "yaml/demo.yaml", [*CPU, "run.log_every=1", "run.ckpt_every=2", "schedule.max_steps=4",
-                                                f"run.out_dir={pre}"])  # fmt: skip
+    cfg = load_config(
+        REPO / "yaml/demo.yaml",
+        [*CPU, "run.log_every=1", "run.ckpt_every=2", "schedule.max_steps=4", f"run.out_dir={pre}"],
+    )
     Pretrainer(cfg).train()
     cfg.schedule.max_steps, cfg.run.resume = 6, "auto"
     resumed = Pretrainer(cfg)
     assert resumed.step == 4
     resumed.train()
     plot_losses(pre, "tiny")
-    ft = load_config(REPO / "yaml/finetune/tiny_digits.yaml", [
-        "backend.name=cpu", "run.progress=false", "data.batch_size=16", "schedule.max_steps=3", "run.log_every=1",
-        "model.depth=2",
-        f"finetune.checkpoint={pre}/checkpoints/ckpt-00000006.pt", f"run.out_dir={root}/finetune"])  # fmt: skip
+    ft = load_config(
+        REPO / "yaml/finetune/tiny_digits.yaml",
+        [
+            "backend.name=cpu",
+            "run.progress=false",
+            "data.batch_size=16",
+            "schedule.max_steps=3",
+            "run.log_every=1",
+            "model.depth=2",
+            f"finetune.checkpoint={pre}/checkpoints/ckpt-00000006.pt",
+            f"run.out_dir={root}/finetune",
+        ],
+    )
     Finetuner(ft).train()
-    probe = load_config(REPO / "yaml/demo.yaml", ["probe.epochs=2", "model.depth=2", f"run.out_dir={root}/probe",
-                                                  f"probe.checkpoint={pre}/checkpoints/ckpt-00000006.pt"])  # fmt: skip
+    probe = load_config(
+        REPO / "yaml/demo.yaml",
+        [
+            "probe.epochs=2",
+            "model.depth=2",
+            f"run.out_dir={root}/probe",
+            f"probe.checkpoint={pre}/checkpoints/ckpt-00000006.pt",
+        ],
+    )
     run_probe(probe)
-    assert parity_main(["run", "--config", "yaml/parity/tiny_fp32.yaml", "--out", f"{root}/parity", "steps=2",
-                        "sides=[cpu:fp32, cpu:fp32]"]) == 0  # fmt: skip
+    assert (
+        parity_main(
+            [
+                "run",
+                "--config",
+                "yaml/parity/tiny_fp32.yaml",
+                "--out",
+                f"{root}/parity",
+                "steps=2",
+                "sides=[cpu:fp32, cpu:fp32]",
+            ]
+        )
+        == 0
+    )
     for backend in ("cpu", "xla"):
-        assert parity_main(["gap", "add", "--ledger", f"{root}/gap/ledger.jsonl", "--backend", backend, "--setting",
-                            "fp32", "--seed", "0", "--metric", "knn_top1", "--value", "60"]) == 0  # fmt: skip
-    assert parity_main(["gap", "report", "--ledger", f"{root}/gap/ledger.jsonl", "--metric", "knn_top1",
-                        "--baseline", "cpu:fp32", "--out", f"{root}/gap/report.md"]) == 0  # fmt: skip
+        assert (
+            parity_main(
+                [
+                    "gap",
+                    "add",
+                    "--ledger",
+                    f"{root}/gap/ledger.jsonl",
+                    "--backend",
+                    backend,
+                    "--setting",
+                    "fp32",
+                    "--seed",
+                    "0",
+                    "--metric",
+                    "knn_top1",
+                    "--value",
+                    "60",
+                ]
+            )
+            == 0
+        )
+    assert (
+        parity_main(
+            [
+                "gap",
+                "report",
+                "--ledger",
+                f"{root}/gap/ledger.jsonl",
+                "--metric",
+                "knn_top1",
+                "--baseline",
+                "cpu:fp32",
+                "--out",
+                f"{root}/gap/report.md",
+            ]
+        )
+        == 0
+    )
 
     files = {p.removeprefix(base.rstrip("/") + "/") for p in fs.find(base)}
-    expected = {"pretrain/metrics.jsonl", "pretrain/loss_curve.png", "pretrain/checkpoints/ckpt-00000006.done",
-                "finetune/finetune.json", "finetune/metrics.jsonl", "finetune/checkpoints/ckpt-00000003.pt",
-                "probe/probe.json", "parity/report.json", "parity/report.md", "parity/layer_error.png",
-                "gap/ledger.jsonl", "gap/report.md"}  # fmt: skip
+    expected = {
+        "pretrain/metrics.jsonl",
+        "pretrain/loss_curve.png",
+        "pretrain/checkpoints/ckpt-00000006.done",
+        "finetune/finetune.json",
+        "finetune/metrics.jsonl",
+        "finetune/checkpoints/ckpt-00000003.pt",
+        "probe/probe.json",
+        "parity/report.json",
+        "parity/report.md",
+        "parity/layer_error.png",
+        "gap/ledger.jsonl",
+        "gap/report.md",
+    }
     assert expected <= files, expected - files
     assert any(f.startswith("pretrain/tb/events.out.tfevents") for f in files)
     assert any(f.startswith("finetune/tb/events.out.tfevents") for f in files)

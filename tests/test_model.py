@@ -221,8 +221,19 @@ def release_key_set(depth=12, decoder_depth=2):
         keys |= {f"{br}_enc2dec.{s}" for s in wb} | {f"{br}_norm.{s}" for s in wb} | {f"{br}_pred.{s}" for s in wb}
         keys |= {f"{br}_enc_norm.{j}.{s}" for j in range(4) for s in wb}
         for i in range(decoder_depth):
-            for m in ("norm1", "attn1.qkv", "attn1.proj", "norm2_1", "norm2_2", "attn2.q", "attn2.kv", "attn2.proj",
-                      "norm2", "mlp.fc1", "mlp.fc2"):  # fmt: skip
+            for m in (
+                "norm1",
+                "attn1.qkv",
+                "attn1.proj",
+                "norm2_1",
+                "norm2_2",
+                "attn2.q",
+                "attn2.kv",
+                "attn2.proj",
+                "norm2",
+                "mlp.fc1",
+                "mlp.fc2",
+            ):
                 keys |= {f"{br}_blocks.{i}.{m}.{s}" for s in wb}
     return keys
 
@@ -252,8 +263,9 @@ def test_release_initialisation():
     assert 0.01 < model.ar_token.std() < 0.03
 
 
-@pytest.mark.parametrize("name", ["digpt_vit_small_patch16_224", "digpt_vit_large_patch16_224",
-                                  "digpt_vit_huge_patch14_224"])  # fmt: skip
+@pytest.mark.parametrize(
+    "name", ["digpt_vit_small_patch16_224", "digpt_vit_large_patch16_224", "digpt_vit_huge_patch14_224"]
+)
 def test_other_sizes_construct(name):
     from digpt_xla.models import digpt_config
 

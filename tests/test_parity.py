@@ -30,8 +30,18 @@ def test_identical_sides_give_zero_error_and_exit_0(tmp_path):
 
 
 def test_perturbed_layernorm_is_found_and_exit_1(tmp_path):
-    rc = parity_main(["run", "--config", TINY, "--out", str(tmp_path), "sides=[cpu:fp32, cpu:fp32]", "steps=2",
-                      "perturb=blocks.2.norm2.eps=0.01"])  # fmt: skip
+    rc = parity_main(
+        [
+            "run",
+            "--config",
+            TINY,
+            "--out",
+            str(tmp_path),
+            "sides=[cpu:fp32, cpu:fp32]",
+            "steps=2",
+            "perturb=blocks.2.norm2.eps=0.01",
+        ]
+    )
     assert rc == 1
     comp = _report(tmp_path)["comparisons"][0]
     assert comp["first_divergent"]["module"] == "blocks.2.norm2"
@@ -118,8 +128,9 @@ def test_tiny_cpu_vs_xla_config_passes_and_reports(tmp_path):
     ids=["adamw-eps", "lr-schedule"],
 )
 def test_an_optimizer_perturbation_is_caught_by_the_one_step_update_and_named(tmp_path, perturb, named):
-    rc = parity_main(["run", "--config", TINY, "--out", str(tmp_path), "sides=[cpu:fp32, cpu:fp32]", "steps=2",
-                      f"perturb={perturb}"])  # fmt: skip
+    rc = parity_main(
+        ["run", "--config", TINY, "--out", str(tmp_path), "sides=[cpu:fp32, cpu:fp32]", "steps=2", f"perturb={perturb}"]
+    )
     assert rc == 1
     comp = _report(tmp_path)["comparisons"][0]
     failed = {c["check"] for c in comp["checks"] if c["ok"] is False}
@@ -132,8 +143,21 @@ def test_an_optimizer_perturbation_is_caught_by_the_one_step_update_and_named(tm
 
 
 def test_the_report_states_each_sides_optimizer_step(tmp_path):
-    assert parity_main(["run", "--config", TINY, "--out", str(tmp_path), "sides=[cpu:fp32, cpu:fp32]", "steps=3",
-                        "optim.clip_grad=1.0"]) == 0  # fmt: skip
+    assert (
+        parity_main(
+            [
+                "run",
+                "--config",
+                TINY,
+                "--out",
+                str(tmp_path),
+                "sides=[cpu:fp32, cpu:fp32]",
+                "steps=3",
+                "optim.clip_grad=1.0",
+            ]
+        )
+        == 0
+    )
     report = _report(tmp_path)
     for side in report["sides"]:
         opt = side["optimizer"]

@@ -29,8 +29,10 @@ def readme_commands(prefixes: tuple[str, ...]) -> list[str]:
 @pytest.fixture(scope="module")
 def demo_checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    cfg = load_config(REPO / "yaml/demo.yaml", ["backend.name=cpu", "schedule.max_steps=2", "run.knn_eval=false",
-                                                "run.progress=false", f"run.out_dir={out}"])  # fmt: skip
+    cfg = load_config(
+        REPO / "yaml/demo.yaml",
+        ["backend.name=cpu", "schedule.max_steps=2", "run.knn_eval=false", "run.progress=false", f"run.out_dir={out}"],
+    )
     return Pretrainer(cfg).train().checkpoint
 
 

@@ -18,14 +18,34 @@ from digpt_xla.engine.finetune import Finetuner
 from digpt_xla.engine.metrics import read_metrics
 
 # The release's regularisers on the tiny model: mixup 0.8, cutmix 1.0, drop path 0.1, EMA.
-FINETUNE = ["finetune.mixup=0.8", "finetune.cutmix=1.0", "finetune.drop_path=0.1", "finetune.ema=true",
-            "finetune.ema_decay=0.9", "data.batch_size=16", "finetune.eval_batch_size=128", "run.log_every=1",
-            "run.ckpt_every=10", "schedule.warmup_epochs=0.1", "run.progress=false", "model.depth=2"]  # fmt: skip
+FINETUNE = [
+    "finetune.mixup=0.8",
+    "finetune.cutmix=1.0",
+    "finetune.drop_path=0.1",
+    "finetune.ema=true",
+    "finetune.ema_decay=0.9",
+    "data.batch_size=16",
+    "finetune.eval_batch_size=128",
+    "run.log_every=1",
+    "run.ckpt_every=10",
+    "schedule.warmup_epochs=0.1",
+    "run.progress=false",
+    "model.depth=2",
+]
 
 
 def _finetune_cmd(out, *overrides):
-    return [PYTHON, "-m", "digpt_xla.cli", "finetune", "--config", "yaml/finetune/tiny_digits.yaml", *FINETUNE,
-            f"run.out_dir={out}", *overrides]  # fmt: skip
+    return [
+        PYTHON,
+        "-m",
+        "digpt_xla.cli",
+        "finetune",
+        "--config",
+        "yaml/finetune/tiny_digits.yaml",
+        *FINETUNE,
+        f"run.out_dir={out}",
+        *overrides,
+    ]
 
 
 def _losses(run_dir) -> dict[int, float]:
@@ -35,14 +55,26 @@ def _losses(run_dir) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("ft") / "reference"
-    subprocess.run(_finetune_cmd(out, "schedule.max_steps=30"), cwd=REPO, env=subprocess_env(), check=True,
-                   capture_output=True, timeout=600)  # fmt: skip
+    subprocess.run(
+        _finetune_cmd(out, "schedule.max_steps=30"),
+        cwd=REPO,
+        env=subprocess_env(),
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     return out, json.loads((out / "finetune.json").read_text())
 
 
 def _interrupt(out, sig) -> int:
-    proc = subprocess.Popen(_finetune_cmd(out, "schedule.max_steps=30"), cwd=REPO, env=subprocess_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        _finetune_cmd(out, "schedule.max_steps=30"),
+        cwd=REPO,
+        env=subprocess_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     metrics, deadline = Path(out) / "metrics.jsonl", time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if metrics.exists() and len(metrics.read_text().splitlines()) >= 12:
@@ -59,14 +91,26 @@ def test_finetune_resume_equals_the_uninterrupted_run(tmp_path, uninterrupted, h
     ref_dir, reference = uninterrupted
     out = tmp_path / "resumed"
     if how == "stop":
-        subprocess.run(_finetune_cmd(out, "schedule.max_steps=20"), cwd=REPO, env=subprocess_env(), check=True,
-                       capture_output=True, timeout=600)  # fmt: skip
+        subprocess.run(
+            _finetune_cmd(out, "schedule.max_steps=20"),
+            cwd=REPO,
+            env=subprocess_env(),
+            check=True,
+            capture_output=True,
+            timeout=600,
+        )
         assert CheckpointManager(str(out / "checkpoints")).complete_steps()[-1] == 20
     else:
         stopped = _interrupt(out, signal.SIGTERM if how == "sigterm" else signal.SIGKILL)
         assert stopped >= 10
-    proc = subprocess.run(_finetune_cmd(out, "schedule.max_steps=30", "run.resume=auto"), cwd=REPO,
-                          env=subprocess_env(), capture_output=True, text=True, timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        _finetune_cmd(out, "schedule.max_steps=30", "run.resume=auto"),
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "resumed from" in proc.stderr
     result = json.loads((out / "finetune.json").read_text())
@@ -80,9 +124,19 @@ def test_finetune_resume_equals_the_uninterrupted_run(tmp_path, uninterrupted, h
 
 
 def _pretrain_cfg(out, *overrides):
-    return load_config(REPO / "yaml/demo.yaml", ["backend.name=cpu", "data.batch_size=16", "run.log_every=1",
-                                                 "run.knn_eval=false", "run.progress=false", "model.depth=2",
-                                                 f"run.out_dir={out}", *overrides])  # fmt: skip
+    return load_config(
+        REPO / "yaml/demo.yaml",
+        [
+            "backend.name=cpu",
+            "data.batch_size=16",
+            "run.log_every=1",
+            "run.knn_eval=false",
+            "run.progress=false",
+            "model.depth=2",
+            f"run.out_dir={out}",
+            *overrides,
+        ],
+    )
 
 
 def test_resume_from_a_given_checkpoint_in_both_trainers(tmp_path):
@@ -93,8 +147,15 @@ def test_resume_from_a_given_checkpoint_in_both_trainers(tmp_path):
     b.train()
     assert [_losses(tmp_path / "b")[s] for s in (3, 4)] == [_losses(tmp_path / "a")[s] for s in (3, 4)]
 
-    ft = ["backend.name=cpu", "data.batch_size=16", "schedule.max_steps=4", "run.ckpt_every=2", "run.progress=false",
-          "model.depth=2", "finetune.eval_every_epochs=0"]  # fmt: skip
+    ft = [
+        "backend.name=cpu",
+        "data.batch_size=16",
+        "schedule.max_steps=4",
+        "run.ckpt_every=2",
+        "run.progress=false",
+        "model.depth=2",
+        "finetune.eval_every_epochs=0",
+    ]
     cfg = load_config(REPO / "yaml/finetune/tiny_digits.yaml", [*ft, f"run.out_dir={tmp_path / 'fa'}"])
     first = Finetuner(cfg).train()
     ft2 = str(tmp_path / "fa" / "checkpoints" / "ckpt-00000002.pt")
@@ -105,8 +166,11 @@ def test_resume_from_a_given_checkpoint_in_both_trainers(tmp_path):
     assert second.step == 2
     assert second.train()["top1"] == first["top1"]
     with pytest.raises(CheckpointError, match="a pretrain checkpoint cannot resume finetune"):
-        Finetuner(load_config(REPO / "yaml/finetune/tiny_digits.yaml", [*ft, f"run.out_dir={tmp_path / 'fc'}",
-                                                                        f"run.resume={ckpt2}"]))  # fmt: skip
+        Finetuner(
+            load_config(
+                REPO / "yaml/finetune/tiny_digits.yaml", [*ft, f"run.out_dir={tmp_path / 'fc'}", f"run.resume={ckpt2}"]
+            )
+        )
     with pytest.raises(CheckpointError, match=r"nope\.pt: checkpoint not found"):
         Pretrainer(_pretrain_cfg(tmp_path / "d", f"run.resume={tmp_path / 'nope.pt'}"))
 

@@ -23,8 +23,15 @@ from digpt_xla.checkpoint_io import (
 from digpt_xla.engine.checkpoint import CheckpointManager
 from digpt_xla.models import DiGPT, digpt_config
 
-TINY = ["model.depth=2", "model.embed_dim=32", "model.num_heads=2", "run.knn_eval=false", "run.resume=never",
-        "optim.lr=1e-4", "schedule.warmup_epochs=0"]  # fmt: skip
+TINY = [
+    "model.depth=2",
+    "model.embed_dim=32",
+    "model.num_heads=2",
+    "run.knn_eval=false",
+    "run.resume=never",
+    "optim.lr=1e-4",
+    "schedule.warmup_epochs=0",
+]
 GLOBAL_BATCH = 8
 CACHED_RUN = ["backend.name=xla", "data.batch_size=8", "schedule.max_steps=2"]
 
@@ -33,10 +40,16 @@ def train(out: Path, *overrides: str, devices: int = 0, nproc: int = 0, timeout:
     """Run tests/workers/train_state.py (alone, on ``devices`` XLA:CPU devices, or under torchrun with ``nproc``)."""
     result = out.with_suffix(".pt")
     args = ["tests/workers/train_state.py", str(result), f"run.out_dir={out}", *TINY, *overrides]
-    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args] if nproc \
-        else [PYTHON, *args]  # fmt: skip
-    env = subprocess_env(OMP_NUM_THREADS="1") if nproc else subprocess_env(**({"CPU_NUM_DEVICES": str(devices)}
-                                                                              if devices else {}))  # fmt: skip
+    cmd = (
+        [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
+        if nproc
+        else [PYTHON, *args]
+    )
+    env = (
+        subprocess_env(OMP_NUM_THREADS="1")
+        if nproc
+        else subprocess_env(**({"CPU_NUM_DEVICES": str(devices)} if devices else {}))
+    )
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return torch.load(result, weights_only=False)
@@ -101,8 +114,14 @@ def test_xla_spmd_fsdp_matches_one_eager_device_and_really_shards(spmd_run):
 def test_xla_spmd_on_a_data_by_fsdp_mesh_matches_one_eager_device(spmd_run, tmp_path):
     """8 devices as a 2 x 4 mesh: parameters split over 4, replicated over 2, batch over all 8."""
     _, eager, _ = spmd_run
-    run = train(tmp_path / "run", "backend.name=xla-spmd", "backend.fsdp=4", "data.batch_size=1",
-                "schedule.max_steps=6", devices=8)  # fmt: skip
+    run = train(
+        tmp_path / "run",
+        "backend.name=xla-spmd",
+        "backend.fsdp=4",
+        "data.batch_size=1",
+        "schedule.max_steps=6",
+        devices=8,
+    )
     assert_same_training(run, eager)
     assert_really_sharded(run, devices=8, fsdp=4)
 
@@ -111,8 +130,14 @@ def test_xla_spmd_on_a_data_by_fsdp_mesh_matches_one_eager_device(spmd_run, tmp_
 def test_xla_spmd_data_parallel_compiles_the_step_once(tmp_path):
     """fsdp=1: parameters and moments are declared replicated, so step 2's inputs carry the same annotations as
     step 1's (left unannotated, step 2 compiled a second graph)."""
-    run = train(tmp_path / "dp", "backend.name=xla-spmd", "data.batch_size=2", "schedule.max_steps=4",
-                "run.ckpt_every=0", devices=4)  # fmt: skip
+    run = train(
+        tmp_path / "dp",
+        "backend.name=xla-spmd",
+        "data.batch_size=2",
+        "schedule.max_steps=4",
+        "run.ckpt_every=0",
+        devices=4,
+    )
     compiles = run["compilations"]
     assert compiles == [compiles[0]] * 4, f"compilations after steps 1-4: {compiles}"
 
@@ -144,10 +169,18 @@ def test_dcp_resume_on_xla_spmd_equals_the_uninterrupted_run_and_reshards(spmd_r
 
     # The step-3 checkpoint resumed on another mesh (fsdp=2: 2 x 2 over 4 devices) and on one unsharded device.
     ckpt = root / "split/checkpoints/ckpt-00000003"
-    fsdp2 = train(root / "fsdp2", "backend.name=xla-spmd", "backend.fsdp=2", "data.batch_size=2",
-                  "schedule.max_steps=6", f"run.resume={ckpt}", devices=4)  # fmt: skip
-    eager = train(root / "eager1", "backend.name=cpu", "data.batch_size=8", "schedule.max_steps=6",
-                  f"run.resume={ckpt}")  # fmt: skip
+    fsdp2 = train(
+        root / "fsdp2",
+        "backend.name=xla-spmd",
+        "backend.fsdp=2",
+        "data.batch_size=2",
+        "schedule.max_steps=6",
+        f"run.resume={ckpt}",
+        devices=4,
+    )
+    eager = train(
+        root / "eager1", "backend.name=cpu", "data.batch_size=8", "schedule.max_steps=6", f"run.resume={ckpt}"
+    )
     for other in (fsdp2, eager):
         assert sorted(other["losses"]) == [4, 5, 6]
         for s in (4, 5, 6):
@@ -290,8 +323,11 @@ def test_compile_cache_is_written_and_looked_up_by_the_second_run(cached_runs):
 
 
 @needs_xla
-@pytest.mark.xfail(strict=True, reason="torch_xla 2.9 stores the executables but cannot load them back on XLA:CPU "
-                   "(PersistentCacheDeserializeFailure; on TPU the same: pytorch/xla#9094, fix in #9759)")  # fmt: skip
+@pytest.mark.xfail(
+    strict=True,
+    reason="torch_xla 2.9 stores the executables but cannot load them back on XLA:CPU "
+    "(PersistentCacheDeserializeFailure; on TPU the same: pytorch/xla#9094, fix in #9759)",
+)
 def test_compile_cache_second_run_compiles_nothing(cached_runs):
     assert cached_runs[1]["compilations"] == 0
 

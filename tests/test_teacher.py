@@ -45,8 +45,13 @@ def test_clip_teacher_tokens_are_ln_post_then_proj(teacher):
 
 def _full_state(visual_sd):
     full = {f"visual.{k}": v.clone() for k, v in visual_sd.items()}
-    full.update({"token_embedding.weight": torch.randn(10, 8), "text_projection": torch.randn(8, 8),
-                 "logit_scale": torch.tensor(4.6)})  # fmt: skip
+    full.update(
+        {
+            "token_embedding.weight": torch.randn(10, 8),
+            "text_projection": torch.randn(8, 8),
+            "logit_scale": torch.tensor(4.6),
+        }
+    )
     return full
 
 

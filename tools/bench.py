@@ -126,8 +126,9 @@ def recount(path: Path) -> dict:
     else:
         raise SystemExit(f"{path}: not a train or baseline result (no per_device_batch or batch)")
     if flops != result["flops_per_step"]:
-        result.setdefault("recounted", {"previous_flops_per_step": result["flops_per_step"],
-                                        "previous_mfu": result["mfu"]})  # fmt: skip
+        result.setdefault(
+            "recounted", {"previous_flops_per_step": result["flops_per_step"], "previous_mfu": result["mfu"]}
+        )
     peak = result["matmul_peak_gflops"].get("bf16" if result.get("precision") == "bf16" else "fp32")
     peak = peak or result["matmul_peak_gflops"]["fp32"]
     result["flops_per_step"] = flops
@@ -146,11 +147,20 @@ def default_name(args: argparse.Namespace, cfg) -> str:
 
 def bench_train(args: argparse.Namespace) -> dict:
     overrides = [
-        f"model.name={args.model}", f"backend.name={args.backend}", f"backend.precision={args.precision}",
-        f"data.source={args.source}", f"data.batch_size={args.batch}", f"teacher.kind={args.teacher}",
-        "run.progress=false", "run.resume=never", f"run.out_dir={args.out_dir}", "run.knn_eval=false",
-        "schedule.epochs=1000", "data.synthetic_size=100000", *args.overrides,
-    ]  # fmt: skip
+        f"model.name={args.model}",
+        f"backend.name={args.backend}",
+        f"backend.precision={args.precision}",
+        f"data.source={args.source}",
+        f"data.batch_size={args.batch}",
+        f"teacher.kind={args.teacher}",
+        "run.progress=false",
+        "run.resume=never",
+        f"run.out_dir={args.out_dir}",
+        "run.knn_eval=false",
+        "schedule.epochs=1000",
+        "data.synthetic_size=100000",
+        *args.overrides,
+    ]
     cfg = load_config(None, overrides)
     trainer = Pretrainer(cfg)
     b = trainer.backend
@@ -178,17 +188,25 @@ def bench_train(args: argparse.Namespace) -> dict:
     peak32 = matmul_peak(b.device, torch.float32, sync)
     result = {
         "name": args.name or default_name(args, cfg),
-        "model": args.model, "backend": b.name, "precision": args.precision, "teacher": args.teacher,
+        "model": args.model,
+        "backend": b.name,
+        "precision": args.precision,
+        "teacher": args.teacher,
         "torch_compile": cfg.backend.compile,
-        "per_device_batch": args.batch, "effective_batch": trainer.effective_batch, "device": device_name(b),
-        "torch": torch.__version__, "warm_steps": args.steps, "warmup_steps": args.warmup,
+        "per_device_batch": args.batch,
+        "effective_batch": trainer.effective_batch,
+        "device": device_name(b),
+        "torch": torch.__version__,
+        "warm_steps": args.steps,
+        "warmup_steps": args.warmup,
         "step_time_s": {"median": statistics.median(warm), "min": min(warm), "max": max(warm)},
         "first_steps_s": times[: args.warmup],
         "images_per_s": trainer.effective_batch / statistics.median(warm),
-        "flops_per_step": flops, "flop_counter": FLOP_COUNTER,
+        "flops_per_step": flops,
+        "flop_counter": FLOP_COUNTER,
         "achieved_gflops": flops / statistics.median(warm) / 1e9,
         "matmul_peak_gflops": {"fp32": peak32},
-    }  # fmt: skip
+    }
     peak = peak32
     if args.precision == "bf16" and b.device.type == "cuda":
         result["matmul_peak_gflops"]["bf16"] = peak = matmul_peak(b.device, torch.bfloat16, sync, n=8192)
@@ -259,13 +277,19 @@ def bench_data(args: argparse.Namespace) -> dict:
     processes = max(args.workers, 1)
     return {
         "name": args.name or f"data_{args.source}_{args.img_size}px_w{args.workers}",
-        "source": args.source, "img_size": args.img_size, "batch": args.batch, "workers": args.workers,
-        "device": device_name(None), "torch": torch.__version__,
-        "images_per_s": images_per_s, "images_per_s_per_core": images_per_s / processes,
+        "source": args.source,
+        "img_size": args.img_size,
+        "batch": args.batch,
+        "workers": args.workers,
+        "device": device_name(None),
+        "torch": torch.__version__,
+        "images_per_s": images_per_s,
+        "images_per_s_per_core": images_per_s / processes,
         "transform": "RandomResizedCrop(scale=(0.2, 1), bicubic) + flip + normalise"
-        if args.source in ("imagefolder", "webdataset") else f"{args.source} source's own",
+        if args.source in ("imagefolder", "webdataset")
+        else f"{args.source} source's own",
         "input": "500x375 JPEG q90, smooth random content" if args.source in ("imagefolder", "webdataset") else "",
-    }  # fmt: skip
+    }
 
 
 def bench_baseline(args: argparse.Namespace) -> dict:
@@ -288,13 +312,18 @@ def bench_baseline(args: argparse.Namespace) -> dict:
     median = statistics.median(times[args.warmup :])
     peak = matmul_peak(torch.device("cpu"), torch.float32, lambda t=None: None)
     return {
-        "name": args.name or f"baseline_timm_{args.timm_model}_b{args.batch}", "model": args.timm_model,
-        "device": device_name(None), "torch": torch.__version__, "batch": args.batch,
+        "name": args.name or f"baseline_timm_{args.timm_model}_b{args.batch}",
+        "model": args.timm_model,
+        "device": device_name(None),
+        "torch": torch.__version__,
+        "batch": args.batch,
         "step_time_s": {"median": median, "min": min(times[args.warmup :]), "max": max(times[args.warmup :])},
-        "flops_per_step": flops, "flop_counter": FLOP_COUNTER, "achieved_gflops": flops / median / 1e9,
+        "flops_per_step": flops,
+        "flop_counter": FLOP_COUNTER,
+        "achieved_gflops": flops / median / 1e9,
         "matmul_peak_gflops": {"fp32": peak},
         "mfu": flops / median / 1e9 / peak,
-    }  # fmt: skip
+    }
 
 
 HBM_GB = {"tpu_v4": 32, "tpu_v5e": 16, "tpu_v5p": 95, "tpu_v6e": 32, "gpu_80gb": 80}
@@ -308,10 +337,20 @@ def bench_memory(args: argparse.Namespace) -> dict:
             os.environ["CPU_NUM_DEVICES"] = str(args.fsdp)  # a slice of fsdp virtual devices, one mesh row
     if args.teacher == "auto":  # the teacher the model's targets come from: CLIP ViT-H/14's 1024 wide tokens, or pixels
         args.teacher = "clip" if digpt_config(args.model).teacher_dim == 1024 else "pixel"
-    overrides = [f"model.name={args.model}", f"backend.name={args.backend}", f"backend.fsdp={args.fsdp}",
-                 f"backend.precision={args.precision}", f"data.batch_size={args.batch}", "data.source=synthetic",
-                 f"teacher.kind={args.teacher}", f"run.out_dir={args.out_dir}", "run.resume=never",
-                 "run.progress=false", "run.knn_eval=false", *args.overrides]  # fmt: skip
+    overrides = [
+        f"model.name={args.model}",
+        f"backend.name={args.backend}",
+        f"backend.fsdp={args.fsdp}",
+        f"backend.precision={args.precision}",
+        f"data.batch_size={args.batch}",
+        "data.source=synthetic",
+        f"teacher.kind={args.teacher}",
+        f"run.out_dir={args.out_dir}",
+        "run.resume=never",
+        "run.progress=false",
+        "run.knn_eval=false",
+        *args.overrides,
+    ]
     cfg = load_config(None, overrides)
     trainer = Pretrainer(cfg)
     b = trainer.backend
@@ -420,8 +459,10 @@ def main(argv: list[str] | None = None) -> int:
         for path in args.files:
             result = recount(path)
             before = result.get("recounted", {}).get("previous_mfu", result["mfu"])
-            print(f"{path}: {result['flops_per_step'] / 1e9:.1f} GFLOP per step, MFU {100 * before:.1f}% -> "
-                  f"{100 * result['mfu']:.1f}%")  # fmt: skip
+            print(
+                f"{path}: {result['flops_per_step'] / 1e9:.1f} GFLOP per step, MFU {100 * before:.1f}% -> "
+                f"{100 * result['mfu']:.1f}%"
+            )
         return 0
     if args.command == "baseline":
         result = bench_baseline(args)
@@ -433,14 +474,18 @@ def main(argv: list[str] | None = None) -> int:
         result = bench_memory(args)
         path = write_result(result, args.out)
         fits = ", ".join(k for k, ok in result["fits"].items() if ok) or "none of the listed chips"
-        print(f"{result['name']} on {result['device']}: {result['per_device_gib']:.2f} GiB per device "
-              f"(fits {fits}) -> {path}")  # fmt: skip
+        print(
+            f"{result['name']} on {result['device']}: {result['per_device_gib']:.2f} GiB per device "
+            f"(fits {fits}) -> {path}"
+        )
         return 0
     if args.command == "data":
         result = bench_data(args)
         path = write_result(result, args.out)
-        print(f"{result['name']} on {result['device']}: {result['images_per_s']:.1f} img/s, "
-              f"{result['images_per_s_per_core']:.1f} img/s per core -> {path}")  # fmt: skip
+        print(
+            f"{result['name']} on {result['device']}: {result['images_per_s']:.1f} img/s, "
+            f"{result['images_per_s_per_core']:.1f} img/s per core -> {path}"
+        )
         return 0
     result = bench_train(args)
     path = write_result(result, args.out)

@@ -33,8 +33,12 @@ from digpt_xla.config import ModelConfig  # noqa: E402
 from digpt_xla.models import digpt_config  # noqa: E402
 from digpt_xla.models.classifier import classifier_state, encoder_config_from_state  # noqa: E402
 
-TIMM_NAMES = {(768, 12, 16): "vit_base_patch16_224", (384, 12, 16): "vit_small_patch16_224",
-              (1024, 24, 16): "vit_large_patch16_224", (1280, 32, 14): "vit_huge_patch14_224"}  # fmt: skip
+TIMM_NAMES = {
+    (768, 12, 16): "vit_base_patch16_224",
+    (384, 12, 16): "vit_small_patch16_224",
+    (1024, 24, 16): "vit_large_patch16_224",
+    (1280, 32, 14): "vit_huge_patch14_224",
+}
 
 
 def write_state_dict(state: dict[str, torch.Tensor], out: str) -> None:
@@ -62,8 +66,10 @@ def model_config_from_dict(saved: dict):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", help="pretraining checkpoint (.pt/.pth/.safetensors, or a sharded checkpoint "
-                        "directory), local or fsspec URL")  # fmt: skip
+    parser.add_argument(
+        "checkpoint",
+        help="pretraining checkpoint (.pt/.pth/.safetensors, or a sharded checkpoint directory), local or fsspec URL",
+    )
     parser.add_argument("out", help="output state dict: .safetensors or .pth, local or fsspec URL")
     parser.add_argument("--format", choices=("timm", "release"), default="timm")
     parser.add_argument("--num-classes", type=int, help="classes of the timm head (--format timm)")

@@ -55,8 +55,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"BAD {shard} {key}: {reason}")
             for shard, (found, expected) in report.count_mismatch.items():
                 print(f"COUNT {shard}: {found} samples, manifest says {expected}")
-            print(f"{report.shards} shards, {report.samples} samples, {report.readable} readable, "
-                  f"{len(report.bad)} bad: {'OK' if report.ok else 'FAILED'}")  # fmt: skip
+            print(
+                f"{report.shards} shards, {report.samples} samples, {report.readable} readable, "
+                f"{len(report.bad)} bad: {'OK' if report.ok else 'FAILED'}"
+            )
             return 0 if report.ok else 1
         if args.command == "imagefolder":
             samples, total, classes = image_folder_samples(args.root, args.seed)

@@ -46,9 +46,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"xla_spawn.py: error: {e}", file=sys.stderr)
         return 2
     if cfg.backend.name == "xla-spmd" or cfg.backend.fsdp > 1:
-        print(f"xla_spawn.py: error: {args.config} asks for backend.name={cfg.backend.name}, backend.fsdp="
-              f"{cfg.backend.fsdp}: SPMD runs one process per host, so start it with `digpt pretrain --config "
-              f"{args.config}` on every host instead of one process per chip", file=sys.stderr)  # fmt: skip
+        print(
+            f"xla_spawn.py: error: {args.config} asks for backend.name={cfg.backend.name}, backend.fsdp="
+            f"{cfg.backend.fsdp}: SPMD runs one process per host, so start it with `digpt pretrain --config "
+            f"{args.config}` on every host instead of one process per chip",
+            file=sys.stderr,
+        )
         return 2
     os.environ.setdefault("PJRT_DEVICE", "TPU")
     single = args.single_process or os.environ["PJRT_DEVICE"].upper() == "CPU"

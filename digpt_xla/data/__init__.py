@@ -42,22 +42,33 @@ def build_train_dataset(cfg: DataConfig, img_size: int) -> Dataset | WebDatasetS
         if not cfg.urls:
             raise DataError("data.source=webdataset needs data.urls (e.g. gs://bucket/train-{000000..001023}.tar)")
         return WebDatasetSource(
-            cfg.urls, transform, resampled=cfg.resampled, shuffle_buffer=cfg.shuffle_buffer,
-            samples_per_epoch=cfg.samples_per_epoch, num_classes=cfg.num_classes, read_timeout=cfg.read_timeout,
-        )  # fmt: skip
+            cfg.urls,
+            transform,
+            resampled=cfg.resampled,
+            shuffle_buffer=cfg.shuffle_buffer,
+            samples_per_epoch=cfg.samples_per_epoch,
+            num_classes=cfg.num_classes,
+            read_timeout=cfg.read_timeout,
+        )
     raise DataError(f"data.source: unknown source {cfg.source!r}")
 
 
 def build_train_loader(
-    dataset: Dataset | WebDatasetSource, batch_size: int, rank: int, world_size: int, seed: int, start_batch: int,
+    dataset: Dataset | WebDatasetSource,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    start_batch: int,
     num_workers: int,
-) -> DataLoader:  # fmt: skip
+) -> DataLoader:
     """An endless loader of this rank's fixed-size batches, starting ``start_batch`` batches into the stream
     (counted over all epochs): the same batches an uninterrupted run would have reached there."""
     # Its own generator: creating the loader draws a seed, which must not move the global RNG a step depends on
     # (a resumed run creates its loader at another point of the stream than the uninterrupted one).
-    common: dict[str, Any] = dict(num_workers=num_workers, persistent_workers=num_workers > 0,
-                                  generator=torch.Generator().manual_seed(seed))  # fmt: skip
+    common: dict[str, Any] = dict(
+        num_workers=num_workers, persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed)
+    )
     if isinstance(dataset, WebDatasetSource):
         batches = dataset.batches(batch_size, rank, world_size, seed, start_batch, workers=num_workers)
         return DataLoader(batches, batch_size=None, **common)

@@ -78,7 +78,13 @@ class DigitsDataset(Dataset):
             g = torch.Generator().manual_seed(seed)
             top, left, h, w = random_resized_crop_params(g, self.img_size, (self.min_scale, 1.0))
             image = TF.resized_crop(
-                image, top, left, h, w, [self.img_size, self.img_size],
-                interpolation=TF.InterpolationMode.BICUBIC, antialias=True,
-            ).clamp(0, 1)  # fmt: skip
+                image,
+                top,
+                left,
+                h,
+                w,
+                [self.img_size, self.img_size],
+                interpolation=TF.InterpolationMode.BICUBIC,
+                antialias=True,
+            ).clamp(0, 1)
         return {"images": normalize(image), "labels": self.labels[i], "index": torch.tensor(i)}

@@ -70,5 +70,6 @@ def class_count(dataset: Dataset) -> int:
 def check_num_classes(sets: tuple[Dataset, ...], num_classes: int, key: str) -> None:
     found = max(class_count(s) for s in sets)
     if found > num_classes:
-        raise DataError(f"{key}={num_classes} but the data has {found} classes (labels 0..{found - 1}); "
-                        f"set {key}={found} or more")  # fmt: skip
+        raise DataError(
+            f"{key}={num_classes} but the data has {found} classes (labels 0..{found - 1}); set {key}={found} or more"
+        )

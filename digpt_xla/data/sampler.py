@@ -23,9 +23,15 @@ class ResumableBatchSampler:
     """
 
     def __init__(
-        self, dataset_size: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-        shuffle: bool = True, start_batch: int = 0,
-    ) -> None:  # fmt: skip
+        self,
+        dataset_size: int,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        start_batch: int = 0,
+    ) -> None:
         self.dataset_size, self.batch_size = dataset_size, batch_size
         self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
         self.global_batch = batch_size * world_size

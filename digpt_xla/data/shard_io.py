@@ -60,9 +60,15 @@ def digits_samples(img_size: int = 32, quality: int = 95) -> tuple[Iterator[Samp
 
 
 def write_shards(
-    samples: Iterable[Sample], total: int, out: str, per_shard: int, class_to_idx: dict[str, int], source: str,
-    prefix: str = "shard", progress: bool = True,
-) -> dict[str, Any]:  # fmt: skip
+    samples: Iterable[Sample],
+    total: int,
+    out: str,
+    per_shard: int,
+    class_to_idx: dict[str, int],
+    source: str,
+    prefix: str = "shard",
+    progress: bool = True,
+) -> dict[str, Any]:
     """Write ``{out}/{prefix}-NNNNNN.tar`` shards (local directory or any fsspec URL) and ``{out}/manifest.json``.
 
     Each shard is written to a temporary name and renamed when complete, and the manifest comes last, so an
@@ -92,10 +98,14 @@ def write_shards(
     if not counts:
         raise DataError(f"{source}: no samples to write")
     manifest = {
-        "source": source, "num_samples": sum(counts.values()), "num_classes": len(class_to_idx),
-        "classes": class_to_idx, "per_shard": per_shard, "shards": counts,
+        "source": source,
+        "num_samples": sum(counts.values()),
+        "num_classes": len(class_to_idx),
+        "classes": class_to_idx,
+        "per_shard": per_shard,
+        "shards": counts,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }  # fmt: skip
+    }
     with fs.open(posixpath.join(root, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=1)
     return manifest

@@ -242,10 +242,17 @@ class WebDatasetSource:
     """The shard set and how to read it; ``batches(...)`` gives one rank's IterableDataset of batches."""
 
     def __init__(
-        self, urls: str, transform: Callable, *, resampled: bool = True, shuffle_buffer: int = 5000,
-        samples_per_epoch: int | None = None, num_classes: int | None = None, read_timeout: float = 120.0,
+        self,
+        urls: str,
+        transform: Callable,
+        *,
+        resampled: bool = True,
+        shuffle_buffer: int = 5000,
+        samples_per_epoch: int | None = None,
+        num_classes: int | None = None,
+        read_timeout: float = 120.0,
         check: bool = True,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.urls = expand_urls(urls)
         check_protocols(self.urls)
         self.transform, self.resampled, self.shuffle_buffer = transform, resampled, shuffle_buffer
@@ -363,8 +370,15 @@ class _RankBatches(IterableDataset):
             if e != epoch:
                 first = e * bpe + (lane - e * bpe) % lanes  # the lane's first batch of epoch e
                 epoch = e
-                stream = self.source.decoded(self.seed, e, self.rank, self.world, lane, lanes,
-                                             skip_raw=len(range(first, g, lanes)) * self.batch_size)  # fmt: skip
+                stream = self.source.decoded(
+                    self.seed,
+                    e,
+                    self.rank,
+                    self.world,
+                    lane,
+                    lanes,
+                    skip_raw=len(range(first, g, lanes)) * self.batch_size,
+                )
             batch = default_collate(list(itertools.islice(stream, self.batch_size)))
             batch["skipped"] = batch["skipped"].sum()
             yield batch

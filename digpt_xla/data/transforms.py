@@ -44,11 +44,17 @@ def timm_transform(img_size: int, training: bool, **overrides: Any):
     bicubic; eval: resize to img_size / 0.875 and center crop); ``overrides`` go to ``create_transform``."""
     from timm.data import create_transform
 
-    kwargs: dict[str, Any] = dict(input_size=img_size, is_training=training, interpolation="bicubic",
-                                  mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)  # fmt: skip
+    kwargs: dict[str, Any] = dict(
+        input_size=img_size,
+        is_training=training,
+        interpolation="bicubic",
+        mean=IMAGENET_DEFAULT_MEAN,
+        std=IMAGENET_DEFAULT_STD,
+    )
     if training:
-        kwargs |= dict(auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, re_mode="pixel", re_count=1,
-                       color_jitter=None)  # fmt: skip
+        kwargs |= dict(
+            auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, re_mode="pixel", re_count=1, color_jitter=None
+        )
     else:
         kwargs |= dict(crop_pct=0.875)
     return create_transform(**(kwargs | overrides))

@@ -58,8 +58,9 @@ class _Shard(Dataset):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: Dataset, backend: Backend, batch_size: int, num_workers: int = 0,
-             precision: str = "fp32"):  # fmt: skip
+def evaluate(
+    model: nn.Module, dataset: Dataset, backend: Backend, batch_size: int, num_workers: int = 0, precision: str = "fp32"
+):
     """Top-1 / top-5 (%) over every sample of ``dataset`` exactly once, summed over all ranks, in the numeric
     setting the model was trained in."""
     model.eval()
@@ -108,8 +109,11 @@ class Finetuner(Trainer):
 
             self.ema = ModelEmaV3(b.unwrap(self.model), decay=f.ema_decay)
         unwrapped = b.unwrap(self.model)
-        self.setup_optimizer(param_groups_layer_decay(unwrapped, cfg.optim.weight_decay, unwrapped.no_weight_decay(),
-                                                      layer_decay=f.layer_decay))  # fmt: skip
+        self.setup_optimizer(
+            param_groups_layer_decay(
+                unwrapped, cfg.optim.weight_decay, unwrapped.no_weight_decay(), layer_decay=f.layer_decay
+            )
+        )
         self.mixup = FixedShapeMixup(f.num_classes, f.mixup, f.cutmix, f.smoothing, seed=cfg.run.seed)
         self.criterion = SoftTargetCrossEntropy()
         self.evals: list[dict[str, float]] = []  # one record per evaluation, kept in the checkpoint
@@ -139,8 +143,9 @@ class Finetuner(Trainer):
         for micro, batch in enumerate(batches):
             with b.no_sync(model, skip=micro < len(batches) - 1):
                 mask, lam = self.mixup.draw(self.model_cfg.img_size)
-                images, targets = self.mixup(batch["images"], batch["labels"], b.replicate(mask),
-                                             b.replicate(torch.tensor(lam)))  # fmt: skip
+                images, targets = self.mixup(
+                    batch["images"], batch["labels"], b.replicate(mask), b.replicate(torch.tensor(lam))
+                )
                 with b.autocast(self.precision):
                     loss = self.criterion(model(images).float(), targets)
                 self.opt_step.backward(loss, len(batches))
@@ -169,8 +174,12 @@ class Finetuner(Trainer):
         cfg, b = self.cfg, self.backend
         bs, workers = cfg.finetune.eval_batch_size, cfg.data.num_workers
         result = evaluate(self.model, self.eval_set, b, bs, workers, self.precision)
-        record = {"epoch": self.step / self.steps_per_epoch, "top1": result.top1, "top5": result.top5,
-                  "eval_samples": result.samples}  # fmt: skip
+        record = {
+            "epoch": self.step / self.steps_per_epoch,
+            "top1": result.top1,
+            "top5": result.top5,
+            "eval_samples": result.samples,
+        }
         if self.ema is not None:
             ema = evaluate(self.ema.module, self.eval_set, b, bs, workers, self.precision)
             record |= {"ema_top1": ema.top1, "ema_top5": ema.top5}
@@ -178,10 +187,16 @@ class Finetuner(Trainer):
         record |= {"best_top1": best["top1"], "best_epoch": best["epoch"]}
         self.evals.append({"step": self.step, **record})
         self.metrics.write(self.step, record)
-        log.info("step %d (epoch %.2f): top-1 %.2f%%, top-5 %.2f%%%s; best top-1 %.2f%% at epoch %.2f", self.step,
-                 record["epoch"], result.top1, result.top5,
-                 f", EMA top-1 {record['ema_top1']:.2f}%" if self.ema is not None else "",
-                 record["best_top1"], record["best_epoch"])  # fmt: skip
+        log.info(
+            "step %d (epoch %.2f): top-1 %.2f%%, top-5 %.2f%%%s; best top-1 %.2f%% at epoch %.2f",
+            self.step,
+            record["epoch"],
+            result.top1,
+            result.top5,
+            f", EMA top-1 {record['ema_top1']:.2f}%" if self.ema is not None else "",
+            record["best_top1"],
+            record["best_epoch"],
+        )
         return record
 
     def finish(self, stopped: str, checkpoint: str | None) -> dict[str, Any]:

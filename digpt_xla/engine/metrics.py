@@ -98,8 +98,10 @@ class MetricsWriter:
     def write(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        record = {"step": step, **{k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                                   for k, v in values.items()}}  # fmt: skip
+        record = {
+            "step": step,
+            **{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()},
+        }
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         for key, value in values.items():

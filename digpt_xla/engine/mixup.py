@@ -13,8 +13,15 @@ from torch import Tensor
 
 
 class FixedShapeMixup:
-    def __init__(self, num_classes: int, mixup: float = 0.8, cutmix: float = 1.0, smoothing: float = 0.1,
-                 switch_prob: float = 0.5, seed: int = 0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        num_classes: int,
+        mixup: float = 0.8,
+        cutmix: float = 1.0,
+        smoothing: float = 0.1,
+        switch_prob: float = 0.5,
+        seed: int = 0,
+    ) -> None:
         if mixup < 0 or cutmix < 0:
             raise ValueError(f"mixup and cutmix alphas must be >= 0, got {mixup}, {cutmix}")
         self.num_classes, self.mixup, self.cutmix, self.smoothing = num_classes, mixup, cutmix, smoothing

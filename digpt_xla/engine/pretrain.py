@@ -44,8 +44,10 @@ def build_teacher(cfg: Config, model_cfg: DiGPTConfig) -> nn.Module:
 
     if open_clip.get_model_config(cfg.teacher.clip_model) is None:
         close = [m for m in open_clip.list_models() if m.lower().startswith(cfg.teacher.clip_model.lower()[:5])]
-        raise ConfigError(f"teacher.clip_model: {cfg.teacher.clip_model!r} is not an open_clip model "
-                          f"(e.g. {', '.join(close[:5]) or 'ViT-H-14, ViT-B-16'})")  # fmt: skip
+        raise ConfigError(
+            f"teacher.clip_model: {cfg.teacher.clip_model!r} is not an open_clip model "
+            f"(e.g. {', '.join(close[:5]) or 'ViT-H-14, ViT-B-16'})"
+        )
     return ClipTeacher(cfg.teacher.clip_model, cfg.teacher.checkpoint or None)
 
 
@@ -91,9 +93,15 @@ class Pretrainer(Trainer):
         self.knn: dict[str, float] = {}
         log.info(
             "backend %s | model %s (%.1fM trainable) | effective batch %d | lr %.3g | steps %d..%d of %d",
-            b.describe(), cfg.model.name, b.unwrap(self.model).num_trainable_params() / 1e6,
-            self.effective_batch, self.base_lr, self.step, self.end_step, self.total_steps,
-        )  # fmt: skip
+            b.describe(),
+            cfg.model.name,
+            b.unwrap(self.model).num_trainable_params() / 1e6,
+            self.effective_batch,
+            self.base_lr,
+            self.step,
+            self.end_step,
+            self.total_steps,
+        )
 
     def extra_state(self) -> dict:
         return {"model_config": self.model_cfg.__dict__ | {"feature_taps": list(self.model_cfg.feature_taps)}}

@@ -10,9 +10,17 @@ from torch import Tensor, nn
 
 
 def linear_probe(
-    train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, *, epochs: int = 100, lr: float = 0.1,
-    weight_decay: float = 0.0, batch_size: int = 256, seed: int = 0,
-) -> float:  # fmt: skip
+    train_x: Tensor,
+    train_y: Tensor,
+    test_x: Tensor,
+    test_y: Tensor,
+    *,
+    epochs: int = 100,
+    lr: float = 0.1,
+    weight_decay: float = 0.0,
+    batch_size: int = 256,
+    seed: int = 0,
+) -> float:
     """Top-1 (%) of a linear classifier on frozen features, trained on the CPU.
 
     As MAE's linear probe: features standardised with the training set's statistics (a BatchNorm without

@@ -29,13 +29,18 @@ def run_probe(cfg: Config) -> dict[str, Any]:
     train_set, val_set = probe_datasets(cfg, model.cfg.img_size)
     train_x, train_y = extract_features(model, train_set, p.batch_size, cfg.data.num_workers)
     val_x, val_y = extract_features(model, val_set, p.batch_size, cfg.data.num_workers)
-    result: dict[str, Any] = {"checkpoint": p.checkpoint or "(random init)", "model": cfg.model.name,
-                              "train_samples": len(train_y), "val_samples": len(val_y)}  # fmt: skip
+    result: dict[str, Any] = {
+        "checkpoint": p.checkpoint or "(random init)",
+        "model": cfg.model.name,
+        "train_samples": len(train_y),
+        "val_samples": len(val_y),
+    }
     if p.kind in ("knn", "both"):
         pred = knn_classify(train_x, train_y, val_x, p.k, p.temperature)
         result["knn_top1"] = 100.0 * (pred == val_y).float().mean().item()
     if p.kind in ("linear", "both"):
-        result["linear_top1"] = linear_probe(train_x, train_y, val_x, val_y, epochs=p.epochs, lr=p.lr,
-                                             weight_decay=p.weight_decay, seed=cfg.run.seed)  # fmt: skip
+        result["linear_top1"] = linear_probe(
+            train_x, train_y, val_x, val_y, epochs=p.epochs, lr=p.lr, weight_decay=p.weight_decay, seed=cfg.run.seed
+        )
     result["output"] = RunDir(cfg.run.out_dir).write_json("probe.json", result)
     return result

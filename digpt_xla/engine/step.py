@@ -42,8 +42,9 @@ def build_adamw(
 ) -> torch.optim.AdamW:
     """AdamW over ``param_groups`` with the backend's options (fused on CUDA, capturable on XLA), its state
     created up front. ``lr`` is a float: torch checks it on the host; ``OptimizerStep`` writes the backend's form."""
-    optimizer = torch.optim.AdamW(param_groups, lr=lr, betas=tuple(optim.betas), eps=optim.eps,
-                                  **backend.optimizer_options())  # fmt: skip
+    optimizer = torch.optim.AdamW(
+        param_groups, lr=lr, betas=tuple(optim.betas), eps=optim.eps, **backend.optimizer_options()
+    )
     init_adamw_state(optimizer)
     backend.place_optimizer_state(optimizer)  # moments split like their parameters (FSDPv2)
     return optimizer
@@ -63,8 +64,9 @@ class OptimizerStep:
     ``param_group["lr_scale"]`` (timm's layer-wise decay) multiplies the scheduled lr of its group.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, backend: Backend, precision: str,
-                 clip_grad: float | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, backend: Backend, precision: str, clip_grad: float | None = None
+    ) -> None:
         self.optimizer, self.backend = optimizer, backend
         self.clip_grad = clip_grad
         self.scaler = backend.grad_scaler(precision)
@@ -123,10 +125,14 @@ def with_backend_options(optimizer: torch.optim.Optimizer, saved_groups: list[di
     """Saved param groups with this run's backend options: a checkpoint written on XLA (capturable) or CUDA (fused)
     resumes on any backend."""
     if len(saved_groups) != len(optimizer.param_groups):
-        raise CheckpointError(f"the checkpoint's optimizer has {len(saved_groups)} parameter groups, this run builds "
-                              f"{len(optimizer.param_groups)} (another model or weight-decay rule)")  # fmt: skip
-    return [{**saved, **{k: group[k] for k in BACKEND_OPTIONS if k in group}}
-            for group, saved in zip(optimizer.param_groups, saved_groups, strict=True)]  # fmt: skip
+        raise CheckpointError(
+            f"the checkpoint's optimizer has {len(saved_groups)} parameter groups, this run builds "
+            f"{len(optimizer.param_groups)} (another model or weight-decay rule)"
+        )
+    return [
+        {**saved, **{k: group[k] for k in BACKEND_OPTIONS if k in group}}
+        for group, saved in zip(optimizer.param_groups, saved_groups, strict=True)
+    ]
 
 
 def optimizer_state_by_name(optimizer: torch.optim.Optimizer, model: nn.Module, saved: dict[str, Any]) -> dict:
@@ -138,6 +144,8 @@ def optimizer_state_by_name(optimizer: torch.optim.Optimizer, model: nn.Module, 
     for group, saved_group in zip(optimizer.param_groups, saved["param_groups"], strict=True):
         for p, index in zip(group["params"], saved_group["params"], strict=True):
             index_to_name[index] = names[p]
-    groups = [{**g, "params": [index_to_name[i] for i in g["params"]]}
-              for g in with_backend_options(optimizer, saved["param_groups"])]  # fmt: skip
+    groups = [
+        {**g, "params": [index_to_name[i] for i in g["params"]]}
+        for g in with_backend_options(optimizer, saved["param_groups"])
+    ]
     return {"state": {index_to_name[i]: v for i, v in saved["state"].items()}, "param_groups": groups}

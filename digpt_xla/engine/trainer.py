@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ..backend import Backend, create_backend
 from ..checkpoint_io import CheckpointError, check_state_dict, load_model_state, read_checkpoint
-from ..config import Config
+from ..config import Config, ConfigError
 from ..data import build_train_loader
 from ..repo import git_revision
 from ..rundir import RunDir, RunDirError, RunLease
@@ -40,7 +40,7 @@ def accumulation_steps(accum_steps: int, effective_batch: int | None, global_mic
     if effective_batch is None:
         return accum_steps
     if effective_batch % global_micro_batch:
-        raise ValueError(
+        raise ConfigError(
             f"optim.effective_batch={effective_batch} is not a multiple of the global micro-batch "
             f"{global_micro_batch} (data.batch_size x devices); change one of them"
         )
@@ -209,8 +209,11 @@ class Trainer:
             if key in saved and saved[key] != now[key]:
                 log.warning(
                     "resuming with data %s=%s where the checkpoint has %s: the data order after the resume differs "
-                    "from the uninterrupted run's", key, now[key], saved[key],
-                )  # fmt: skip
+                    "from the uninterrupted run's",
+                    key,
+                    now[key],
+                    saved[key],
+                )
         self.data_skipped = saved.get("skipped_samples", 0)
 
     def save_checkpoint(self, final: bool = False) -> str | None:
@@ -285,9 +288,14 @@ class Trainer:
         """This rank's endless stream of device batches, starting where the current step's data begins."""
         cfg, b = self.cfg, self.backend
         loader = build_train_loader(
-            dataset, self.process_batch, b.data_rank, b.data_world_size, cfg.run.seed,
-            start_batch=self.step * self.accum, num_workers=cfg.data.num_workers,
-        )  # fmt: skip
+            dataset,
+            self.process_batch,
+            b.data_rank,
+            b.data_world_size,
+            cfg.run.seed,
+            start_batch=self.step * self.accum,
+            num_workers=cfg.data.num_workers,
+        )
         self._skip_counts = _CountSkipped(loader)
         return iter(b.prepare_loader(self._skip_counts))
 

@@ -28,10 +28,20 @@ def create_classifier(cfg: DiGPTConfig, num_classes: int, drop_path_rate: float 
     """The timm ViT with this encoder's shape; for ViT-B/16 the same as
     ``timm.create_model("vit_base_patch16_224", global_pool="avg", fc_norm=True, num_classes=...)``."""
     return VisionTransformer(
-        img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans, embed_dim=cfg.embed_dim,
-        depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=True, class_token=True,
-        global_pool="avg", fc_norm=True, num_classes=num_classes, drop_path_rate=drop_path_rate,
-    )  # fmt: skip
+        img_size=cfg.img_size,
+        patch_size=cfg.patch_size,
+        in_chans=cfg.in_chans,
+        embed_dim=cfg.embed_dim,
+        depth=cfg.depth,
+        num_heads=cfg.num_heads,
+        mlp_ratio=cfg.mlp_ratio,
+        qkv_bias=True,
+        class_token=True,
+        global_pool="avg",
+        fc_norm=True,
+        num_classes=num_classes,
+        drop_path_rate=drop_path_rate,
+    )
 
 
 def split_pretrain_state(
@@ -52,8 +62,16 @@ def encoder_config_from_state(state: Mapping[str, Tensor]) -> DiGPTConfig:
     depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
     hidden = state["blocks.0.mlp.fc1.weight"].shape[0]
     heads = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}.get(dim, max(1, dim // 64))
-    return DiGPTConfig(img_size=grid * patch, patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads,
-                       mlp_ratio=hidden / dim, teacher_grid=grid, teacher_dim=dim)  # fmt: skip
+    return DiGPTConfig(
+        img_size=grid * patch,
+        patch_size=patch,
+        embed_dim=dim,
+        depth=depth,
+        num_heads=heads,
+        mlp_ratio=hidden / dim,
+        teacher_grid=grid,
+        teacher_dim=dim,
+    )
 
 
 def classifier_state(
@@ -66,13 +84,18 @@ def classifier_state(
     head = torch.empty(num_classes, dim)
     trunc_normal_(head, std=head_init_std)
     state = {k: v.clone() for k, v in encoder.items()}
-    state |= {"fc_norm.weight": torch.ones(dim), "fc_norm.bias": torch.zeros(dim), "head.weight": head,
-              "head.bias": torch.zeros(num_classes)}  # fmt: skip
+    state |= {
+        "fc_norm.weight": torch.ones(dim),
+        "fc_norm.bias": torch.zeros(dim),
+        "head.weight": head,
+        "head.bias": torch.zeros(num_classes),
+    }
     return state, dropped
 
 
-def load_pretrained_encoder(model: VisionTransformer, pretrain_state: Mapping[str, Tensor],
-                            source: str = "state dict") -> list[str]:  # fmt: skip
+def load_pretrained_encoder(
+    model: VisionTransformer, pretrain_state: Mapping[str, Tensor], source: str = "state dict"
+) -> list[str]:
     """Load the encoder of a pretraining state dict into ``model``, keeping its own fc_norm and head; every other
     key must match exactly (names and shapes). Returns the dropped pretraining keys."""
     encoder, dropped = split_pretrain_state(pretrain_state, source)

@@ -52,6 +52,12 @@ class DiGPTConfig:
         bad = [t for t in self.feature_taps if not 1 <= t <= self.depth]
         if bad:
             raise ValueError(f"feature_taps {bad} outside the encoder's blocks 1..{self.depth}")
+        for width, heads, what in (
+            (self.embed_dim, self.num_heads, "embed_dim"),
+            (self.decoder_dim, self.decoder_heads, "decoder_dim"),
+        ):
+            if width % heads:
+                raise ValueError(f"{what} {width} is not divisible by its {heads} attention heads")
         if self.num_segments < 2:
             raise ValueError("segments_per_side must be >= 2: the model needs a next segment to predict")
         # The index tables validate divisibility of both grids by segments_per_side.
@@ -297,8 +303,9 @@ class DiGPT(nn.Module):
             return self.mask
         device = self.mask.device
         if device not in self._block_masks:
-            self._block_masks[device] = segment_causal_block_mask(self.cfg.num_segments - 1,
-                                                                  self.cfg.tokens_per_segment, device)  # fmt: skip
+            self._block_masks[device] = segment_causal_block_mask(
+                self.cfg.num_segments - 1, self.cfg.tokens_per_segment, device
+            )
         return self._block_masks[device]
 
     def num_trainable_params(self) -> int:

@@ -133,8 +133,9 @@ def segment_ids(num_visible_segments: int, tokens_per_segment: int) -> Tensor:
     return torch.cat([segment, torch.tensor([num_visible_segments - 1])])
 
 
-def segment_causal_block_mask(num_visible_segments: int, tokens_per_segment: int, device: torch.device | str,
-                              block_size: int | None = None):  # fmt: skip
+def segment_causal_block_mask(
+    num_visible_segments: int, tokens_per_segment: int, device: torch.device | str, block_size: int | None = None
+):
     """The flex ``BlockMask`` of ``segment_causal_mask``: token q sees token kv when segment(kv) <= segment(q).
 
     Blocks default to the segment length rounded up to a multiple of 16 (capped at 128, flex's default), so block

@@ -15,8 +15,16 @@ _RELEASE_DECODER = dict(decoder_dim=1024, decoder_depth=2, decoder_heads=32)
 MODEL_SIZES: dict[str, dict[str, Any]] = {
     # Demo size: 32 px digits, 8x8 patch grid, 2x2 segments of 4x4, PixelTeacher(4) targets (4*4*3 = 48).
     "digpt_tiny": dict(
-        img_size=32, patch_size=4, embed_dim=64, depth=6, num_heads=4,
-        decoder_dim=64, decoder_depth=2, decoder_heads=4, teacher_grid=8, teacher_dim=48,
+        img_size=32,
+        patch_size=4,
+        embed_dim=64,
+        depth=6,
+        num_heads=4,
+        decoder_dim=64,
+        decoder_depth=2,
+        decoder_heads=4,
+        teacher_grid=8,
+        teacher_dim=48,
     ),
     "digpt_vit_small_patch16_224": dict(
         embed_dim=384, depth=12, num_heads=6, decoder_dim=512, decoder_depth=2, decoder_heads=16, **_CLIP_H14
@@ -26,7 +34,7 @@ MODEL_SIZES: dict[str, dict[str, Any]] = {
     "digpt_vit_huge_patch14_224": dict(
         patch_size=14, embed_dim=1280, depth=32, num_heads=16, **_RELEASE_DECODER, **_CLIP_H14
     ),
-}  # fmt: skip
+}
 
 
 def digpt_config(name: str, **overrides: Any) -> DiGPTConfig:

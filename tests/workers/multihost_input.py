@@ -20,18 +20,22 @@ devices_per_host = backend.global_devices // HOSTS
 dataset = build_train_dataset(cfg.data, 32)
 host_batches = []
 for host in range(HOSTS):
-    loader = build_train_loader(dataset, PER_DEVICE * devices_per_host, rank=host, world_size=HOSTS, seed=0,
-                                start_batch=0, num_workers=0)  # fmt: skip
+    loader = build_train_loader(
+        dataset, PER_DEVICE * devices_per_host, rank=host, world_size=HOSTS, seed=0, start_batch=0, num_workers=0
+    )
     host_batches.append(next(iter(loader)))
 indices = torch.cat([b["index"] for b in host_batches])
 images = torch.cat([b["images"] for b in host_batches])
 on_device = backend.move({"index": indices.float(), "images": images})
 shards = backend._xs.wrap_if_sharded(on_device["index"]).local_shards
 per_device = [shard.data.long().tolist() for shard in shards]
-torch.save({
-    "hosts": [b["index"].tolist() for b in host_batches],
-    "per_device": per_device,
-    "images_rows": [s[0] for s in backend.shard_shapes(on_device["images"])],
-    "minibatch": all(spec.minibatch for spec in backend._input_specs.values()),
-    "mesh": backend.describe(),
-}, sys.argv[1])  # fmt: skip
+torch.save(
+    {
+        "hosts": [b["index"].tolist() for b in host_batches],
+        "per_device": per_device,
+        "images_rows": [s[0] for s in backend.shard_shapes(on_device["images"])],
+        "minibatch": all(spec.minibatch for spec in backend._input_specs.values()),
+        "mesh": backend.describe(),
+    },
+    sys.argv[1],
+)

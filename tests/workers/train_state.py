@@ -37,7 +37,17 @@ params = b.model_state_cpu(trainer.model)
 counters = b.debug_counters()
 if b.is_main:
     losses = {r["step"]: r["loss"] for r in read_metrics(cfg.run.out_dir) if "loss" in r}
-    torch.save({"losses": losses, "initial": initial, "params": params, "shards": shards, "counters": counters,
-                "compilations": compilations,
-                "checkpoint": result.checkpoint, "devices": b.global_devices}, out_path)  # fmt: skip
+    torch.save(
+        {
+            "losses": losses,
+            "initial": initial,
+            "params": params,
+            "shards": shards,
+            "counters": counters,
+            "compilations": compilations,
+            "checkpoint": result.checkpoint,
+            "devices": b.global_devices,
+        },
+        out_path,
+    )
 b.shutdown()
