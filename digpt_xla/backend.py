@@ -262,7 +262,7 @@ class Backend:
         """Fill ``state`` (tensors placed as this run places them) in place from the DCP checkpoint at ``url``."""
         import torch.distributed.checkpoint as dcp
 
-        from .checkpoint_io import dcp_reader
+        from .checkpoint.reader import dcp_reader
 
         dcp.load(state, storage_reader=dcp_reader(url), process_group=self._checkpoint_group())
 
@@ -802,7 +802,7 @@ class XlaSpmdBackend(XlaBackend):
         import torch.distributed.checkpoint as dcp
         from torch_xla.experimental.distributed_checkpoint import SPMDLoadPlanner
 
-        from .checkpoint_io import dcp_reader
+        from .checkpoint.reader import dcp_reader
 
         dcp.load(state, storage_reader=dcp_reader(url), planner=SPMDLoadPlanner())
 

@@ -180,7 +180,7 @@ def one_line(error: Exception) -> str:
 def user_errors() -> tuple[type[Exception], ...]:
     """The exceptions that mean a mistake in what the user handed us: one line and exit 2, no traceback."""
     from .backend import BackendError
-    from .checkpoint_io import CheckpointError
+    from .checkpoint.reader import CheckpointError
     from .data import DataError
     from .rundir import RunDirError
 

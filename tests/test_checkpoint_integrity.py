@@ -12,11 +12,11 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 
 from conftest import PYTHON, REPO, subprocess_env
-from digpt_xla.checkpoint_io import CheckpointError, load_model_state, read_checkpoint, read_state_dict
+from digpt_xla.checkpoint.manager import CheckpointManager
+from digpt_xla.checkpoint.reader import CheckpointError, load_model_state, read_checkpoint, read_state_dict
 from digpt_xla.cli import main as digpt_main
 from digpt_xla.config import load_config
 from digpt_xla.engine import Pretrainer
-from digpt_xla.engine.checkpoint import CheckpointManager
 from digpt_xla.engine.finetune import Finetuner
 from digpt_xla.models import create_digpt
 

@@ -15,7 +15,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 from PIL import Image
 
 from conftest import PYTHON, REPO, needs_xla, subprocess_env
-from digpt_xla.checkpoint_io import read_checkpoint
+from digpt_xla.checkpoint.reader import read_checkpoint
 from digpt_xla.config import load_config
 from digpt_xla.data import (
     DataError,

@@ -9,7 +9,7 @@ import timm
 import torch
 
 from conftest import PYTHON, REPO, subprocess_env
-from digpt_xla.checkpoint_io import read_state_dict
+from digpt_xla.checkpoint.reader import read_state_dict
 from digpt_xla.config import load_config
 from digpt_xla.engine import Pretrainer
 from digpt_xla.engine.knn import knn_classify

@@ -11,10 +11,10 @@ import torch
 
 from conftest import PYTHON, REPO, needs_xla, subprocess_env
 from digpt_xla.backend import BackendError, create_backend
-from digpt_xla.checkpoint_io import read_checkpoint
+from digpt_xla.checkpoint.manager import CheckpointManager
+from digpt_xla.checkpoint.reader import read_checkpoint
 from digpt_xla.config import load_config
 from digpt_xla.engine import NonFiniteLossError, Pretrainer
-from digpt_xla.engine.checkpoint import CheckpointManager
 from digpt_xla.engine.metrics import read_metrics
 from digpt_xla.models import DiGPTOutput
 

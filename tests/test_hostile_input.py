@@ -283,8 +283,8 @@ def test_every_output_lands_under_an_fsspec_run_directory(tmp_path, monkeypatch,
 
 
 def test_a_checkpoint_with_a_non_finite_parameter_is_never_committed(tmp_path):
-    from digpt_xla.checkpoint_io import CheckpointError
-    from digpt_xla.engine.checkpoint import CheckpointManager
+    from digpt_xla.checkpoint.manager import CheckpointManager
+    from digpt_xla.checkpoint.reader import CheckpointError
 
     manager = CheckpointManager(str(tmp_path))
     state = {"model": {"w": torch.tensor([1.0, float("nan")]), "mask": torch.tensor([float("-inf")])}, "step": 3}

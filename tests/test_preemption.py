@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import PYTHON, REPO, subprocess_env
-from digpt_xla.engine.checkpoint import CheckpointManager
+from digpt_xla.checkpoint.manager import CheckpointManager
 from digpt_xla.engine.metrics import read_metrics
 
 TINY = [

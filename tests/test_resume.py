@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from conftest import PYTHON, REPO, subprocess_env
-from digpt_xla.checkpoint_io import CheckpointError, read_checkpoint
+from digpt_xla.checkpoint.manager import CheckpointManager
+from digpt_xla.checkpoint.reader import CheckpointError, read_checkpoint
 from digpt_xla.config import load_config
 from digpt_xla.engine import Pretrainer
-from digpt_xla.engine.checkpoint import CheckpointManager
 from digpt_xla.engine.finetune import Finetuner
 from digpt_xla.engine.metrics import read_metrics
 

@@ -13,14 +13,14 @@ import pytest
 import torch
 
 from conftest import HAS_XLA, PYTHON, REPO, needs_xla, subprocess_env
-from digpt_xla.checkpoint_io import (
+from digpt_xla.checkpoint.manager import CheckpointManager
+from digpt_xla.checkpoint.reader import (
     CheckpointError,
     is_sharded,
     read_checkpoint,
     read_sharded_tensors,
     read_state_dict,
 )
-from digpt_xla.engine.checkpoint import CheckpointManager
 from digpt_xla.models import DiGPT, digpt_config
 
 TINY = [

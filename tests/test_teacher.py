@@ -4,7 +4,7 @@ import torch
 from safetensors.torch import save as save_safetensors
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from digpt_xla.checkpoint_io import CheckpointError
+from digpt_xla.checkpoint.reader import CheckpointError
 from digpt_xla.teacher import CLIP_MEAN, CLIP_STD, ClipTeacher, PixelTeacher
 
 SMALL = dict(image_size=64, patch_size=16, width=64, layers=2, head_width=32)  # a ViT-B-16 tower, shrunk

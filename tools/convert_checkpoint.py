@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from digpt_xla.checkpoint_io import CheckpointError, read_state_dict, saved_model_config  # noqa: E402
+from digpt_xla.checkpoint.reader import CheckpointError, read_state_dict, saved_model_config  # noqa: E402
 from digpt_xla.config import ModelConfig  # noqa: E402
 from digpt_xla.models import digpt_config  # noqa: E402
 from digpt_xla.models.classifier import classifier_state, encoder_config_from_state  # noqa: E402

@@ -1,7 +1,6 @@
-"""Training loops, the shared optimizer step and resume path, schedules, checkpoints, metrics and signals."""
+"""Training loops, the shared optimizer step and resume path, schedules, metrics and signals."""
 
-from .checkpoint import CheckpointManager
 from .pretrain import Pretrainer, TrainResult
 from .trainer import NonFiniteLossError, Trainer
 
-__all__ = ["CheckpointManager", "NonFiniteLossError", "Pretrainer", "TrainResult", "Trainer"]
+__all__ = ["NonFiniteLossError", "Pretrainer", "TrainResult", "Trainer"]

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..backend import Backend
-from ..checkpoint_io import CheckpointError, load_model_state, read_state_dict
+from ..checkpoint.reader import CheckpointError, load_model_state, read_state_dict
 from ..config import Config, ConfigError
 from ..data import finetune_datasets
 from ..models import digpt_config

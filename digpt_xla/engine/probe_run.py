@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoint_io import load_model_state, read_state_dict
+from ..checkpoint.reader import load_model_state, read_state_dict
 from ..config import Config
 from ..data import probe_datasets
 from ..models import DiGPT, digpt_config, set_attention

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..backend import Backend
-from ..checkpoint_io import CheckpointError
+from ..checkpoint.reader import CheckpointError
 from ..config import OptimConfig
 
 

@@ -18,12 +18,12 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..backend import Backend, create_backend
-from ..checkpoint_io import CheckpointError, check_state_dict, load_model_state, read_checkpoint
+from ..checkpoint.manager import CheckpointManager, check_sharded_complete
+from ..checkpoint.reader import CheckpointError, check_state_dict, load_model_state, read_checkpoint
 from ..config import Config, ConfigError
 from ..data import build_train_loader
 from ..repo import git_revision
 from ..rundir import RunDir, RunDirError, RunLease
-from .checkpoint import CheckpointManager, check_sharded_complete
 from .metrics import DeferredMeter, MetricsWriter
 from .schedule import base_lr, cosine_lr, plan_steps
 from .signals import PreemptionFlag

@@ -17,7 +17,7 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
-from ..checkpoint_io import CheckpointError, check_state_dict
+from ..checkpoint.reader import CheckpointError, check_state_dict
 from .digpt import DiGPTConfig
 
 ENCODER_KEYS = ("patch_embed.", "blocks.", "cls_token", "pos_embed")

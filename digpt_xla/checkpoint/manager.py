@@ -30,8 +30,8 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from torch import Tensor
 
-from ..checkpoint_io import SHARDED_META, CheckpointError, dcp_reader, digest, file_digest, read_checkpoint
 from ..daemon_pool import in_background
+from .reader import SHARDED_META, CheckpointError, dcp_reader, digest, file_digest, read_checkpoint
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"ckpt-(\d+)(\.pt)?$")
