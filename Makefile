@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-slow bench gap-study lint format clean
+.PHONY: install demo test test-quick test-slow bench gap-study lint format clean
 
 install: $(STAMP)
 
@@ -21,6 +21,10 @@ demo: install
 
 test: install
 	PJRT_DEVICE=CPU $(PY) -m pytest $(PYTEST_ARGS)
+
+# The inner loop: no slow tests and none that launch torchrun or multi-device XLA processes.
+test-quick: install
+	PJRT_DEVICE=CPU $(PY) -m pytest -m "not slow and not multiprocess" -x -q $(PYTEST_ARGS)
 
 test-slow: install
 	PJRT_DEVICE=CPU $(PY) -m pytest -m slow $(PYTEST_ARGS)

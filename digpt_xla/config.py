@@ -20,6 +20,7 @@ from typing import Any, Union
 
 import yaml
 
+from .backend.mesh import layout_problem
 from .precision import BACKEND_NAMES, PRECISIONS, precision_problem
 
 
@@ -461,16 +462,9 @@ def _check_combinations(cfg: Config) -> None:
         digpt_config(cfg.model.name, **cfg.model.shape_overrides())
     except ValueError as e:
         raise ConfigError(f"model ({cfg.model.name} with the model.* overrides): {e}") from None
-    if cfg.teacher.fsdp not in (0, 1, cfg.backend.fsdp):
-        raise ConfigError(
-            f"teacher.fsdp={cfg.teacher.fsdp}: the teacher is split over the student's mesh axis or not at all; use 0 "
-            f"(follow backend.fsdp={cfg.backend.fsdp}) or 1"
-        )
-    if cfg.backend.fsdp > 1 and cfg.backend.name in ("xla", "auto"):
-        raise ConfigError(
-            f"backend.fsdp={cfg.backend.fsdp} with backend.name={cfg.backend.name!r}: sharding runs on xla-spmd (TPU), "
-            "or on cuda / cpu under torchrun; name one of them"
-        )
+    problem = layout_problem(cfg.backend.name, cfg.backend.fsdp, cfg.teacher.fsdp)
+    if problem:
+        raise ConfigError(problem)
 
     problem = precision_problem(cfg.backend.name, cfg.backend.precision)
     if problem:

@@ -43,3 +43,13 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 
 PYTHON = sys.executable
+
+
+# Files whose tests launch torchrun or multi-device XLA processes: left out of `make test-quick`.
+MULTIPROCESS_FILES = {"test_scale_out.py", "test_preemption.py", "test_compile_stability.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in MULTIPROCESS_FILES:
+            item.add_marker(pytest.mark.multiprocess)

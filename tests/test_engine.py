@@ -247,3 +247,16 @@ def test_metrics_jsonl_records_every_logged_step(tmp_path):
 def test_xla_rejects_torch_compile():
     with pytest.raises(BackendError, match="already compiles the whole step"):
         create_backend("xla").compile_module(torch.nn.Linear(2, 2))
+
+
+def test_torch_xla_is_imported_only_by_the_xla_backend():
+    """A future native TPU backend is then one file: every torch_xla call of the package lives in backend/xla.py
+    (backend/__init__.py only asks whether it can be imported)."""
+    import re
+
+    importers = {
+        str(path.relative_to(REPO))
+        for path in (REPO / "digpt_xla").rglob("*.py")
+        if re.search(r"^\s*(import|from) torch_xla", path.read_text(), flags=re.M)
+    }
+    assert importers == {"digpt_xla/backend/xla.py", "digpt_xla/backend/__init__.py"}, importers

@@ -1,0 +1,80 @@
+"""The one place that knows which hardware runs: cpu, cuda, xla (PJRT, one process per chip) and xla-spmd.
+
+``base``: the interface and the eager backends (cpu, cuda; DDP or FSDP2). ``xla``: PJRT and SPMD (FSDPv2), the
+only torch_xla code. ``mesh``: the parallel layout (degrees and their checks, once). ``measure``: step memory.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib
+import os
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .base import Backend
+
+# Where each backend class lives. Nothing is imported until it is used: the config checks import ``mesh`` from here
+# without torch, and torch_xla is imported only when an XLA backend is created.
+BACKEND_CLASSES: dict[str, tuple[str, str]] = {
+    "cpu": ("base", "Backend"),
+    "cuda": ("base", "CudaBackend"),
+    "xla": ("xla", "XlaBackend"),
+    "xla-spmd": ("xla", "XlaSpmdBackend"),
+}
+_EXPORTS = {"Backend", "BackendError", "CudaBackend", "launched_by_torchrun", "shard_units", "tree_map_tensors"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(".base", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def backend_class(name: str) -> type[Backend]:
+    module, cls = BACKEND_CLASSES[name]
+    return getattr(importlib.import_module(f".{module}", __name__), cls)
+
+
+def resolve_backend_name(name: str) -> str:
+    """``auto``: xla on a TPU host (PJRT_DEVICE=TPU or /dev/accel*), else cuda if present, else cpu."""
+    if name != "auto":
+        if name not in BACKEND_CLASSES:
+            from .base import BackendError
+
+            raise BackendError(f"unknown backend {name!r}; choose one of auto, {', '.join(BACKEND_CLASSES)}")
+        return name
+    if os.environ.get("PJRT_DEVICE", "").upper() == "TPU" or glob.glob("/dev/accel*"):
+        return "xla"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def create_backend(name: str = "auto", compile_cache: str = "", fsdp: int = 1) -> Backend:
+    """``compile_cache``: a directory for XLA's persistent compilation cache (or $DIGPT_XLA_CACHE); eager
+    backends ignore it. ``fsdp``: the size of the mesh axis that parameters and optimizer state are split over."""
+    return backend_class(resolve_backend_name(name))(compile_cache, fsdp)
+
+
+def xla_available() -> bool:
+    try:
+        import torch_xla  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+__all__ = [
+    "BACKEND_CLASSES",
+    "Backend",
+    "backend_class",
+    "BackendError",
+    "CudaBackend",
+    "create_backend",
+    "launched_by_torchrun",
+    "resolve_backend_name",
+    "shard_units",
+    "tree_map_tensors",
+    "xla_available",
+]

@@ -1,0 +1,367 @@
+"""The XLA backends (torch_xla 2.9): ``xla`` (PJRT, one process per chip) and ``xla-spmd`` (one process per host
+over a (data, fsdp) device mesh, FSDPv2). The only files of the package that import torch_xla: this one and what
+it calls lazily."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ..daemon_pool import DaemonPool
+from .base import Backend, BackendError, MappedIterable, shard_units, tree_map_tensors
+from .measure import compiled_step_memory
+from .mesh import layout_problem, mesh_shape
+
+log = logging.getLogger(__name__)
+
+
+class XlaBackend(Backend):
+    """torch_xla PJRT: one process per device (``torch_xla.launch``), gradients all-reduced at the step."""
+
+    name = "xla"
+    compiles_step = True
+
+    def __init__(self, compile_cache: str = "", fsdp: int = 1) -> None:
+        problem = layout_problem(self.name, fsdp)
+        if problem:
+            raise BackendError(problem)
+        self.fsdp = fsdp
+        self.compile_cache = compile_cache or os.environ.get("DIGPT_XLA_CACHE", "")
+        _check_xla_environment()
+        # XLA's C++ warnings (GSPMD's deprecation notice, once per compiled graph on SPMD) would flood the log; set
+        # TF_CPP_MIN_LOG_LEVEL=0 to see them. Errors still show.
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        try:
+            import torch_xla
+            import torch_xla.core.xla_model as xm
+            import torch_xla.runtime as xr
+        except ImportError as e:
+            raise BackendError(f"backend {self.name!r} needs torch_xla, which cannot be imported: {e}") from e
+        self._torch_xla, self._xm, self._xr = torch_xla, xm, xr
+        self._setup_runtime()
+        self.distributed = False  # collectives go through xm, not a torch.distributed group
+        self.rank = xr.global_ordinal()
+        self.world_size = xr.world_size()
+        self.local_rank = xr.local_ordinal()
+        self.device = torch_xla.device()
+        self._control = self._host_group() if type(self) is XlaBackend else None
+
+    def _host_group(self) -> Any:
+        """A gloo group between this run's processes (PJRT's ``xla://`` rendezvous) for host-side agreement and
+        DCP's coordination; None for one process."""
+        if self.world_size == 1:
+            return None
+        if not dist.is_initialized():
+            import torch_xla.distributed.xla_backend  # noqa: F401  (registers init_method="xla://")
+
+            dist.init_process_group("gloo", init_method="xla://")
+        return dist.new_group(backend="gloo")
+
+    def _setup_runtime(self) -> None:
+        if self.compile_cache:
+            self._xr.initialize_cache(
+                os.path.join(self.compile_cache, f"rank{self._xr.global_ordinal()}"), readonly=False
+            )
+
+    def manual_seed(self, seed: int) -> None:
+        super().manual_seed(seed)
+        self._torch_xla.manual_seed(seed)
+
+    def prepare_model(self, model: nn.Module, precision: str = "fp32") -> nn.Module:
+        model = model.to(self.device)
+        if self.world_size > 1:
+            self._xm.broadcast_master_param(model)
+        return model
+
+    def check_attention(self, mode: str) -> None:
+        if mode == "flex":
+            raise BackendError(
+                f"model.attention='flex' runs on the cpu and cuda backends; {self.name} keeps 'sdpa' (XLA compiles the "
+                "masked attention of the step itself)"
+            )
+
+    def compile_module(self, module: nn.Module) -> nn.Module:
+        raise BackendError(
+            f"backend.compile=true is for the eager backends (cuda, cpu); {self.name} already compiles the whole "
+            "step into one XLA graph"
+        )
+
+    def prepare_loader(self, loader: Iterable) -> Iterable:
+        import torch_xla.distributed.parallel_loader as pl
+
+        return pl.MpDeviceLoader(loader, self.device)
+
+    def move(self, batch: Any) -> Any:
+        return tree_map_tensors(lambda t: t.to(self.device), batch)
+
+    def optimizer_options(self) -> dict[str, Any]:
+        # Capturable AdamW keeps its step count and bias corrections on the device. Otherwise they are Python
+        # scalars that change every step, and torch_xla (which dedups scalar inputs by value) traces a new graph
+        # whenever two of them happen to coincide or stop coinciding: several compilations instead of one.
+        return {"capturable": True}
+
+    def learning_rate(self, value: float) -> float | Tensor:
+        # A fresh device tensor each step: the lr is an input of the step's graph, never a baked-in constant.
+        # Capturable Adam divides by the step size, so the warmup's lr of exactly 0 would give 0/0; 1e-30 is the
+        # same as 0 for fp32 weights (1 - 1e-30 * wd rounds to 1, updates of ~1e-30 vanish) and is finite.
+        return torch.tensor(max(value, 1e-30), dtype=torch.float32).to(self.device)
+
+    def reduce_gradients(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.world_size > 1:
+            self._xm.reduce_gradients(optimizer)
+
+    def mark_step(self) -> None:
+        self._torch_xla.sync()
+
+    def synchronize(self) -> None:
+        self._torch_xla.sync()
+        self._xm.wait_device_ops()
+
+    def debug_counters(self) -> dict[str, Any]:
+        import torch_xla.debug.metrics as met
+
+        compile_time = met.metric_data("CompileTime") or (0, 0.0)
+        transfers = met.metric_data("TransferFromDeviceTime") or (0, 0.0)
+        return {
+            "compilations": compile_time[0],
+            "compile_time_s": compile_time[1] / 1e9,
+            "persistent_cache_hits": met.counter_value("PersistentCacheHit") or 0,
+            "persistent_cache_misses": met.counter_value("PersistentCacheMiss") or 0,
+            "persistent_cache_load_failures": met.counter_value("PersistentCacheDeserializeFailure") or 0,
+            "device_to_host_transfers": transfers[0],
+            "aten_fallbacks": {c: met.counter_value(c) for c in met.counter_names() if c.startswith("aten::")},
+        }
+
+    def all_reduce_mean(self, t: Tensor) -> Tensor:
+        if self.world_size == 1:
+            return t
+        return self._xm.all_reduce(self._xm.REDUCE_SUM, t) / self.world_size
+
+    def step_memory(self, run_step: Callable[[], list[Tensor]]) -> dict[str, Any]:
+        """Compile (never run) the step's graph and read XLA's buffer assignment of the per-device program; needs
+        ``--xla_dump_to=DIR`` in XLA_FLAGS before the runtime starts (``tools/bench.py memory`` sets it)."""
+        return compiled_step_memory(lambda: self._torch_xla._XLAC._xla_warm_up_cache(run_step(), []))
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            self._xm.rendezvous("digpt_barrier")
+
+    def on_host(self, fn: Callable[..., None], *tensors: Tensor) -> None:
+        # Runs after the graph of this step has executed: reading the values then costs no extra sync.
+        self._xm.add_step_closure(lambda *ts: fn(*(t.cpu() for t in ts)), args=tensors)
+
+    def to_cpu(self, tree: Any) -> Any:
+        self.mark_step()
+        return tree_map_tensors(lambda t: t.detach().cpu(), tree)
+
+    def _device_rng_state(self) -> Any:
+        return self._xm.get_rng_state()
+
+    def _set_device_rng_state(self, state: Any) -> None:
+        self._xm.set_rng_state(int(state))
+
+    def shutdown(self) -> None:
+        pass
+
+
+def _check_xla_environment() -> None:
+    """PJRT's own errors for these are a C++ abort or a hang; say what is wrong before torch_xla starts."""
+    device = os.environ.get("PJRT_DEVICE", "")
+    if device and device.upper() not in ("TPU", "CPU"):
+        raise BackendError(
+            f"PJRT_DEVICE={device}: torch_xla 2.9 runs on TPU (and CPU, for tests); GPUs run backend.name=cuda"
+        )
+    count = os.environ.get("CPU_NUM_DEVICES")
+    if count is not None and (not count.strip().isdigit() or int(count) < 1):
+        raise BackendError(f"CPU_NUM_DEVICES={count!r}: the number of XLA:CPU devices, a whole number >= 1")
+
+
+class XlaSpmdBackend(XlaBackend):
+    """torch_xla SPMD: one process per host over a ``(data, fsdp)`` mesh of all devices of the slice.
+
+    The batch is sharded over both axes. With ``fsdp`` > 1 every parameter, and its AdamW moments, is split over the
+    ``fsdp`` axis (FSDPv2: the compiler all-gathers a block's weights where it runs and reduce-scatters its
+    gradients); with 1 they are declared replicated. The output of every module that owns weights is sharded on
+    the batch. Each host feeds only its own slice of the batch,
+    declared to torch_xla as a minibatch of the global array; one host is the same code with one slice.
+    """
+
+    name = "xla-spmd"
+
+    def _setup_runtime(self) -> None:
+        import torch_xla.distributed.spmd as xs
+
+        self._xr.use_spmd()
+        super()._setup_runtime()
+        self._xs = xs
+
+    def __init__(self, compile_cache: str = "", fsdp: int = 1) -> None:
+        super().__init__(compile_cache, fsdp)
+        self.rank = self._xr.process_index()
+        self.world_size = self._xr.process_count()
+        n = self._xr.global_runtime_device_count()
+        self._check_fsdp(n, "devices of the slice")
+        self.mesh = self._xs.Mesh(np.arange(n), mesh_shape(n, fsdp), ("data", "fsdp"))
+        self._xs.set_global_mesh(self.mesh)
+        self._param_specs: dict[Tensor, tuple[str | None, ...]] = {}
+        self._input_specs: dict[int, Any] = {}
+        # Hosts agree (preemption) over a group of their own; DCP coordinates over the default group.
+        self._control = self._host_group()
+        self.distributed = self._control is not None
+
+    @property
+    def devices_per_process(self) -> int:
+        return self._xr.addressable_runtime_device_count()
+
+    def describe(self) -> str:
+        data, fsdp = self.mesh.mesh_shape
+        return f"{self.name} (mesh data={data} x fsdp={fsdp}, host {self.rank}/{self.world_size})"
+
+    @staticmethod
+    def _batch_spec(ndim: int) -> tuple:
+        return (("data", "fsdp"),) + (None,) * (ndim - 1)
+
+    def _parameter_spec(self, p: Tensor) -> tuple[str | None, ...] | None:
+        """Split the largest dimension the fsdp size divides; None (replicated) when none does."""
+        if self.fsdp == 1:
+            # Declared replicated, not left unannotated: the first step's outputs come back annotated, and parameters
+            # without it in step 1 but with it from step 2 on made step 2 compile a second graph.
+            return (None,) * p.ndim
+        dims = [d for d in sorted(range(p.ndim), key=lambda d: -p.shape[d]) if p.shape[d] % self.fsdp == 0]
+        if not dims:
+            return None
+        return tuple("fsdp" if d == dims[0] else None for d in range(p.ndim))
+
+    def _shard_parameters(self, module: nn.Module) -> None:
+        for p in module.parameters():
+            spec = self._parameter_spec(p)
+            if spec is None:
+                log.warning(
+                    "backend.fsdp=%d divides no dimension of a %s parameter: replicated", self.fsdp, tuple(p.shape)
+                )
+                continue
+            self._xs.mark_sharding(p, self.mesh, spec)
+            self._param_specs[p] = spec
+        # Every module that owns weights (and the module itself) returns batch-sharded activations. Left to itself
+        # the partitioner follows a weight's fsdp split into its output and gathers the whole global batch instead
+        # of the weight (tensor parallelism): per-device activations then grow with the device count.
+        owners = {m for m in module.modules() if any(True for _ in m.parameters(recurse=False))}
+        for m in owners | set(shard_units(module)) | {module}:
+            m.register_forward_hook(self._shard_output_on_batch)
+
+    def _shard_output_on_batch(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        # nn.MultiheadAttention returns (activations, weights); structured outputs (the model's own) are left alone.
+        first = output[0] if isinstance(output, tuple) and output else output
+        if isinstance(first, Tensor) and first.ndim > 0:
+            self._xs.mark_sharding(first, self.mesh, self._batch_spec(first.ndim))
+
+    def prepare_model(self, model: nn.Module, precision: str = "fp32") -> nn.Module:
+        model = model.to(self.device)  # unsharded tensors are copied to every device
+        self._shard_parameters(model)
+        return model
+
+    def prepare_frozen(self, module: nn.Module, shard: bool = False, precision: str = "fp32") -> nn.Module:
+        module = module.to(self.device)
+        if shard and self.fsdp > 1:
+            self._shard_parameters(module)
+        elif self.fsdp > 1:
+            # Its targets meet the sharded student's predictions in the loss: keep them split on the batch too.
+            module.register_forward_hook(self._shard_output_on_batch)
+        return module
+
+    def place_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
+        for p, state in optimizer.state.items():
+            spec = self._param_specs.get(p)
+            for value in state.values() if spec is not None else ():
+                if isinstance(value, Tensor) and value.shape == p.shape:
+                    self._xs.mark_sharding(value, self.mesh, spec)
+
+    def shard_shapes(self, t: Tensor) -> list[tuple[int, ...]]:
+        if self._torch_xla._XLAC._get_xla_sharding_spec(t) in ("", "{replicated}"):
+            return [tuple(t.shape)] * self.devices_per_process
+        return [tuple(shard.data.shape) for shard in self._xs.wrap_if_sharded(t).local_shards]
+
+    def prepare_loader(self, loader: Iterable) -> Iterable:
+        return MappedIterable(loader, self.move)
+
+    def move(self, batch: Any) -> Any:
+        """This host's slice of the batch (its rows, in data-rank order) becomes its part of the global array."""
+
+        def to_device(t: Tensor) -> Tensor:
+            if t.ndim == 0:
+                return t.to(self.device)
+            if t.ndim not in self._input_specs:
+                self._input_specs[t.ndim] = self._xs.ShardingSpec(self.mesh, self._batch_spec(t.ndim), minibatch=True)
+            return self._xm.send_cpu_data_to_device(t, self.device, self._input_specs[t.ndim])[0]
+
+        return tree_map_tensors(to_device, batch)
+
+    def replicate(self, tree: Any) -> Any:
+        return tree_map_tensors(lambda t: t.to(self.device), tree)
+
+    def model_state_cpu(self, model: nn.Module) -> dict[str, Tensor]:
+        return self.to_cpu(model.state_dict())  # sharded XLA tensors come back whole
+
+    def reduce_gradients(self, optimizer: torch.optim.Optimizer) -> None:
+        pass  # implied by the sharded batch
+
+    def all_reduce_mean(self, t: Tensor) -> Tensor:
+        return t  # values computed under SPMD are already global
+
+    def write_sharded(self, state: dict[str, Any], url: str, asynchronous: bool) -> Future | None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+
+        save = functools.partial(dcp.save, storage_writer=FsspecWriter(url), planner=_spmd_save_planner())
+        if not asynchronous:
+            save(state)
+            return None
+        # This host's shards copied to host memory now, as torch_xla's own CheckpointManager.save_async stages them.
+        from torch_xla.experimental.distributed_checkpoint._helpers import _sharded_cpu_state_dict
+
+        if not hasattr(self, "_writer"):
+            self._writer = DaemonPool(1, "digpt-dcp")  # one write at a time, in order; never blocks exit
+        return self._writer.submit(save, _sharded_cpu_state_dict(state))
+
+    def read_sharded(self, state: dict[str, Any], url: str) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch_xla.experimental.distributed_checkpoint import SPMDLoadPlanner
+
+        from ..checkpoint.reader import dcp_reader
+
+        dcp.load(state, storage_reader=dcp_reader(url), planner=SPMDLoadPlanner())
+
+    def shutdown(self) -> None:
+        Backend.shutdown(self)  # the gloo group of a multi-host run (XlaBackend has none to close)
+
+
+def _spmd_save_planner():
+    """torch_xla's SPMD save planner, writing each distinct shard of this host once.
+
+    Its own planner de-duplicates replicas only across hosts, keyed by (name, offset) per host's plan: a host that
+    holds two replicas of one shard (the data axis of a (data, fsdp) mesh on one host) listed the key twice in one
+    plan, and the de-duplication then dropped both, so the checkpoint held no sharded tensor at all."""
+    from torch_xla.experimental.distributed_checkpoint import SPMDSavePlanner
+
+    class OneReplicaSpmdSavePlanner(SPMDSavePlanner):
+        def create_local_plan(self):
+            plan = super().create_local_plan()
+            seen, items = set(), []
+            for item in plan.items:
+                key = (item.index.fqn, item.index.offset)
+                if key not in seen:
+                    seen.add(key)
+                    items.append(item)
+            return dataclasses.replace(plan, items=items)
+
+    return OneReplicaSpmdSavePlanner()
