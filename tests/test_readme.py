@@ -15,8 +15,10 @@ from parity.__main__ import main as parity_main
 
 
 def readme_commands(prefixes: tuple[str, ...]) -> list[str]:
-    """Shell commands of the README's bash blocks that start with one of ``prefixes`` (continuations joined)."""
-    blocks = re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
+    """Shell commands of the bash blocks of the README and docs/ that start with one of ``prefixes``
+    (continuations joined)."""
+    texts = [(REPO / "README.md").read_text(), *(p.read_text() for p in sorted((REPO / "docs").glob("*.md")))]
+    blocks = [b for text in texts for b in re.findall(r"```bash\n(.*?)```", text, flags=re.S)]
     commands = []
     for block in blocks:
         for command in block.replace("\\\n", " ").splitlines():
