@@ -22,6 +22,8 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class ClipTeacher(nn.Module):
+    scale: Tensor  # buffers: CLIP's normalisation in terms of the student's
+    shift: Tensor
     """Frozen open_clip image tower returning every token after ``ln_post`` and ``proj``, CLS first.
 
     Only the vision tower is built (no text tower, nothing downloaded). ``checkpoint`` may hold a full

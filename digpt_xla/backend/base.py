@@ -13,7 +13,7 @@ import random
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -78,7 +78,7 @@ class Backend:
         self.device = self._select_device()
         self.fsdp = fsdp
         self._check_fsdp(self.world_size, "processes (torchrun --nproc_per_node x nodes)")
-        self._mesh = None
+        self._mesh: Any = None  # FSDP2's DeviceMesh, built at the first fully_shard
         self._control = dist.new_group(backend="gloo") if self.distributed else None
 
     def _check_fsdp(self, devices: int, what: str) -> None:
@@ -160,7 +160,7 @@ class Backend:
         policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None)
         for unit in shard_units(module):
             fully_shard(unit, mesh=self._mesh, mp_policy=policy)
-        return fully_shard(module, mesh=self._mesh, mp_policy=policy)
+        return cast(nn.Module, fully_shard(module, mesh=self._mesh, mp_policy=policy))
 
     def place_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
         """Give the optimizer's state the placement of its parameters (after it is created or loaded)."""
@@ -180,7 +180,8 @@ class Backend:
         if self.fsdp > 1:
             options = StateDictOptions(full_state_dict=True, cpu_offload=True)
             # On the CPU the gathered tensors can share storage with FSDP's buffers, which the next step reuses.
-            return {k: v.clone() for k, v in get_model_state_dict(model, options=options).items()}
+            gathered = cast(dict[str, Tensor], get_model_state_dict(model, options=options))
+            return {k: v.clone() for k, v in gathered.items()}
         return self.to_cpu(self.unwrap(model).state_dict())
 
     def nonfinite_parameters(self, named: list[tuple[str, Tensor]]) -> list[str]:
@@ -227,7 +228,7 @@ class Backend:
         if full:
             # Each rank cuts its own shard out of the whole tensor. torch's full_state_dict loading would do it too,
             # but leaves the second name of a shared parameter (the release's ar_enc_norm.1 is ar_enc_norm.0) whole.
-            placed = get_model_state_dict(model)
+            placed = cast(dict[str, Any], get_model_state_dict(model))
             model_state = {
                 k: distribute_tensor(
                     v.to(placed[k].device), placed[k].device_mesh, placed[k].placements, src_data_rank=None
@@ -248,7 +249,7 @@ class Backend:
 
         writer, group = FsspecWriter(url), self._checkpoint_group()
         if asynchronous:
-            return dcp.async_save(state, storage_writer=writer, process_group=group)
+            return cast(Future, dcp.async_save(state, storage_writer=writer, process_group=group))
         dcp.save(state, storage_writer=writer, process_group=group)
         return None
 
@@ -331,7 +332,7 @@ class Backend:
         if skip and isinstance(model, nn.parallel.DistributedDataParallel):
             return model.no_sync()
         if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter on the last micro-batch only
-            model.set_requires_gradient_sync(not skip)
+            cast(Any, model).set_requires_gradient_sync(not skip)
         return contextlib.nullcontext()
 
     def reduce_gradients(self, optimizer: torch.optim.Optimizer) -> None:
@@ -398,7 +399,7 @@ class Backend:
 
     def rng_state(self) -> dict[str, Any]:
         """Every random generator a step may draw from, as tensors and tuples (loadable with weights_only=True)."""
-        name, keys, pos, has_gauss, cached = np.random.get_state()
+        name, keys, pos, has_gauss, cached = cast(tuple, np.random.get_state())
         return {
             "python": random.getstate(),
             "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),

@@ -10,7 +10,7 @@ import logging
 import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -145,7 +145,7 @@ class XlaBackend(Backend):
     def all_reduce_mean(self, t: Tensor) -> Tensor:
         if self.world_size == 1:
             return t
-        return self._xm.all_reduce(self._xm.REDUCE_SUM, t) / self.world_size
+        return cast(Tensor, self._xm.all_reduce(self._xm.REDUCE_SUM, t)) / self.world_size
 
     def step_memory(self, run_step: Callable[[], list[Tensor]]) -> dict[str, Any]:
         """Compile (never run) the step's graph and read XLA's buffer assignment of the per-device program; needs
@@ -284,7 +284,7 @@ class XlaSpmdBackend(XlaBackend):
             spec = self._param_specs.get(p)
             for value in state.values() if spec is not None else ():
                 if isinstance(value, Tensor) and value.shape == p.shape:
-                    self._xs.mark_sharding(value, self.mesh, spec)
+                    self._xs.mark_sharding(value, self.mesh, cast(Any, spec))
 
     def shard_shapes(self, t: Tensor) -> list[tuple[int, ...]]:
         if self._torch_xla._XLAC._get_xla_sharding_spec(t) in ("", "{replicated}"):

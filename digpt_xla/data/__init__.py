@@ -8,7 +8,8 @@ count.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sized
+from typing import Any, cast
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -72,7 +73,9 @@ def build_train_loader(
     if isinstance(dataset, WebDatasetSource):
         batches = dataset.batches(batch_size, rank, world_size, seed, start_batch, workers=num_workers)
         return DataLoader(batches, batch_size=None, **common)
-    sampler = ResumableBatchSampler(len(dataset), batch_size, rank, world_size, seed, start_batch=start_batch)
+    sampler = ResumableBatchSampler(
+        len(cast(Sized, dataset)), batch_size, rank, world_size, seed, start_batch=start_batch
+    )
     return DataLoader(dataset, batch_sampler=sampler, **common)
 
 

@@ -379,6 +379,7 @@ class _RankBatches(IterableDataset):
                     lanes,
                     skip_raw=len(range(first, g, lanes)) * self.batch_size,
                 )
+            assert stream is not None  # set at the first batch (epoch starts as None)
             batch = default_collate(list(itertools.islice(stream, self.batch_size)))
             batch["skipped"] = batch["skipped"].sum()
             yield batch

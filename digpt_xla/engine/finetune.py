@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from timm.loss import SoftTargetCrossEntropy
@@ -108,7 +108,7 @@ class Finetuner(Trainer):
             from timm.utils import ModelEmaV3
 
             self.ema = ModelEmaV3(b.unwrap(self.model), decay=f.ema_decay)
-        unwrapped = b.unwrap(self.model)
+        unwrapped = cast(Any, b.unwrap(self.model))  # timm's VisionTransformer
         self.setup_optimizer(
             param_groups_layer_decay(
                 unwrapped, cfg.optim.weight_decay, unwrapped.no_weight_decay(), layer_decay=f.layer_decay

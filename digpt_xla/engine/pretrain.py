@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sized
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from timm.optim import param_groups_weight_decay
@@ -80,8 +82,9 @@ class Pretrainer(Trainer):
         self.teacher_precision = self.precision if cfg.teacher.precision == "auto" else cfg.teacher.precision
         b.check_precision(self.teacher_precision, role="teacher")
         b.check_attention(cfg.model.resolve_attention())
-        model, teacher = build_model_and_teacher(cfg)
-        self.model_cfg = model.cfg
+        built, teacher = build_model_and_teacher(cfg)
+        self.model_cfg = built.cfg
+        model: nn.Module = built
         if cfg.backend.compile:
             model, teacher = b.compile_module(model), b.compile_module(teacher)
         self.model = b.prepare_model(model, self.precision)  # on the device before the optimizer is built
@@ -89,13 +92,13 @@ class Pretrainer(Trainer):
         self.teacher = b.prepare_frozen(teacher, shard=shard_teacher, precision=self.teacher_precision)
         self.setup_optimizer(param_groups_weight_decay(b.unwrap(self.model), cfg.optim.weight_decay))
         self.dataset = build_train_dataset(cfg.data, self.model_cfg.img_size)
-        self.setup_run(len(self.dataset))
+        self.setup_run(len(cast(Sized, self.dataset)))
         self.knn: dict[str, float] = {}
         log.info(
             "backend %s | model %s (%.1fM trainable) | effective batch %d | lr %.3g | steps %d..%d of %d",
             b.describe(),
             cfg.model.name,
-            b.unwrap(self.model).num_trainable_params() / 1e6,
+            cast(DiGPT, b.unwrap(self.model)).num_trainable_params() / 1e6,
             self.effective_batch,
             self.base_lr,
             self.step,

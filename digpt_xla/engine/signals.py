@@ -15,6 +15,7 @@ import os
 import signal
 import threading
 from types import FrameType
+from typing import Any
 
 log = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -26,7 +27,7 @@ class PreemptionFlag:
         self.signals = signals
         self._count = 0
         self._lock = threading.Lock()
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, Any] = {}
         self._wakeup: tuple[int, int] | None = None
         self._previous_fd = -1
         try:

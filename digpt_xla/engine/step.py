@@ -43,7 +43,7 @@ def build_adamw(
     """AdamW over ``param_groups`` with the backend's options (fused on CUDA, capturable on XLA), its state
     created up front. ``lr`` is a float: torch checks it on the host; ``OptimizerStep`` writes the backend's form."""
     optimizer = torch.optim.AdamW(
-        param_groups, lr=lr, betas=tuple(optim.betas), eps=optim.eps, **backend.optimizer_options()
+        param_groups, lr=lr, betas=(optim.betas[0], optim.betas[1]), eps=optim.eps, **backend.optimizer_options()
     )
     init_adamw_state(optimizer)
     backend.place_optimizer_state(optimizer)  # moments split like their parameters (FSDPv2)
@@ -55,7 +55,7 @@ def clip_grad_norm(params: list[nn.Parameter], clip: float | None) -> Tensor:
     grads = [p for p in params if p.grad is not None]
     if clip:
         return torch.nn.utils.clip_grad_norm_(grads, clip)
-    return torch.nn.utils.get_total_norm([p.grad for p in grads])
+    return torch.nn.utils.get_total_norm([p.grad for p in grads if p.grad is not None])
 
 
 class OptimizerStep:

@@ -397,7 +397,7 @@ class Trainer:
 
 def dcp_shapes(tree: Any, prefix: str = "") -> dict[str, tuple[int, ...]]:
     """The keys DCP gives the tensors of a nested dict (names joined by dots), with their global shapes."""
-    shapes = {}
+    shapes: dict[str, tuple[int, ...]] = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):

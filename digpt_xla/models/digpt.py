@@ -116,6 +116,11 @@ def random_segment_order(batch: int, num_segments: int, device: torch.device | s
 class DiGPT(nn.Module):
     chooses_attention_masks = True  # set_attention sets ``mode`` here too: the mask's form follows it
     mode: str = "sdpa"
+    # Buffers (registered in __init__), typed for the checker.
+    mask: Tensor
+    student_segments: Tensor
+    teacher_segments: Tensor
+    segment_resize: Tensor
 
     def __init__(self, cfg: DiGPTConfig) -> None:
         super().__init__()

@@ -6,7 +6,7 @@ checkpoints load with ``strict=True``. The MLP and patch embedding come from tim
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,7 @@ def attention_product(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, mode
     if mode == "flex":
         from torch.nn.attention.flex_attention import flex_attention
 
-        return flex_attention(q, k, v, block_mask=mask)
+        return cast(Tensor, flex_attention(q, k, v, block_mask=mask))  # not asked for the log-sum-exp
     if mode == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype))
     scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
@@ -124,7 +124,7 @@ def set_attention(model: nn.Module, mode: str) -> None:
         raise ValueError(f"attention mode {mode!r} is not one of {', '.join(ATTENTION_MODES)}")
     for module in model.modules():
         if isinstance(module, (Attention, CrossAttention)) or getattr(module, "chooses_attention_masks", False):
-            module.mode = mode
+            cast(Any, module).mode = mode
 
 
 def segment_ids(num_visible_segments: int, tokens_per_segment: int) -> Tensor:
