@@ -74,12 +74,9 @@ ENTRY_POINTS = {
 
 
 def _convert(argv):
-    import importlib.util
+    from digpt_xla.convert import main
 
-    spec = importlib.util.spec_from_file_location("convert_checkpoint", REPO / "tools/convert_checkpoint.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(argv)
+    return main(argv)
 
 
 @pytest.mark.parametrize("kind", ["torch zip", "plain pickle"])

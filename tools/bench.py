@@ -31,12 +31,12 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from digpt_xla.config import load_config
+from digpt_xla.engine import Pretrainer
+from digpt_xla.flops import FLOP_COUNTER, matmul_peak, sample_flops, timm_flops
+from digpt_xla.models import digpt_config
 
-from digpt_xla.config import load_config  # noqa: E402
-from digpt_xla.engine import Pretrainer  # noqa: E402
-from digpt_xla.models import digpt_config  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 
 def device_name(backend) -> str:
@@ -55,22 +55,6 @@ def device_name(backend) -> str:
     return f"cpu-{vendor}-{os.cpu_count()}c"
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, sync, n: int = 2048, reps: int = 5) -> float:
-    """Measured GFLOP/s of an n x n matmul on ``device`` (the best of ``reps``)."""
-    a = torch.randn(n, n, dtype=dtype, device=device)
-    b = torch.randn(n, n, dtype=dtype, device=device)
-    sync(a @ b)
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        sync(a @ b)
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best / 1e9
-
-
-FLOP_COUNTER = "FlopCounterMode + digpt_xla.flops formulas for fused CPU attention kernels"
-
-
 def count_flops(trainer: Pretrainer, batches, orders) -> int:
     """FLOPs of one training step's forward and backward (optimizer excluded).
 
@@ -79,32 +63,6 @@ def count_flops(trainer: Pretrainer, batches, orders) -> int:
     teacher = copy.deepcopy(trainer.backend.unwrap(trainer.teacher))
     per_sample = sample_flops(trainer.model_cfg, teacher, batches[0]["images"][:1].cpu(), orders[0][:1].cpu())
     return per_sample * batches[0]["images"].shape[0] * trainer.accum
-
-
-def sample_flops(model_cfg, teacher: torch.nn.Module, image: torch.Tensor, order: torch.Tensor) -> int:
-    """Teacher forward (under no_grad, as in training) + student forward and backward for one sample, in fp32 on
-    the CPU, with the fused attention kernels counted (digpt_xla.flops). Always the model's SDPA formulation, so
-    runs with ``model.attention=explicit`` (or flex) are held to the same work."""
-    from digpt_xla.flops import flop_counter
-    from digpt_xla.models import DiGPT
-
-    model, teacher = DiGPT(model_cfg), teacher.to("cpu").float()
-    with flop_counter() as counter:
-        with torch.no_grad():
-            targets = teacher(image).float()
-        out = model(image, targets, order)
-        (out.ar_loss + out.kd_loss).backward()
-    return counter.get_total_flops()
-
-
-def timm_flops(model: torch.nn.Module, batch: int) -> int:
-    """Forward + backward FLOPs of the baseline's step, counted for one sample and scaled by the batch."""
-    from digpt_xla.flops import flop_counter
-
-    with flop_counter() as counter:
-        model(torch.randn(1, 3, 224, 224)).square().mean().backward()
-    model.zero_grad(set_to_none=True)
-    return counter.get_total_flops() * batch
 
 
 def recount(path: Path) -> dict:

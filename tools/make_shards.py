@@ -16,12 +16,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from digpt_xla.data.errors import DataError  # noqa: E402
-from digpt_xla.data.shard_io import (  # noqa: E402
+from digpt_xla.data.errors import DataError
+from digpt_xla.data.shard_io import (
     check_shards,
     digits_samples,
     image_folder_samples,
