@@ -53,3 +53,8 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.path.name in MULTIPROCESS_FILES:
             item.add_marker(pytest.mark.multiprocess)
+
+
+def torchrun(nproc: int | str) -> list[str]:
+    """The start of a command that runs ``nproc`` local processes under torchrun (one machine, gloo on the CPU)."""
+    return [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]

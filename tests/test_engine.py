@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import PYTHON, REPO, needs_xla, subprocess_env
+from conftest import PYTHON, REPO, needs_xla, subprocess_env, torchrun
 from digpt_xla.backend import BackendError, create_backend
 from digpt_xla.checkpoint.manager import CheckpointManager
 from digpt_xla.checkpoint.reader import read_checkpoint
@@ -172,12 +172,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 def test_torchrun_two_processes_match_one_process_on_the_concatenated_batch(tmp_path):
     common = [*SMALLER, "backend.name=cpu", f"run.out_dir={tmp_path / 'unused'}"]
     cmd = [
-        PYTHON,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
+        *torchrun(2),
         "tests/workers/step_grads.py",
         str(tmp_path / "ddp.pt"),
         "data.batch_size=4",

@@ -6,7 +6,7 @@ import subprocess
 import pytest
 import torch
 
-from conftest import PYTHON, REPO, needs_xla, subprocess_env
+from conftest import PYTHON, REPO, needs_xla, subprocess_env, torchrun
 from digpt_xla.config import load_config
 from digpt_xla.engine import Pretrainer
 from digpt_xla.engine.finetune import Finetuner
@@ -58,12 +58,7 @@ def test_finetuning_from_a_pretraining_checkpoint_lowers_the_loss(tmp_path):
 def test_distributed_evaluation_counts_every_sample_once(tmp_path):
     common = ["finetune.eval_batch_size=64", f"run.out_dir={tmp_path / 'unused'}"]
     two = [
-        PYTHON,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
+        *torchrun(2),
         "tests/workers/finetune_eval.py",
         str(tmp_path / "two.json"),
         *common,

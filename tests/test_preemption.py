@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PYTHON, REPO, subprocess_env
+from conftest import PYTHON, REPO, subprocess_env, torchrun
 from digpt_xla.checkpoint.manager import CheckpointManager
 from digpt_xla.engine.metrics import read_metrics
 
@@ -33,12 +33,7 @@ TINY = [
 
 def _torchrun(out: Path, *overrides: str) -> subprocess.Popen:
     cmd = [
-        PYTHON,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
+        *torchrun(2),
         "-m",
         "digpt_xla.cli",
         "pretrain",

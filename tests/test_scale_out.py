@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import HAS_XLA, PYTHON, REPO, needs_xla, subprocess_env
+from conftest import HAS_XLA, PYTHON, REPO, needs_xla, subprocess_env, torchrun
 from digpt_xla.checkpoint.manager import CheckpointManager
 from digpt_xla.checkpoint.reader import (
     CheckpointError,
@@ -40,11 +40,7 @@ def train(out: Path, *overrides: str, devices: int = 0, nproc: int = 0, timeout:
     """Run tests/workers/train_state.py (alone, on ``devices`` XLA:CPU devices, or under torchrun with ``nproc``)."""
     result = out.with_suffix(".pt")
     args = ["tests/workers/train_state.py", str(result), f"run.out_dir={out}", *TINY, *overrides]
-    cmd = (
-        [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
-        if nproc
-        else [PYTHON, *args]
-    )
+    cmd = [*torchrun(nproc), *args] if nproc else [PYTHON, *args]
     env = (
         subprocess_env(OMP_NUM_THREADS="1")
         if nproc
