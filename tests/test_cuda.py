@@ -62,7 +62,7 @@ def test_compiled_checkpoint_keeps_release_key_names(tmp_path):
         [*TINY, f"run.out_dir={tmp_path}", "backend.name=cuda", "backend.compile=true", "schedule.max_steps=1"],
     )
     trainer = Pretrainer(cfg)
-    keys = set(trainer.state_dict()["model"])
+    keys = set(trainer.state.single_file_state()["model"])
     assert keys and not any("_orig_mod" in k for k in keys)
 
 

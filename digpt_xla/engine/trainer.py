@@ -1,10 +1,9 @@
-"""What every trainer shares: batch arithmetic, the optimizer step, the loop, checkpoints and the one resume path.
+"""What every trainer shares: batch arithmetic, the optimizer step and the loop.
 
 ``Pretrainer`` and ``Finetuner`` subclass ``Trainer`` and supply the model, the data and ``train_step``; the loop
-(logging, SIGTERM, non-finite stop, checkpoint cadence, progress) and the state a checkpoint holds (model,
-optimizer, loss scaler, step, data position, RNG states, plus each trainer's ``extra_state``: EMA weights, Mixup's
-generator, evaluation history) live here once. ``run.resume`` means the same in both: ``auto`` (the newest
-readable committed checkpoint of ``run.out_dir``), ``never``, or a checkpoint path or URL.
+(logging, SIGTERM, non-finite stop, checkpoint cadence, progress) lives here once. What a checkpoint holds and the
+one resume path are ``digpt_xla.checkpoint.training_state``; a subclass adds its own state through
+``extra_state`` / ``load_extra_state`` (EMA weights, Mixup's generator, evaluation history).
 """
 
 from __future__ import annotations
@@ -15,19 +14,18 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from torch import Tensor, nn
+from torch import nn
 
 from ..backend import Backend, create_backend
-from ..checkpoint.manager import CheckpointManager, check_sharded_complete
-from ..checkpoint.reader import CheckpointError, check_state_dict, load_model_state, read_checkpoint
+from ..checkpoint.manager import CheckpointManager
+from ..checkpoint.training_state import TrainingCheckpoint
 from ..config import Config, ConfigError
 from ..data import build_train_loader
-from ..repo import git_revision
 from ..rundir import RunDir, RunDirError, RunLease
 from .metrics import DeferredMeter, MetricsWriter
 from .schedule import base_lr, cosine_lr, plan_steps
 from .signals import PreemptionFlag
-from .step import OptimizerStep, build_adamw, optimizer_state_by_name, with_backend_options
+from .step import OptimizerStep, build_adamw
 
 log = logging.getLogger(__name__)
 
@@ -47,16 +45,6 @@ def accumulation_steps(accum_steps: int, effective_batch: int | None, global_mic
     return effective_batch // global_micro_batch
 
 
-def resume_checkpoint(resume: str, manager: CheckpointManager) -> tuple[str, dict[str, Any]] | None:
-    """(url, state) to resume from, per ``run.resume``: ``never``; ``auto`` = the newest committed checkpoint that
-    loads (unreadable ones are set aside); anything else is a path or URL that must load. The main rank's call."""
-    if resume == "never":
-        return None
-    if resume == "auto":
-        return manager.load_latest()
-    return resume, read_checkpoint(resume)
-
-
 class Trainer:
     kind = "train"  # recorded in checkpoints: a trainer resumes only its own kind
     metric_names: tuple[str, ...] = ("loss", "grad_norm")
@@ -72,6 +60,7 @@ class Trainer:
         if b.is_main:  # before anything is read or written there: one run per directory
             self.lease.acquire()
         self.checkpoints = CheckpointManager(self.run_dir.url_of("checkpoints"), cfg.run.keep_last)
+        self.state = TrainingCheckpoint(self, self.checkpoints)
         opt = cfg.optim
         self.process_batch = cfg.data.batch_size * b.devices_per_process
         self.global_micro_batch = cfg.data.batch_size * b.global_devices
@@ -97,7 +86,7 @@ class Trainer:
         plan = plan_steps(self.cfg.schedule, samples_per_epoch, self.process_batch * b.data_world_size, self.accum)
         self.steps_per_epoch, self.total_steps = plan.steps_per_epoch, plan.total_steps
         self.warmup_steps, self.end_step = plan.warmup_steps, plan.end_step
-        self.resumed_from = self.resume()
+        self.resumed_from = self.state.resume()
         b.mark_step()  # materialise the initial (or restored) state before the first step's graph
         self.metrics = MetricsWriter(self.run_dir, b.is_main, resume_step=self.step if self.resumed_from else None)
         self.meter = DeferredMeter(self.metric_names, b.device)
@@ -110,83 +99,15 @@ class Trainer:
     def load_extra_state(self, state: dict[str, Any], url: str) -> None:
         pass
 
-    def run_state(self) -> dict[str, Any]:
-        """Everything a checkpoint holds besides model and optimizer tensors."""
-        b = self.backend
-        return {
-            "kind": self.kind,
-            "scaler": self.opt_step.scaler_state(),
-            "step": self.step,
-            "data": self.data_position(),
-            "rng": b.rng_state(),
-            "config": self.cfg.to_dict(),
-            "git_revision": git_revision(),
-            **self.extra_state(),
-        }
-
-    def state_dict(self) -> dict[str, Any]:
-        """The single-file checkpoint of an unsharded run: whole tensors on the host."""
-        b = self.backend
-        return {
-            "model": b.model_state_cpu(self.model),
-            "optimizer": b.to_cpu(self.optimizer.state_dict()),
-            **self.run_state(),
-        }
-
-    def sharded_tensors(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        """({"model": ..., "optimizer": {"state": ...}} keyed by parameter names, tensors as placed; the optimizer's
-        param groups): the DCP part of a sharded checkpoint and the plain part that goes with ``run_state``."""
-        model_state, optim_state = self.backend.training_state(self.model, self.optimizer)
-        return {"model": model_state, "optimizer": {"state": optim_state["state"]}}, optim_state["param_groups"]
-
-    def load_state_dict(self, state: dict[str, Any], url: str) -> None:
-        kind = state.get("kind")
-        if kind != self.kind:
-            raise CheckpointError(
-                f"{url}: a {kind or 'unlabelled'} checkpoint cannot resume {self.kind} (run.resume); a finetuning run "
-                "starts from a pretraining checkpoint through finetune.checkpoint"
-            )
-        b = self.backend
-        if "sharded" in state:  # DCP: read in place into this run's placement, whatever fsdp size wrote it
-            tensors, _ = self.sharded_tensors()
-            check_sharded_complete(state["sharded"], dcp_shapes(tensors), doing="cannot resume from")
-            b.read_sharded(tensors, state["sharded"])
-            groups = with_backend_options(self.optimizer, state["optimizer_param_groups"])
-            optimizer_state = {"state": tensors["optimizer"]["state"], "param_groups": groups}
-            b.load_training_state(self.model, self.optimizer, tensors["model"], optimizer_state)
-        elif b.shards_state:  # a single-file checkpoint into a sharded run: whole tensors, split on load
-            check_state_dict(b.unwrap(self.model).state_dict(), state["model"], url)
-            by_name = optimizer_state_by_name(self.optimizer, b.unwrap(self.model), state["optimizer"])
-            b.load_training_state(self.model, self.optimizer, state["model"], by_name, full=True)
-        else:
-            load_model_state(b.unwrap(self.model), state["model"], url)
-            saved = state["optimizer"]
-            self.optimizer.load_state_dict(
-                saved | {"param_groups": with_backend_options(self.optimizer, saved["param_groups"])}
-            )
-            b.place_optimizer_state(self.optimizer)
-        self.opt_step.load_scaler_state(state.get("scaler"))
-        try:
-            b.set_rng_state(state["rng"])
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            raise CheckpointError(
-                f"{url}: entry 'rng' is not a random-generator state this run can restore ({e})"
-            ) from None
-        self.step = int(state["step"])
-        self._check_resumed_data_position(state.get("data", {}))
-        self.load_extra_state(state, url)
-
-    def resume(self) -> str | None:
-        b = self.backend
-        # The main rank chooses (and sets aside what it cannot read); every rank then loads that one checkpoint, so
-        # a read that fails on one rank only cannot send the ranks to different steps.
-        found = resume_checkpoint(self.cfg.run.resume, self.checkpoints) if b.is_main else None
-        url = b.from_main(found[0] if found else None)
-        if url is None:
+    def save_checkpoint(self, final: bool = False) -> str | None:
+        """Save unless a non-finite loss has been seen (then the last good checkpoint stays the newest). A sharded
+        checkpoint is written in the background except the ``final`` one, which is committed before this returns."""
+        self._check_finite()
+        if self.nonfinite_seen:
             return None
-        state = found[1] if found else read_checkpoint(url)
-        self.load_state_dict(state, url)
-        log.info("resumed from %s at step %d", url, self.step)
+        url = self.state.save(final)
+        self.metrics.sync(force=True)
+        self.backend.barrier()
         return url
 
     def data_position(self) -> dict[str, Any]:
@@ -215,44 +136,6 @@ class Trainer:
                     saved[key],
                 )
         self.data_skipped = saved.get("skipped_samples", 0)
-
-    def save_checkpoint(self, final: bool = False) -> str | None:
-        """Save unless a non-finite loss has been seen (then the last good checkpoint stays the newest). A sharded
-        checkpoint is written in the background except the ``final`` one, which is committed before this returns."""
-        self._check_finite()
-        if self.nonfinite_seen:
-            return None
-        b = self.backend
-        if b.shards_state:
-            return self._save_sharded(final)
-        state = self.state_dict()  # every rank takes part: on XLA this syncs pending work
-        url = None
-        if b.is_main:
-            parameters = [n for n, _ in b.unwrap(self.model).named_parameters()]
-            url = self.checkpoints.save(state, self.step, parameters)
-            log.info("saved %s", url)
-        self.metrics.sync(force=True)
-        b.barrier()
-        return url
-
-    def _save_sharded(self, final: bool) -> str:
-        b = self.backend
-        nonfinite = b.nonfinite_parameters(list(b.unwrap(self.model).named_parameters()))
-        tensors, param_groups = self.sharded_tensors()
-        meta = self.run_state() | {"optimizer_param_groups": b.to_cpu(param_groups)}
-        log.info("saving %s%s", self.checkpoints.url_of(self.step), "" if final else " (in the background)")
-        url = self.checkpoints.save_sharded(
-            self.step,
-            meta,
-            lambda url: b.write_sharded(tensors, url, asynchronous=not final),
-            b.is_main,
-            expected=dcp_shapes(tensors),
-            wait=final,
-            nonfinite=nonfinite,
-        )
-        self.metrics.sync(force=True)
-        b.barrier()
-        return url
 
     # ------------------------------------------------------------------ metrics
     def lr(self, step: int) -> float:
@@ -393,18 +276,6 @@ class Trainer:
         if "loss" in self.last_metrics:
             shown[f"loss@{self.last_metrics_step}"] = f"{self.last_metrics['loss']:.4f}"
         progress.set_postfix(shown)
-
-
-def dcp_shapes(tree: Any, prefix: str = "") -> dict[str, tuple[int, ...]]:
-    """The keys DCP gives the tensors of a nested dict (names joined by dots), with their global shapes."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            shapes |= dcp_shapes(value, f"{name}.")
-        elif isinstance(value, Tensor):
-            shapes[name] = tuple(value.shape)
-    return shapes
 
 
 class _CountSkipped:

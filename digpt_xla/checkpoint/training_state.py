@@ -1,0 +1,170 @@
+"""What a trainer's checkpoint holds and how it goes back: the one save and the one resume of every trainer.
+
+A checkpoint holds the model and optimizer tensors (whole on the host for one file; as placed, through DCP, for a
+sharded run), the loss scaler, step, data position, RNG states, config and git revision, plus each trainer's
+``extra_state`` (EMA weights, Mixup's generator, evaluation history). ``run.resume`` means the same in every
+trainer: ``auto`` (the newest readable committed checkpoint of ``run.out_dir``), ``never``, or a path or URL.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from torch import Tensor
+
+from ..engine.step import optimizer_state_by_name, with_backend_options
+from ..repo import git_revision
+from .manager import CheckpointManager, check_sharded_complete
+from .reader import CheckpointError, check_state_dict, load_model_state, read_checkpoint
+
+if TYPE_CHECKING:
+    from ..engine.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+
+def resume_checkpoint(resume: str, manager: CheckpointManager) -> tuple[str, dict[str, Any]] | None:
+    """(url, state) to resume from, per ``run.resume``: ``never``; ``auto`` = the newest committed checkpoint that
+    loads (unreadable ones are set aside); anything else is a path or URL that must load. The main rank's call."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        return manager.load_latest()
+    return resume, read_checkpoint(resume)
+
+
+def dcp_shapes(tree: Any, prefix: str = "") -> dict[str, tuple[int, ...]]:
+    """The keys DCP gives the tensors of a nested dict (names joined by dots), with their global shapes."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            shapes |= dcp_shapes(value, f"{name}.")
+        elif isinstance(value, Tensor):
+            shapes[name] = tuple(value.shape)
+    return shapes
+
+
+class TrainingCheckpoint:
+    """Saves and restores a ``Trainer`` through its ``CheckpointManager``: single-file and DCP layouts, and
+    single-file checkpoints into sharded runs."""
+
+    def __init__(self, trainer: Trainer, manager: CheckpointManager) -> None:
+        self.trainer, self.manager = trainer, manager
+
+    def run_state(self) -> dict[str, Any]:
+        """Everything a checkpoint holds besides model and optimizer tensors."""
+        t = self.trainer
+        b = t.backend
+        return {
+            "kind": t.kind,
+            "scaler": t.opt_step.scaler_state(),
+            "step": t.step,
+            "data": t.data_position(),
+            "rng": b.rng_state(),
+            "config": t.cfg.to_dict(),
+            "git_revision": git_revision(),
+            **t.extra_state(),
+        }
+
+    def single_file_state(self) -> dict[str, Any]:
+        """The single-file checkpoint of an unsharded run: whole tensors on the host."""
+        t = self.trainer
+        b = t.backend
+        return {
+            "model": b.model_state_cpu(t.model),
+            "optimizer": b.to_cpu(t.optimizer.state_dict()),
+            **self.run_state(),
+        }
+
+    def sharded_tensors(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """({"model": ..., "optimizer": {"state": ...}} keyed by parameter names, tensors as placed; the optimizer's
+        param groups): the DCP part of a sharded checkpoint and the plain part that goes with ``run_state``."""
+        t = self.trainer
+        model_state, optim_state = t.backend.training_state(t.model, t.optimizer)
+        return {"model": model_state, "optimizer": {"state": optim_state["state"]}}, optim_state["param_groups"]
+
+    def load(self, state: dict[str, Any], url: str) -> None:
+        t = self.trainer
+        kind = state.get("kind")
+        if kind != t.kind:
+            raise CheckpointError(
+                f"{url}: a {kind or 'unlabelled'} checkpoint cannot resume {t.kind} (run.resume); a finetuning run "
+                "starts from a pretraining checkpoint through finetune.checkpoint"
+            )
+        b = t.backend
+        if "sharded" in state:  # DCP: read in place into this run's placement, whatever fsdp size wrote it
+            tensors, _ = self.sharded_tensors()
+            check_sharded_complete(state["sharded"], dcp_shapes(tensors), doing="cannot resume from")
+            b.read_sharded(tensors, state["sharded"])
+            groups = with_backend_options(t.optimizer, state["optimizer_param_groups"])
+            optimizer_state = {"state": tensors["optimizer"]["state"], "param_groups": groups}
+            b.load_training_state(t.model, t.optimizer, tensors["model"], optimizer_state)
+        elif b.shards_state:  # a single-file checkpoint into a sharded run: whole tensors, split on load
+            check_state_dict(b.unwrap(t.model).state_dict(), state["model"], url)
+            by_name = optimizer_state_by_name(t.optimizer, b.unwrap(t.model), state["optimizer"])
+            b.load_training_state(t.model, t.optimizer, state["model"], by_name, full=True)
+        else:
+            load_model_state(b.unwrap(t.model), state["model"], url)
+            saved = state["optimizer"]
+            t.optimizer.load_state_dict(
+                saved | {"param_groups": with_backend_options(t.optimizer, saved["param_groups"])}
+            )
+            b.place_optimizer_state(t.optimizer)
+        t.opt_step.load_scaler_state(state.get("scaler"))
+        try:
+            b.set_rng_state(state["rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise CheckpointError(
+                f"{url}: entry 'rng' is not a random-generator state this run can restore ({e})"
+            ) from None
+        t.step = int(state["step"])
+        t._check_resumed_data_position(state.get("data", {}))
+        t.load_extra_state(state, url)
+
+    def resume(self) -> str | None:
+        t = self.trainer
+        b = t.backend
+        # The main rank chooses (and sets aside what it cannot read); every rank then loads that one checkpoint, so
+        # a read that fails on one rank only cannot send the ranks to different steps.
+        found = resume_checkpoint(t.cfg.run.resume, self.manager) if b.is_main else None
+        url = b.from_main(found[0] if found else None)
+        if url is None:
+            return None
+        state = found[1] if found else read_checkpoint(url)
+        self.load(state, url)
+        log.info("resumed from %s at step %d", url, t.step)
+        return url
+
+    def save(self, final: bool = False) -> str | None:
+        """Write (every rank) and commit (the main rank) a checkpoint of the trainer's current step: one file, or a
+        sharded one written in the background except the ``final`` one, committed before this returns."""
+        t = self.trainer
+        b = t.backend
+        if b.shards_state:
+            return self._save_sharded(final)
+        state = self.single_file_state()  # every rank takes part: on XLA this syncs pending work
+        url = None
+        if b.is_main:
+            parameters = [n for n, _ in b.unwrap(t.model).named_parameters()]
+            url = self.manager.save(state, t.step, parameters)
+            log.info("saved %s", url)
+        return url
+
+    def _save_sharded(self, final: bool) -> str:
+        t = self.trainer
+        b = t.backend
+        nonfinite = b.nonfinite_parameters(list(b.unwrap(t.model).named_parameters()))
+        tensors, param_groups = self.sharded_tensors()
+        meta = self.run_state() | {"optimizer_param_groups": b.to_cpu(param_groups)}
+        log.info("saving %s%s", self.manager.url_of(t.step), "" if final else " (in the background)")
+        return self.manager.save_sharded(
+            t.step,
+            meta,
+            lambda url: b.write_sharded(tensors, url, asynchronous=not final),
+            b.is_main,
+            expected=dcp_shapes(tensors),
+            wait=final,
+            nonfinite=nonfinite,
+        )
