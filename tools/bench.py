@@ -103,25 +103,28 @@ def default_name(args: argparse.Namespace, cfg) -> str:
     return f"train_{args.model}_{args.backend}_{args.precision}_{teacher}_b{args.batch}{compiled}"
 
 
-def bench_train(args: argparse.Namespace) -> dict:
-    overrides = [
+def benchmark_trainer(args: argparse.Namespace, *overrides: str) -> Pretrainer:
+    """The real Pretrainer of the benchmarked settings (model, backend, precision, per-device batch, teacher), in a
+    scratch run directory, with ``overrides`` and then the command line's own."""
+    common = [
         f"model.name={args.model}",
         f"backend.name={args.backend}",
         f"backend.precision={args.precision}",
-        f"data.source={args.source}",
         f"data.batch_size={args.batch}",
         f"teacher.kind={args.teacher}",
-        "run.progress=false",
-        "run.resume=never",
         f"run.out_dir={args.out_dir}",
+        "run.resume=never",
+        "run.progress=false",
         "run.knn_eval=false",
-        "schedule.epochs=1000",
-        "data.synthetic_size=100000",
-        *args.overrides,
     ]
-    cfg = load_config(None, overrides)
-    trainer = Pretrainer(cfg)
-    b = trainer.backend
+    return Pretrainer(load_config(None, [*common, *overrides, *args.overrides]))
+
+
+def bench_train(args: argparse.Namespace) -> dict:
+    trainer = benchmark_trainer(
+        args, f"data.source={args.source}", "schedule.epochs=1000", "data.synthetic_size=100000"
+    )
+    cfg, b = trainer.cfg, trainer.backend
     is_xla = b.name.startswith("xla")
 
     def sync(t=None):
@@ -295,22 +298,7 @@ def bench_memory(args: argparse.Namespace) -> dict:
             os.environ["CPU_NUM_DEVICES"] = str(args.fsdp)  # a slice of fsdp virtual devices, one mesh row
     if args.teacher == "auto":  # the teacher the model's targets come from: CLIP ViT-H/14's 1024 wide tokens, or pixels
         args.teacher = "clip" if digpt_config(args.model).teacher_dim == 1024 else "pixel"
-    overrides = [
-        f"model.name={args.model}",
-        f"backend.name={args.backend}",
-        f"backend.fsdp={args.fsdp}",
-        f"backend.precision={args.precision}",
-        f"data.batch_size={args.batch}",
-        "data.source=synthetic",
-        f"teacher.kind={args.teacher}",
-        f"run.out_dir={args.out_dir}",
-        "run.resume=never",
-        "run.progress=false",
-        "run.knn_eval=false",
-        *args.overrides,
-    ]
-    cfg = load_config(None, overrides)
-    trainer = Pretrainer(cfg)
+    trainer = benchmark_trainer(args, f"backend.fsdp={args.fsdp}", "data.source=synthetic")
     b = trainer.backend
 
     def run_step() -> list[torch.Tensor]:
