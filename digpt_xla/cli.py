@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from .config import Config, ConfigError, load_config
+from .config import Config, load_config
 from .repo import find_config
 
 log = logging.getLogger("digpt")
@@ -179,12 +179,9 @@ def one_line(error: Exception) -> str:
 
 def user_errors() -> tuple[type[Exception], ...]:
     """The exceptions that mean a mistake in what the user handed us: one line and exit 2, no traceback."""
-    from .backend import BackendError
-    from .checkpoint.reader import CheckpointError
-    from .data import DataError
-    from .rundir import RunDirError
+    from .errors import UserError
 
-    return ConfigError, BackendError, DataError, CheckpointError, RunDirError
+    return (UserError,)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,10 +21,11 @@ from typing import Any, Union
 import yaml
 
 from .backend.mesh import layout_problem
+from .errors import UserError
 from .precision import BACKEND_NAMES, PRECISIONS, precision_problem
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration key or value that does not fit the schema."""
 
 

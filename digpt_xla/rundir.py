@@ -26,10 +26,12 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from .errors import UserError
+
 log = logging.getLogger(__name__)
 
 
-class RunDirError(ValueError):
+class RunDirError(UserError, ValueError):
     """An output URL that cannot be used (unknown protocol, missing filesystem package)."""
 
 
@@ -242,6 +244,8 @@ class RunLease:
         while not self._stop.wait(self.heartbeat):
             held = self._read()
             if held is not None and held.get("owner") != self.owner:
+                if held.get("host") == socket.gethostname() and held.get("pid") == os.getpid():
+                    return  # a later trainer of this same process holds it now: this one is no longer used
                 self.lost = self._describe(held)
                 log.error("the lease of %s was taken over by %s", self.run_dir.url, self.lost)
                 return

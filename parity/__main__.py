@@ -17,7 +17,6 @@ from pathlib import Path
 import fsspec
 
 from digpt_xla.cli import run_command
-from digpt_xla.config import ConfigError
 from digpt_xla.repo import find_config
 from digpt_xla.rundir import RunDirError
 
@@ -136,13 +135,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    from digpt_xla.backend import BackendError
-    from digpt_xla.data import DataError
+    from digpt_xla.errors import UserError
 
-    from .gap import GapError
-    from .sides import SideError
-
-    return ConfigError, SideError, GapError, BackendError, DataError, RunDirError, FileNotFoundError
+    return UserError, FileNotFoundError  # a --config or --ledger path that does not exist
 
 
 if __name__ == "__main__":

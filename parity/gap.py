@@ -18,6 +18,8 @@ from typing import Any
 
 import fsspec
 
+from digpt_xla.errors import UserError
+
 # The published ImageNet-1K finetuning top-1 of D-iGPT ViT-B/16 (CLIP ViT-H/14 teacher).
 PAPER_ROWS = (
     {"backend": "cuda", "setting": "torch + GPU (paper)", "metric": "in1k_finetune_top1", "value": 86.2},
@@ -25,7 +27,7 @@ PAPER_ROWS = (
 )
 
 
-class GapError(ValueError):
+class GapError(UserError, ValueError):
     """A ledger that cannot be read or a report that cannot be made from it."""
 
 

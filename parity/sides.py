@@ -14,6 +14,7 @@ import contextlib
 from dataclasses import dataclass
 
 from digpt_xla.backend import Backend, create_backend
+from digpt_xla.errors import UserError
 from digpt_xla.precision import PRECISIONS, precision_problem
 
 XLA_MATMUL_SETTINGS = ("xla-default", "xla-high", "xla-highest")
@@ -22,7 +23,7 @@ _BACKENDS = ("cpu", "cuda", "xla")
 _backend_cache: dict[str, Backend] = {}
 
 
-class SideError(ValueError):
+class SideError(UserError, ValueError):
     pass
 
 

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..errors import UserError
 from ..precision import PRECISIONS, autocast_dtype, precision_problem
 from .mesh import layout_problem, mesh_shape
 
@@ -35,7 +36,7 @@ for _message in _KNOWN_WARNINGS:
     warnings.filterwarnings("ignore", message=_message)
 
 
-class BackendError(RuntimeError):
+class BackendError(UserError, RuntimeError):
     """A backend that cannot run here, or a setting it does not support."""
 
 

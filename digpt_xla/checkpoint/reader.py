@@ -29,11 +29,13 @@ import fsspec
 import torch
 from torch import Tensor
 
+from ..errors import UserError
+
 STATE_DICT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 SHARDED_META = "meta.pt"  # in a sharded checkpoint's directory: step, data position, RNG, config, ...
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint file that cannot be read safely or does not fit what it is loaded into."""
 
 

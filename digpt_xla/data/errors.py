@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 
+from ..errors import UserError
+
 log = logging.getLogger("digpt_xla.data")
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     """A data source that cannot be used at all (nothing readable, missing shard, empty folder, stalled read)."""
 
 
