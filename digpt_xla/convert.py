@@ -24,7 +24,7 @@ from collections import Counter
 import fsspec
 import torch
 
-from .checkpoint.reader import CheckpointError, read_state_dict, saved_model_config
+from .checkpoint.reader import CheckpointError, read_weights
 from .config import ModelConfig
 from .models import digpt_config
 from .models.classifier import classifier_state, encoder_config_from_state
@@ -73,12 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.format == "timm" and (args.num_classes is None or args.num_classes < 1):
         parser.error(f"--format timm needs --num-classes >= 1, got {args.num_classes}")
     try:
-        state = read_state_dict(args.checkpoint)
+        state, saved = read_weights(args.checkpoint)
         if args.format == "timm":
             converted, dropped = classifier_state(state, args.num_classes, source=args.checkpoint)
-            saved = saved_model_config(args.checkpoint)
+            cfg = encoder_config_from_state(state)
             # The head count is not in the weights' shapes: ours carry it in their config; the release's is B/L/H.
-            heads = model_config_from_dict(saved).num_heads if saved else encoder_config_from_state(state).num_heads
+            heads = model_config_from_dict(saved).num_heads if saved else cfg.num_heads
     except CheckpointError as e:
         print(f"convert_checkpoint.py: error: {e}", file=sys.stderr)
         return 2
@@ -90,7 +90,6 @@ def main(argv: list[str] | None = None) -> int:
     groups = Counter(k.split(".")[0] for k in dropped)
     print(f"kept {len(converted) - 4} encoder tensors, added fc_norm + head ({args.num_classes} classes)")
     print("dropped: " + ", ".join(f"{name} ({n})" for name, n in sorted(groups.items())))
-    cfg = encoder_config_from_state(state)
     name = TIMM_NAMES.get((cfg.embed_dim, cfg.depth, cfg.patch_size))
     if name:
         print(f'load: timm.create_model("{name}", global_pool="avg", fc_norm=True, num_classes={args.num_classes})')

@@ -182,20 +182,23 @@ class RunLease:
 
     def _read(self) -> dict[str, Any] | None:
         try:
-            record = json.loads(self.run_dir.fs.cat_file(self.run_dir._path(self.NAME)))
-        except FileNotFoundError:
-            return None
+            record = json.loads(self.run_dir.read_text(self.NAME))
         except (ValueError, OSError):
-            return None  # torn or unreadable: nobody can be shown to hold it
+            return None  # missing, torn or unreadable: nobody can be shown to hold it
         return record if isinstance(record, dict) else None
+
+    @staticmethod
+    def _this_process(held: dict[str, Any]) -> bool:
+        """Whether the lease was written by this very process (an earlier or later trainer of it)."""
+        return held.get("host") == socket.gethostname() and held.get("pid") == os.getpid()
 
     def _why_free(self, held: dict[str, Any]) -> str | None:
         """Why a lease someone else wrote no longer binds (None: it does)."""
         age = time.time() - float(held.get("heartbeat", 0))
+        if self._this_process(held):
+            return ""  # an earlier trainer of this same process
         if held.get("host") == socket.gethostname():
             pid = int(held.get("pid", -1))
-            if pid == os.getpid():
-                return ""  # an earlier trainer of this same process
             try:
                 os.kill(pid, 0)
             except ProcessLookupError:
@@ -244,14 +247,14 @@ class RunLease:
         while not self._stop.wait(self.heartbeat):
             held = self._read()
             if held is not None and held.get("owner") != self.owner:
-                if held.get("host") == socket.gethostname() and held.get("pid") == os.getpid():
+                if self._this_process(held):
                     return  # a later trainer of this same process holds it now: this one is no longer used
                 self.lost = self._describe(held)
                 log.error("the lease of %s was taken over by %s", self.run_dir.url, self.lost)
                 return
             try:
                 self.run_dir.write_json(self.NAME, self._record())
-            except OSError as e:  # transient on object stores: the next beat tries again
+            except (OSError, RunDirError) as e:  # transient on object stores: the next beat tries again
                 log.warning("could not renew the lease of %s: %s", self.run_dir.url, e)
 
     def release(self) -> None:
@@ -261,5 +264,5 @@ class RunLease:
         self._thread = None
         held = self._read()
         if held is not None and held.get("owner") == self.owner:
-            with contextlib.suppress(FileNotFoundError, OSError):
+            with contextlib.suppress(OSError):  # already gone
                 self.run_dir.fs.rm(self.run_dir._path(self.NAME))

@@ -176,20 +176,22 @@ def _check_training_state(state: Any, url: str, sharded: bool) -> dict[str, Any]
     return dict(state)
 
 
-def read_checkpoint(url: str) -> dict[str, Any]:
+def read_checkpoint(url: str, verify: bool = True) -> dict[str, Any]:
     """A training checkpoint of this project (weights, optimizer, RNG, data position, config), its files checked
-    against its commit record.
+    against its commit record (unless ``verify`` is false: a rank loading what the main rank has just checked).
 
     For a sharded checkpoint this is its ``meta.pt`` with ``sharded`` = the directory's URL: the model and optimizer
     tensors are read by whoever knows their placement (the trainer, through DCP, or ``read_sharded_tensors``)."""
     if is_sharded(url):
-        verify_files(url)
+        if verify:
+            verify_files(url)
         dcp_reader(url).read_metadata()  # unreadable or foreign DCP metadata fails here, before any tensor is read
         meta_url = f"{url.rstrip('/')}/{SHARDED_META}"
         state = _check_training_state(load_torch_payload(read_bytes(meta_url), meta_url), meta_url, sharded=True)
         return state | {"sharded": url.rstrip("/")}
     payload = read_bytes(url)
-    verify_files(url, payload)
+    if verify:
+        verify_files(url, payload)
     return _check_training_state(load_torch_payload(payload, url), url, sharded=False)
 
 
@@ -285,17 +287,6 @@ def read_sharded_tensors(url: str, prefix: str = "model") -> dict[str, Tensor]:
     return dict(state[prefix])
 
 
-def saved_model_config(url: str) -> dict[str, Any] | None:
-    """The ``model`` section of the config a training checkpoint of this project was written with (None for the
-    release's checkpoints and plain state dicts, which carry none)."""
-    try:
-        state = read_checkpoint(url)
-    except CheckpointError:
-        return None
-    model = state.get("config", {}).get("model") if isinstance(state.get("config"), Mapping) else None
-    return dict(model) if isinstance(model, Mapping) else None
-
-
 def read_state_dict(url: str) -> dict[str, Tensor]:
     """The weights in a checkpoint on any fsspec filesystem (local, gs://, memory://): ours (single file or
     sharded), the release's, or a plain state dict.
@@ -303,9 +294,17 @@ def read_state_dict(url: str) -> dict[str, Tensor]:
     ``.safetensors`` is read with safetensors; ``.pt``/``.pth``/``.bin`` with ``torch.load(weights_only=True)``.
     A wrapping ``state_dict``/``model`` entry and a DDP ``module.`` prefix are removed.
     """
+    return read_weights(url)[0]
+
+
+def read_weights(url: str) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
+    """``read_state_dict``'s weights and, read in the same pass, the ``model`` section of the config that a training
+    checkpoint of this project was written with (None for the release's checkpoints and plain state dicts)."""
     if is_sharded(url):
         verify_files(url)
-        return read_sharded_tensors(url, "model")
+        meta_url = f"{url.rstrip('/')}/{SHARDED_META}"
+        meta = load_torch_payload(read_bytes(meta_url), meta_url)
+        return read_sharded_tensors(url, "model"), _model_config(meta)
     suffix = next((s for s in STATE_DICT_SUFFIXES if url.endswith(s)), None)
     if suffix is None:
         fs, path = fsspec.core.url_to_fs(url)
@@ -331,6 +330,7 @@ def read_state_dict(url: str) -> dict[str, Tensor]:
             raise CheckpointError(f"{url}: not a readable safetensors file ({e})") from None
     else:
         state = load_torch_payload(payload, url)
+    config = _model_config(state)
     for wrapper in ("state_dict", "model"):
         if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
             state = state[wrapper]
@@ -339,7 +339,13 @@ def read_state_dict(url: str) -> dict[str, Tensor]:
     bad = next((k for k, v in state.items() if not isinstance(v, Tensor)), None)
     if bad is not None:
         raise CheckpointError(f"{url}: entry {bad!r} is a {type(state[bad]).__name__}, not a tensor")
-    return {k.removeprefix("module."): v for k, v in state.items()}
+    return {k.removeprefix("module."): v for k, v in state.items()}, config
+
+
+def _model_config(state: Any) -> dict[str, Any] | None:
+    config = state.get("config") if isinstance(state, Mapping) else None
+    model = config.get("model") if isinstance(config, Mapping) else None
+    return dict(model) if isinstance(model, Mapping) else None
 
 
 def check_state_dict(expected: Mapping[str, Tensor], found: Mapping[str, Tensor], source: str) -> None:

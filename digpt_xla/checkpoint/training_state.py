@@ -127,12 +127,13 @@ class TrainingCheckpoint:
         t = self.trainer
         b = t.backend
         # The main rank chooses (and sets aside what it cannot read); every rank then loads that one checkpoint, so
-        # a read that fails on one rank only cannot send the ranks to different steps.
+        # a read that fails on one rank only cannot send the ranks to different steps. Its files were checked
+        # against their sizes and SHA-256 by the main rank: the others do not read every file once more for that.
         found = resume_checkpoint(t.cfg.run.resume, self.manager) if b.is_main else None
         url = b.from_main(found[0] if found else None)
         if url is None:
             return None
-        state = found[1] if found else read_checkpoint(url)
+        state = found[1] if found else read_checkpoint(url, verify=False)
         self.load(state, url)
         log.info("resumed from %s at step %d", url, t.step)
         return url

@@ -165,12 +165,14 @@ def check_manifest(manifest: Any, url: str) -> dict[str, Any]:
 
 def check_protocols(urls: list[str]) -> None:
     """Every URL's filesystem can be opened here: gs:// needs gcsfs, http(s):// aiohttp (one line, not ImportError)."""
-    for protocol in sorted({fsspec.core.split_protocol(u)[0] or "file" for u in urls}):
+    first_of: dict[str, str] = {}  # protocol -> the first URL that uses it
+    for url in urls:
+        first_of.setdefault(fsspec.core.split_protocol(url)[0] or "file", url)
+    for protocol, first in sorted(first_of.items()):
         try:
             fsspec.get_filesystem_class(protocol)
         except ImportError as e:
             hint = " (pip install 'digpt_xla[gcs]')" if protocol in ("gs", "gcs") else ""
-            first = next(u for u in urls if (fsspec.core.split_protocol(u)[0] or "file") == protocol)
             raise DataError(
                 f"data.urls: {first}: {protocol}:// needs a package that is not installed{hint}: "
                 f"{str(e).splitlines()[0]}"
