@@ -1,4 +1,4 @@
-"""Run configuration: nested dataclasses, loaded from YAML, with ``a.b=value`` overrides from the command line.
+"""Run configuration: nested dataclasses, loaded from YAML with ``a.b=value`` overrides (``yaml_dataclass``).
 
 Every section is a dataclass; unknown keys and values of the wrong type fail with a message naming the key,
 the value, the expected type and the closest valid keys. Once loaded, every numeric and list field is checked
@@ -8,30 +8,43 @@ against its allowed range (``RULES``), so a bad value fails at load time naming 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import os
-import types
-import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
-
-import yaml
+from typing import Any, ClassVar
 
 from .backend.mesh import layout_problem
-from .errors import UserError
-from .precision import BACKEND_NAMES, PRECISIONS, precision_problem
+from .precision import BACKEND_NAMES, PRECISIONS, precision_problem, teacher_precision
+from .yaml_dataclass import ConfigError, load_dataclass, merge_values, parse_override
 
-
-class ConfigError(UserError, ValueError):
-    """A configuration key or value that does not fit the schema."""
+__all__ = [
+    "BackendConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "FinetuneConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "ProbeConfig",
+    "RULES",
+    "RunConfig",
+    "ScheduleConfig",
+    "TeacherConfig",
+    "load_config",
+    "load_dataclass",
+    "merge_values",
+    "parse_override",
+    "validate",
+]
 
 
 @dataclass
 class ModelConfig:
     """A named size (see ``digpt_xla.models.MODEL_SIZES``) and optional shape overrides (None: the size's)."""
+
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"attention": ("sdpa", "explicit", "flex")}
 
     name: str = "digpt_tiny"
     img_size: int | None = None
@@ -66,6 +79,7 @@ class ModelConfig:
 
 @dataclass
 class TeacherConfig:
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"kind": ("pixel", "clip"), "precision": ("auto", *PRECISIONS)}
     kind: str = "pixel"  # pixel | clip
     clip_model: str = "ViT-H-14"
     checkpoint: str = ""  # local path or fsspec URL (gs://...) of open_clip weights
@@ -75,6 +89,7 @@ class TeacherConfig:
 
 @dataclass
 class DataConfig:
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"source": ("digits", "synthetic", "imagefolder", "webdataset")}
     source: str = "digits"  # digits | synthetic | imagefolder | webdataset
     batch_size: int = 64  # per device (per process on multi-process backends)
     num_workers: int = 0
@@ -114,6 +129,10 @@ class ScheduleConfig:
 
 @dataclass
 class BackendConfig:
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "name": ("auto", *BACKEND_NAMES),
+        "precision": tuple(PRECISIONS),
+    }
     name: str = "auto"  # auto | cpu | cuda | xla | xla-spmd
     precision: str = "fp32"  # fp32 | bf16 | fp16 (CUDA only, with a GradScaler) | tpu-emulation (cpu only)
     compile_cache: str = ""  # XLA persistent compile cache directory ("" = off)
@@ -138,6 +157,8 @@ class RunConfig:
 @dataclass
 class ProbeConfig:
     """``digpt probe``: kNN and/or a linear classifier on frozen encoder features."""
+
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"kind": ("knn", "linear", "both")}
 
     checkpoint: str = ""  # pretraining checkpoint (ours or the release's); "" = the randomly initialised encoder
     kind: str = "both"  # knn | linear | both
@@ -184,124 +205,6 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-CHOICES: dict[str, tuple[str, ...]] = {
-    "teacher.kind": ("pixel", "clip"),
-    "teacher.precision": ("auto", *PRECISIONS),
-    "data.source": ("digits", "synthetic", "imagefolder", "webdataset"),
-    "backend.name": ("auto", *BACKEND_NAMES),
-    "backend.precision": tuple(PRECISIONS),
-    "probe.kind": ("knn", "linear", "both"),
-    "model.attention": ("sdpa", "explicit", "flex"),
-}
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _convert(value: Any, tp: Any, key: str) -> Any:
-    """Check (and where lossless, convert) ``value`` against the annotation ``tp``."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _convert(value, arg, key)
-            except ConfigError as e:
-                errors.append(e)
-        raise errors[0]
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        (item_tp,) = typing.get_args(tp)
-        return [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):
-        try:  # YAML reads "1e-4" (no dot) as a string
-            return float(value)
-        except ValueError:
-            pass
-    if tp is int and isinstance(value, float) and value.is_integer():
-        return int(value)
-    if tp in (int, str, bool) and type(value) is tp:
-        return value
-    raise ConfigError(f"{key}: value {value!r} is a {type(value).__name__}, expected {_type_name(tp)}")
-
-
-def merge_values(obj: Any, values: dict[str, Any], prefix: str) -> None:
-    hints = typing.get_type_hints(type(obj))
-    names = [f.name for f in dataclasses.fields(obj)]
-    for name, value in values.items():
-        key = f"{prefix}{name}"
-        if name not in names:
-            close = difflib.get_close_matches(name, names, n=3)
-            hint = f"closest: {', '.join(prefix + c for c in close)}" if close else f"valid: {', '.join(names)}"
-            raise ConfigError(f"unknown config key {key!r} ({hint})")
-        current = getattr(obj, name)
-        if dataclasses.is_dataclass(current):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{key}: is a section, expected a mapping, got {value!r}")
-            merge_values(current, value, f"{key}.")
-            continue
-        value = _convert(value, hints[name], key)
-        if key in CHOICES and value not in CHOICES[key]:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(CHOICES[key])}")
-        setattr(obj, name, value)
-
-
-def parse_override(text: str) -> dict[str, Any]:
-    """``a.b=value`` -> {"a": {"b": value}}; the value is parsed as YAML (numbers, lists, null, booleans)."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} is not of the form section.key=value")
-    dotted, raw = text.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override {text!r}: the value is not valid YAML ({_yaml_problem(e)})") from None
-    nested: dict[str, Any] = {}
-    node = nested
-    parts = dotted.strip().split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
-    return nested
-
-
-T = typing.TypeVar("T")
-
-
-def load_dataclass(root: T, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> T:
-    """Fill the dataclass ``root`` from a YAML file (if any), then each ``a.b=value`` override in order."""
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: {_yaml_problem(e)}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections")
-        try:
-            merge_values(root, data, "")
-        except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from None
-    for text in overrides:
-        merge_values(root, parse_override(text), "")
-    return root
-
-
-def _yaml_problem(error: yaml.YAMLError) -> str:
-    mark = getattr(error, "problem_mark", None)
-    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-    return f"{where}YAML syntax error ({problem})"
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -472,7 +375,7 @@ def _check_combinations(cfg: Config) -> None:
         raise ConfigError(
             f"backend.precision={cfg.backend.precision!r} with backend.name={cfg.backend.name!r}: {problem}"
         )
-    teacher = cfg.backend.precision if cfg.teacher.precision == "auto" else cfg.teacher.precision
+    teacher = teacher_precision(cfg.teacher.precision, cfg.backend.precision)
     problem = precision_problem(cfg.backend.name, teacher, role="teacher")
     if problem:
         raise ConfigError(

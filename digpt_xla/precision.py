@@ -31,6 +31,12 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
     return getattr(torch, name) if name else None
 
 
+def teacher_precision(teacher: str, training: str) -> str:
+    """The teacher's precision: ``auto`` (pretraining's ``teacher.precision``, a parity side's ``teacher=``) follows
+    the training precision."""
+    return training if teacher == "auto" else teacher
+
+
 BACKEND_NAMES = ("cpu", "cuda", "xla", "xla-spmd")
 
 TRAINING: dict[str, tuple[str, ...]] = {

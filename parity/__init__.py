@@ -3,7 +3,7 @@
 import importlib
 from typing import Any
 
-_EXPORTS = {"ParityConfig": "harness", "load_parity_config": "harness", "run_parity": "harness", "Side": "sides"}
+_EXPORTS = {"ParityConfig": "config", "load_parity_config": "config", "run_parity": "harness", "Side": "sides"}
 
 
 def __getattr__(name: str) -> Any:

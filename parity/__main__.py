@@ -22,7 +22,8 @@ from digpt_xla.rundir import RunDirError
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .harness import load_parity_config, run_parity
+    from .config import load_parity_config
+    from .harness import run_parity
     from .report import environment, write_report
     from .sides import Side, SideError
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.metadata
 import json
 import os
 import platform
@@ -12,12 +14,9 @@ import torch
 
 def environment() -> dict[str, str]:
     env = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine()}
-    try:
-        import torch_xla
-
-        env["torch_xla"] = torch_xla.__version__
-    except ImportError:
-        pass
+    # The installed version, without starting torch_xla's runtime in a process that may not use it.
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+        env["torch_xla"] = importlib.metadata.version("torch_xla")
     cpu = ""
     try:
         with open("/proc/cpuinfo") as f:
@@ -117,14 +116,14 @@ def render_markdown(report: dict[str, Any], title: str) -> str:
                 f"max abs {_fmt(fd['max_abs'])}."
             )
         acts = comp["activations"]
-        shown = sorted({0, len(acts) - 1, *(range(0, len(acts), max(1, len(acts) // 12)))})
+        rows = sorted({0, len(acts) - 1, *(range(0, len(acts), max(1, len(acts) // 12)))})
         if fd is not None:
-            shown = sorted(set(shown) | {fd["index"]})
+            rows = sorted(set(rows) | {fd["index"]})
         lines += ["", "| # | module | max abs | rel. L2 | cosine |", "|---|---|---|---|---|"]
         lines += [
             f"| {i} | `{acts[i]['module']}` | {_fmt(acts[i]['max_abs'])} | {_fmt(acts[i]['rel_l2'])} | "
             f"{acts[i]['cosine']:.8f} |"
-            for i in shown
+            for i in rows
         ]
         lines += [
             "",

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from digpt_xla.backend import Backend, create_backend
 from digpt_xla.errors import UserError
-from digpt_xla.precision import PRECISIONS, precision_problem
+from digpt_xla.precision import PRECISIONS, precision_problem, teacher_precision
 
 XLA_MATMUL_SETTINGS = ("xla-default", "xla-high", "xla-highest")
 SETTINGS = (*PRECISIONS, *XLA_MATMUL_SETTINGS)
@@ -65,7 +65,7 @@ class Side:
 
     @property
     def teacher_precision(self) -> str:
-        return self.autocast_precision if self.teacher == "auto" else self.teacher
+        return teacher_precision(self.teacher, self.autocast_precision)
 
     def backend_object(self) -> Backend:
         """One backend object per kind per process (an XLA runtime is initialised once)."""
@@ -81,9 +81,5 @@ class Side:
         with contextlib.ExitStack() as stack:
             stack.enter_context(backend.autocast(precision or self.autocast_precision))
             if self.setting in XLA_MATMUL_SETTINGS:
-                import torch_xla.backends
-
-                previous = torch_xla.backends.get_mat_mul_precision()
-                torch_xla.backends.set_mat_mul_precision(self.setting.removeprefix("xla-"))
-                stack.callback(torch_xla.backends.set_mat_mul_precision, previous)
+                stack.enter_context(backend.matmul_precision(self.setting.removeprefix("xla-")))
             yield

@@ -55,6 +55,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.multiprocess)
 
 
+@pytest.fixture(scope="session")
+def demo_checkpoint(tmp_path_factory) -> str:
+    """The one eager reference run tests share: two steps of the demo on the cpu backend; its last checkpoint."""
+    from digpt_xla.config import load_config
+    from digpt_xla.engine import Pretrainer
+
+    out = tmp_path_factory.mktemp("demo")
+    overrides = ["backend.name=cpu", "schedule.max_steps=2", "run.knn_eval=false", "run.progress=false"]
+    checkpoint = Pretrainer(load_config(REPO / "yaml/demo.yaml", [*overrides, f"run.out_dir={out}"])).train().checkpoint
+    assert checkpoint is not None
+    return checkpoint
+
+
 def torchrun(nproc: int | str) -> list[str]:
     """The start of a command that runs ``nproc`` local processes under torchrun (one machine, gloo on the CPU)."""
     return [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]

@@ -245,13 +245,14 @@ def test_xla_rejects_torch_compile():
 
 
 def test_torch_xla_is_imported_only_by_the_xla_backend():
-    """A future native TPU backend is then one file: every torch_xla call of the package lives in backend/xla.py
-    (backend/__init__.py only asks whether it can be imported)."""
+    """A future native TPU backend is then one file: every torch_xla call of the package, the parity harness and the
+    tools lives in backend/xla.py (backend/__init__.py only asks whether it can be imported)."""
     import re
 
     importers = {
         str(path.relative_to(REPO))
-        for path in (REPO / "digpt_xla").rglob("*.py")
+        for folder in ("digpt_xla", "parity", "tools")
+        for path in (REPO / folder).rglob("*.py")
         if re.search(r"^\s*(import|from) torch_xla", path.read_text(), flags=re.M)
     }
     assert importers == {"digpt_xla/backend/xla.py", "digpt_xla/backend/__init__.py"}, importers

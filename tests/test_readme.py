@@ -4,13 +4,10 @@ stay true: the gap ledger add/report pair, the checkpoint converter and the prob
 import re
 import shlex
 
-import pytest
 from test_hostile_input import _convert
 
 from conftest import REPO
 from digpt_xla.cli import main as digpt_main
-from digpt_xla.config import load_config
-from digpt_xla.engine import Pretrainer
 from parity.__main__ import main as parity_main
 
 
@@ -26,16 +23,6 @@ def readme_commands(prefixes: tuple[str, ...]) -> list[str]:
             if command.startswith(prefixes):
                 commands.append(command)
     return commands
-
-
-@pytest.fixture(scope="module")
-def demo_checkpoint(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    cfg = load_config(
-        REPO / "yaml/demo.yaml",
-        ["backend.name=cpu", "schedule.max_steps=2", "run.knn_eval=false", "run.progress=false", f"run.out_dir={out}"],
-    )
-    return Pretrainer(cfg).train().checkpoint
 
 
 def test_readme_examples_run(tmp_path, demo_checkpoint, capsys):

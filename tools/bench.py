@@ -70,10 +70,10 @@ def recount(path: Path) -> dict:
     the matmul peak stay as measured. The previous count and MFU are kept under ``recounted``."""
     result = json.loads(path.read_text())
     if "per_device_batch" in result:
-        from digpt_xla.engine.pretrain import build_model_and_teacher, segment_orders
+        from digpt_xla.engine.build import build_model_and_teacher, segment_orders
 
         cfg = load_config(None, [f"model.name={result['model']}", f"teacher.kind={result['teacher']}"])
-        model, teacher = build_model_and_teacher(cfg)
+        model, teacher = build_model_and_teacher(cfg.model, cfg.teacher)
         image = torch.randn(1, 3, model.cfg.img_size, model.cfg.img_size)
         per_sample = sample_flops(model.cfg, teacher, image, segment_orders(0, 0, 0, 1, model.cfg.num_segments))
         flops = per_sample * result["effective_batch"]

@@ -56,9 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PJRT_DEVICE", "TPU")
     single = args.single_process or os.environ["PJRT_DEVICE"].upper() == "CPU"
 
-    import torch_xla
+    from digpt_xla.backend.xla import launch
 
-    torch_xla.launch(_worker, args=(args.config, args.overrides), debug_single_process=single)
+    launch(_worker, (args.config, args.overrides), single_process=single)
     return 0
 
 

@@ -1,7 +1,8 @@
 """The one place that knows which hardware runs: cpu, cuda, xla (PJRT, one process per chip) and xla-spmd.
 
-``base``: the interface and the eager backends (cpu, cuda; DDP or FSDP2). ``xla``: PJRT and SPMD (FSDPv2), the
-only torch_xla code. ``mesh``: the parallel layout (degrees and their checks, once). ``measure``: step memory.
+``base``: the interface and the eager backends (cpu, cuda; DDP or FSDP2). ``sharding``: FSDP2's mesh and
+``fully_shard`` per block. ``xla``: PJRT and SPMD (FSDPv2), the only torch_xla code. ``mesh``: the parallel layout
+(degrees and their checks, once). ``measure``: step memory.
 """
 
 from __future__ import annotations
@@ -22,12 +23,19 @@ BACKEND_CLASSES: dict[str, tuple[str, str]] = {
     "xla": ("xla", "XlaBackend"),
     "xla-spmd": ("xla", "XlaSpmdBackend"),
 }
-_EXPORTS = {"Backend", "BackendError", "CudaBackend", "launched_by_torchrun", "shard_units", "tree_map_tensors"}
+_EXPORTS = {
+    "Backend": "base",
+    "BackendError": "base",
+    "CudaBackend": "base",
+    "launched_by_torchrun": "base",
+    "shard_units": "sharding",
+    "tree_map_tensors": "base",
+}
 
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
-        return getattr(importlib.import_module(".base", __name__), name)
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

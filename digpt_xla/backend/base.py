@@ -22,7 +22,8 @@ from torch import Tensor, nn
 
 from ..errors import UserError
 from ..precision import PRECISIONS, autocast_dtype, precision_problem
-from .mesh import layout_problem, mesh_shape
+from .mesh import layout_problem
+from .sharding import fsdp2_mesh, fully_shard_blocks, load_named_state
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +56,6 @@ def launched_by_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
 
 
-def shard_units(module: nn.Module) -> list[nn.Module]:
-    """The submodules sharded one by one (the transformer blocks), as the module lists them in ``shard_units()``."""
-    units = getattr(module, "shard_units", None)
-    return list(units()) if callable(units) else []
-
-
 class Backend:
     """Eager PyTorch on one device; with torchrun, DDP over a process group, or FSDP2 (``fully_shard`` per block)
     when ``fsdp`` > 1. Subclasses change the device."""
@@ -70,6 +65,15 @@ class Backend:
     compiles_step = False  # True where the first step traces and compiles a graph (XLA): the loop says so
 
     def __init__(self, compile_cache: str = "", fsdp: int = 1) -> None:
+        self.fsdp = fsdp
+        self.compile_cache = compile_cache
+        self._mesh: Any = None  # FSDP2's DeviceMesh, built at the first fully_shard
+        self._gloo_group: Any = None  # DCP's coordination group, made at the first sharded checkpoint
+        self._start_runtime()
+
+    def _start_runtime(self) -> None:
+        """Join this run's processes: set ``distributed``, ``rank``, ``world_size``, ``local_rank``, ``device``, and
+        ``_control`` (the host-side gloo group of ``any_rank``/``from_main``, None for one process)."""
         self.distributed = launched_by_torchrun() and int(os.environ.get("WORLD_SIZE", "1")) > 1
         if self.distributed and not dist.is_initialized():
             dist.init_process_group(self.process_group_backend)
@@ -77,9 +81,7 @@ class Backend:
         self.world_size = dist.get_world_size() if self.distributed else 1
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.device = self._select_device()
-        self.fsdp = fsdp
         self._check_fsdp(self.world_size, "processes (torchrun --nproc_per_node x nodes)")
-        self._mesh: Any = None  # FSDP2's DeviceMesh, built at the first fully_shard
         self._control = dist.new_group(backend="gloo") if self.distributed else None
 
     def _check_fsdp(self, devices: int, what: str) -> None:
@@ -131,7 +133,7 @@ class Backend:
         """Move to the device (before the optimizer is built) and wrap for data parallelism: DDP, or FSDP2 with a
         ``MixedPrecisionPolicy`` for ``precision`` when ``fsdp`` > 1. State-dict keys keep their names."""
         model = model.to(self.device)
-        if self.fsdp > 1:
+        if self.shards_state:
             return self._fully_shard(model, precision)
         if self.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -142,26 +144,14 @@ class Backend:
         """A frozen module (the teacher): on the device, outside any data-parallel wrapper; its weights split like
         the student's when ``shard`` (and ``fsdp`` > 1)."""
         module = module.to(self.device)
-        if shard and self.fsdp > 1 and any(True for _ in module.parameters()):
+        if shard and self.shards_state and any(True for _ in module.parameters()):
             return self._fully_shard(module, precision)
         return module
 
     def _fully_shard(self, module: nn.Module, precision: str) -> nn.Module:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
         if self._mesh is None:
-            # 2-D (data, fsdp) = HSDP: parameters sharded within an fsdp group, replicated across groups.
-            shape, names = mesh_shape(self.world_size, self.fsdp), ("data", "fsdp")
-            self._mesh = init_device_mesh(self.device.type, shape, mesh_dim_names=names)
-            if shape[0] == 1:
-                self._mesh = self._mesh["fsdp"]
-        dtype = autocast_dtype(precision) if precision in PRECISIONS else None
-        # Compute in the training precision; gradients are reduced in fp32 as under DDP + autocast.
-        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None)
-        for unit in shard_units(module):
-            fully_shard(unit, mesh=self._mesh, mp_policy=policy)
-        return cast(nn.Module, fully_shard(module, mesh=self._mesh, mp_policy=policy))
+            self._mesh = fsdp2_mesh(self.device.type, self.world_size, self.fsdp)
+        return fully_shard_blocks(module, self._mesh, precision)
 
     def place_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
         """Give the optimizer's state the placement of its parameters (after it is created or loaded)."""
@@ -178,7 +168,7 @@ class Backend:
         """The whole state dict of ``model`` as CPU tensors, gathered from its shards (every rank calls this)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        if self.fsdp > 1:
+        if self.shards_state:
             options = StateDictOptions(full_state_dict=True, cpu_offload=True)
             # On the CPU the gathered tensors can share storage with FSDP's buffers, which the next step reuses.
             gathered = cast(dict[str, Tensor], get_model_state_dict(model, options=options))
@@ -218,28 +208,7 @@ class Backend:
         full: bool = False,
     ) -> None:
         """Load name-keyed states: as placed (``training_state``'s form), or whole tensors when ``full``."""
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-            set_model_state_dict,
-            set_optimizer_state_dict,
-        )
-        from torch.distributed.tensor import DTensor, distribute_tensor
-
-        if full:
-            # Each rank cuts its own shard out of the whole tensor. torch's full_state_dict loading would do it too,
-            # but leaves the second name of a shared parameter (the release's ar_enc_norm.1 is ar_enc_norm.0) whole.
-            placed = cast(dict[str, Any], get_model_state_dict(model))
-            model_state = {
-                k: distribute_tensor(
-                    v.to(placed[k].device), placed[k].device_mesh, placed[k].placements, src_data_rank=None
-                )
-                if isinstance(placed.get(k), DTensor)
-                else v
-                for k, v in model_state.items()
-            }
-        set_model_state_dict(model, model_state)
-        set_optimizer_state_dict(model, optimizer, optimizer_state, options=StateDictOptions(full_state_dict=full))
+        load_named_state(model, optimizer, model_state, optimizer_state, full)
         self.place_optimizer_state(optimizer)
 
     def write_sharded(self, state: dict[str, Any], url: str, asynchronous: bool) -> Future | None:
@@ -260,7 +229,7 @@ class Backend:
         then meet DCP's in a different order on each rank: a deadlock). Every rank creates it, in the same order."""
         if not self.distributed:
             return None
-        if getattr(self, "_gloo_group", None) is None:
+        if self._gloo_group is None:
             self._gloo_group = dist.new_group(backend="gloo")
         return self._gloo_group
 
@@ -311,6 +280,10 @@ class Backend:
         if dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=dtype)
+
+    def matmul_precision(self, level: str) -> contextlib.AbstractContextManager:
+        """torch_xla's matmul precision (``default``, ``high``, ``highest``) for a block; only XLA has it."""
+        raise BackendError(f"matmul precision {level!r} is a torch_xla setting; the {self.name} backend has none")
 
     def grad_scaler(self, precision: str) -> torch.amp.GradScaler | None:
         self.check_precision(precision)

@@ -4,11 +4,12 @@ it calls lazily."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from typing import Any, cast
 
@@ -18,9 +19,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..daemon_pool import DaemonPool
-from .base import Backend, BackendError, MappedIterable, shard_units, tree_map_tensors
+from .base import Backend, BackendError, MappedIterable, tree_map_tensors
 from .measure import compiled_step_memory
 from .mesh import layout_problem, mesh_shape
+from .sharding import shard_units
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +33,11 @@ class XlaBackend(Backend):
     name = "xla"
     compiles_step = True
 
-    def __init__(self, compile_cache: str = "", fsdp: int = 1) -> None:
-        problem = layout_problem(self.name, fsdp)
+    def _start_runtime(self) -> None:
+        problem = layout_problem(self.name, self.fsdp)
         if problem:
             raise BackendError(problem)
-        self.fsdp = fsdp
-        self.compile_cache = compile_cache or os.environ.get("DIGPT_XLA_CACHE", "")
+        self.compile_cache = self.compile_cache or os.environ.get("DIGPT_XLA_CACHE", "")
         _check_xla_environment()
         # XLA's C++ warnings (GSPMD's deprecation notice, once per compiled graph on SPMD) would flood the log; set
         # TF_CPP_MIN_LOG_LEVEL=0 to see them. Errors still show.
@@ -48,13 +49,18 @@ class XlaBackend(Backend):
         except ImportError as e:
             raise BackendError(f"backend {self.name!r} needs torch_xla, which cannot be imported: {e}") from e
         self._torch_xla, self._xm, self._xr = torch_xla, xm, xr
+        self._writer: DaemonPool | None = None  # background checkpoint writes, one at a time
         self._setup_runtime()
-        self.distributed = False  # collectives go through xm, not a torch.distributed group
-        self.rank = xr.global_ordinal()
-        self.world_size = xr.world_size()
         self.local_rank = xr.local_ordinal()
         self.device = torch_xla.device()
-        self._control = self._host_group() if type(self) is XlaBackend else None
+        self._join_processes()
+
+    def _join_processes(self) -> None:
+        """One process per device: ranks are PJRT ordinals; collectives go through xm, not a torch.distributed
+        group, which exists only for host-side agreement."""
+        self.rank, self.world_size = self._xr.global_ordinal(), self._xr.world_size()
+        self.distributed = False
+        self._control = self._host_group()
 
     def _host_group(self) -> Any:
         """A gloo group between this run's processes (PJRT's ``xla://`` rendezvous) for host-side agreement and
@@ -89,6 +95,17 @@ class XlaBackend(Backend):
                 f"model.attention='flex' runs on the cpu and cuda backends; {self.name} keeps 'sdpa' (XLA compiles the "
                 "masked attention of the step itself)"
             )
+
+    @contextlib.contextmanager
+    def matmul_precision(self, level: str) -> Iterator[None]:
+        import torch_xla.backends
+
+        previous = torch_xla.backends.get_mat_mul_precision()
+        torch_xla.backends.set_mat_mul_precision(level)
+        try:
+            yield
+        finally:
+            torch_xla.backends.set_mat_mul_precision(previous)
 
     def compile_module(self, module: nn.Module) -> nn.Module:
         raise BackendError(
@@ -174,6 +191,13 @@ class XlaBackend(Backend):
         pass
 
 
+def launch(fn: Callable[..., None], args: tuple, single_process: bool) -> None:
+    """Run ``fn(index, *args)`` in one process per local device (PJRT), or in this process when ``single_process``."""
+    import torch_xla
+
+    torch_xla.launch(fn, args=args, debug_single_process=single_process)
+
+
 def _check_xla_environment() -> None:
     """PJRT's own errors for these are a C++ abort or a hang; say what is wrong before torch_xla starts."""
     device = os.environ.get("PJRT_DEVICE", "")
@@ -205,13 +229,12 @@ class XlaSpmdBackend(XlaBackend):
         super()._setup_runtime()
         self._xs = xs
 
-    def __init__(self, compile_cache: str = "", fsdp: int = 1) -> None:
-        super().__init__(compile_cache, fsdp)
-        self.rank = self._xr.process_index()
-        self.world_size = self._xr.process_count()
+    def _join_processes(self) -> None:
+        """One process per host over every device of the slice, arranged as the (data, fsdp) mesh."""
+        self.rank, self.world_size = self._xr.process_index(), self._xr.process_count()
         n = self._xr.global_runtime_device_count()
         self._check_fsdp(n, "devices of the slice")
-        self.mesh = self._xs.Mesh(np.arange(n), mesh_shape(n, fsdp), ("data", "fsdp"))
+        self.mesh = self._xs.Mesh(np.arange(n), mesh_shape(n, self.fsdp), ("data", "fsdp"))
         self._xs.set_global_mesh(self.mesh)
         self._param_specs: dict[Tensor, tuple[str | None, ...]] = {}
         self._input_specs: dict[int, Any] = {}
@@ -272,9 +295,9 @@ class XlaSpmdBackend(XlaBackend):
 
     def prepare_frozen(self, module: nn.Module, shard: bool = False, precision: str = "fp32") -> nn.Module:
         module = module.to(self.device)
-        if shard and self.fsdp > 1:
+        if shard and self.shards_state:
             self._shard_parameters(module)
-        elif self.fsdp > 1:
+        elif self.shards_state:
             # Its targets meet the sharded student's predictions in the loss: keep them split on the batch too.
             module.register_forward_hook(self._shard_output_on_batch)
         return module
@@ -329,7 +352,7 @@ class XlaSpmdBackend(XlaBackend):
         # This host's shards copied to host memory now, as torch_xla's own CheckpointManager.save_async stages them.
         from torch_xla.experimental.distributed_checkpoint._helpers import _sharded_cpu_state_dict
 
-        if not hasattr(self, "_writer"):
+        if self._writer is None:
             self._writer = DaemonPool(1, "digpt-dcp")  # one write at a time, in order; never blocks exit
         return self._writer.submit(save, _sharded_cpu_state_dict(state))
 

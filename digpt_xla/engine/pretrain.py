@@ -13,21 +13,20 @@ from collections.abc import Sized
 from dataclasses import dataclass
 from typing import cast
 
-import torch
 from timm.optim import param_groups_weight_decay
 from torch import Tensor, nn
 
 from ..backend import Backend
-from ..config import Config, ConfigError
+from ..config import Config
 from ..data import build_eval_datasets, build_train_dataset
-from ..models import DiGPT, digpt_config, random_segment_order, set_attention
-from ..models.digpt import DiGPTConfig
-from ..teacher import ClipTeacher, PixelTeacher
+from ..models import DiGPT
+from ..precision import teacher_precision
+from .build import build_model_and_teacher, build_student, distill_forward, segment_orders
 from .knn import knn_accuracy
 from .trainer import NonFiniteLossError, Trainer
 
 log = logging.getLogger(__name__)
-__all__ = ["NonFiniteLossError", "Pretrainer", "TrainResult", "build_model_and_teacher", "segment_orders"]
+__all__ = ["NonFiniteLossError", "Pretrainer", "TrainResult"]
 
 
 @dataclass
@@ -39,39 +38,6 @@ class TrainResult:
     knn: dict[str, float]
 
 
-def build_teacher(cfg: Config, model_cfg: DiGPTConfig) -> nn.Module:
-    if cfg.teacher.kind == "pixel":
-        return PixelTeacher(model_cfg.patch_size, model_cfg.img_size)
-    import open_clip
-
-    if open_clip.get_model_config(cfg.teacher.clip_model) is None:
-        close = [m for m in open_clip.list_models() if m.lower().startswith(cfg.teacher.clip_model.lower()[:5])]
-        raise ConfigError(
-            f"teacher.clip_model: {cfg.teacher.clip_model!r} is not an open_clip model "
-            f"(e.g. {', '.join(close[:5]) or 'ViT-H-14, ViT-B-16'})"
-        )
-    return ClipTeacher(cfg.teacher.clip_model, cfg.teacher.checkpoint or None)
-
-
-def build_model_and_teacher(cfg: Config) -> tuple[DiGPT, nn.Module]:
-    """The student sized to predict its teacher's tokens (grid and width come from the teacher)."""
-    shape = digpt_config(cfg.model.name, **cfg.model.shape_overrides())
-    teacher = build_teacher(cfg, shape)
-    model_cfg = digpt_config(
-        cfg.model.name, **cfg.model.shape_overrides(), teacher_grid=teacher.grid_size, teacher_dim=teacher.dim
-    )
-    model = DiGPT(model_cfg)
-    set_attention(model, cfg.model.resolve_attention())
-    return model, teacher
-
-
-def segment_orders(seed: int, step: int, micro: int, global_batch: int, num_segments: int) -> Tensor:
-    """(global_batch, S) orders for one micro-batch, a function of (seed, step, micro) only: identical on every
-    backend and rank count, and reproduced exactly after a resume."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + step * 131 + micro)
-    return random_segment_order(global_batch, num_segments, "cpu", generator=g)
-
-
 class Pretrainer(Trainer):
     kind = "pretrain"
     metric_names = ("loss", "ar_loss", "kd_loss", "grad_norm")
@@ -79,10 +45,10 @@ class Pretrainer(Trainer):
     def __init__(self, cfg: Config, backend: Backend | None = None) -> None:
         super().__init__(cfg, backend)
         b = self.backend
-        self.teacher_precision = self.precision if cfg.teacher.precision == "auto" else cfg.teacher.precision
+        self.teacher_precision = teacher_precision(cfg.teacher.precision, self.precision)
         b.check_precision(self.teacher_precision, role="teacher")
-        b.check_attention(cfg.model.resolve_attention())
-        built, teacher = build_model_and_teacher(cfg)
+        b.check_attention(cfg.model.attention)
+        built, teacher = build_model_and_teacher(cfg.model, cfg.teacher)
         self.model_cfg = built.cfg
         model: nn.Module = built
         if cfg.backend.compile:
@@ -116,11 +82,16 @@ class Pretrainer(Trainer):
         b, model = self.backend, self.model
         for micro, (batch, order) in enumerate(zip(batches, orders, strict=True)):
             with b.no_sync(model, skip=micro < len(batches) - 1):
-                images = batch["images"]
-                with b.autocast(self.teacher_precision):
-                    targets = self.teacher(images).float()
-                with b.autocast(self.precision):
-                    out = model(images, targets, order)
+                _, out = distill_forward(
+                    model,
+                    self.teacher,
+                    batch["images"],
+                    None,
+                    order,
+                    b.autocast,
+                    self.precision,
+                    self.teacher_precision,
+                )
                 loss = out.ar_loss + out.kd_loss
                 self.opt_step.backward(loss, len(batches))
         return loss, out.ar_loss, out.kd_loss
@@ -171,7 +142,5 @@ class Pretrainer(Trainer):
         sets = build_eval_datasets(self.cfg.data, self.model_cfg.img_size)
         if sets is None:
             return math.nan
-        model = DiGPT(self.model_cfg)
-        model.load_state_dict(self.backend.model_state_cpu(self.model))
-        set_attention(model, self.cfg.model.resolve_attention())
+        model = build_student(self.cfg.model, self.model_cfg, self.backend.model_state_cpu(self.model))
         return knn_accuracy(model, *sets)

@@ -10,8 +10,8 @@ import torch
 from ..checkpoint.reader import load_model_state, read_state_dict
 from ..config import Config
 from ..data import probe_datasets
-from ..models import DiGPT, digpt_config, set_attention
 from ..rundir import RunDir
+from .build import build_student
 from .knn import extract_features, knn_classify
 from .probe import linear_probe
 
@@ -21,10 +21,9 @@ log = logging.getLogger(__name__)
 def run_probe(cfg: Config) -> dict[str, Any]:
     p = cfg.probe
     torch.manual_seed(cfg.run.seed)  # without a checkpoint: the same initial encoder pretraining starts from
-    model = DiGPT(digpt_config(cfg.model.name, **cfg.model.shape_overrides()))
+    model = build_student(cfg.model)
     if p.checkpoint:
         load_model_state(model, read_state_dict(p.checkpoint), p.checkpoint)
-    set_attention(model, cfg.model.resolve_attention())
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     train_set, val_set = probe_datasets(cfg, model.cfg.img_size)
     train_x, train_y = extract_features(model, train_set, p.batch_size, cfg.data.num_workers)
