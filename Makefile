@@ -3,9 +3,14 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The TPU plan's compiler (tools/tpu_plan.py): jax[tpu] and libtpu in an interpreter of their own, never next to
+# torch_xla (both bring their own XLA; libtpu beside torch_xla could also make it look for a TPU).
+TPU_VENV ?= .venv-tpu
+TPU_STAMP := $(TPU_VENV)/.installed
+JAX_TPU := jax[tpu]==0.10.2
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-quick test-slow bench gap-study lint format clean
+.PHONY: install tpu-env demo test test-quick test-slow bench gap-study lint format clean
 
 install: $(STAMP)
 
@@ -16,17 +21,25 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+tpu-env: $(TPU_STAMP)
+
+$(TPU_STAMP): Makefile
+	test -x $(TPU_VENV)/bin/python || $(PYTHON) -m venv $(TPU_VENV)
+	$(TPU_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(TPU_VENV)/bin/python -m pip install --quiet "$(JAX_TPU)"
+	touch $(TPU_STAMP)
+
 demo: install
 	PJRT_DEVICE=CPU $(VENV)/bin/digpt demo
 
-test: install
+test: install tpu-env
 	PJRT_DEVICE=CPU $(PY) -m pytest $(PYTEST_ARGS)
 
 # The inner loop: no slow tests and none that launch torchrun or multi-device XLA processes.
 test-quick: install
 	PJRT_DEVICE=CPU $(PY) -m pytest -m "not slow and not multiprocess" -x -q $(PYTEST_ARGS)
 
-test-slow: install
+test-slow: install tpu-env
 	PJRT_DEVICE=CPU $(PY) -m pytest -m slow $(PYTEST_ARGS)
 
 bench: install
@@ -46,4 +59,4 @@ format: install
 	$(VENV)/bin/ruff format .
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(TPU_VENV) runs .pytest_cache .ruff_cache

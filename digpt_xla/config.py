@@ -145,13 +145,19 @@ class BackendConfig:
 @dataclass
 class RunConfig:
     out_dir: str = "runs/default"
-    seed: int = 0
+    seed: int = 0  # initial weights (and, unless data_seed is set, the data)
+    data_seed: int | None = None  # data order, augmentations and segment orders; None: seed
     log_every: int = 10
     ckpt_every: int = 500  # optimizer steps between checkpoints (0 = only at the end)
     keep_last: int = 3
     resume: str = "auto"  # auto | never | a checkpoint path
     progress: bool = True
     knn_eval: bool = False  # kNN accuracy of the encoder before and after (sources with labels)
+
+    @property
+    def order_seed(self) -> int:
+        """The seed of everything the data decides (order, augmentation, segment orders)."""
+        return self.seed if self.data_seed is None else self.data_seed
 
 
 @dataclass

@@ -96,6 +96,17 @@ def cmd_gap_study(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_attribute(args: argparse.Namespace) -> int:
+    from .attribution import Attribution, load_attribution_config
+
+    cfg = load_attribution_config(args.config, args.overrides)
+    report = Attribution(cfg).run()
+    for entry in report["factors"]:
+        print(f"{entry['factor']:40s} {entry['verdict']}")
+    print(f"report: {os.path.join(cfg.out_dir, 'report.md')}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m parity", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -132,6 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     study.add_argument("--config", default="yaml/parity/gap_study_digits.yaml")
     study.add_argument("overrides", nargs="*", help="key=value, e.g. seeds=[0] sides=[cpu:fp32,cpu:bf16]")
     study.set_defaults(fn=cmd_gap_study)
+    attribute = sub.add_parser(
+        "attribute", help="which factor shifts training beyond a one-ulp change: the factor table over seeds"
+    )
+    attribute.add_argument("--config", default="yaml/parity/attribution_tiny.yaml")
+    attribute.add_argument("overrides", nargs="*", help="key=value, e.g. seeds=[0,1] steps=20")
+    attribute.set_defaults(fn=cmd_attribute)
     return run_command(parser, argv, _user_errors)
 
 

@@ -45,8 +45,8 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 PYTHON = sys.executable
 
 
-# Files whose tests launch torchrun or multi-device XLA processes: left out of `make test-quick`.
-MULTIPROCESS_FILES = {"test_scale_out.py", "test_preemption.py", "test_compile_stability.py"}
+# Files whose tests launch torchrun, multi-device XLA or libtpu processes: left out of `make test-quick`.
+MULTIPROCESS_FILES = {"test_scale_out.py", "test_preemption.py", "test_compile_stability.py", "test_tpu_plan.py"}
 
 
 def pytest_collection_modifyitems(config, items):

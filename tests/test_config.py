@@ -1,7 +1,21 @@
+import time
+
 import pytest
 
 from conftest import needs_xla
+from digpt_xla.cli import main as digpt_main
 from digpt_xla.config import ConfigError, load_config
+
+# Every config mistake, whether in a file or an override, is found here: one line naming the key, exit 2.
+CPU = ["backend.name=cpu", "run.progress=false", "run.knn_eval=false", "model.depth=2", "data.batch_size=16"]
+
+
+def _one_error_line(capsys) -> str:
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    errors = [line for line in err if "error:" in line]
+    assert len(errors) == 1 and "Traceback" not in "\n".join(err), err
+    return errors[0]
+
 
 REPO_YAML = [
     "yaml/demo.yaml",
@@ -85,3 +99,60 @@ def test_xla_refuses_flex_attention():
 
     with pytest.raises(BackendError, match="model.attention='flex' runs on the cpu and cuda backends"):
         create_backend("xla").check_attention("flex")
+
+
+BAD_VALUES = [
+    (["data.batch_size=-4", "optim.lr=1e-3"], "data.batch_size=-4"),
+    (["data.batch_size=0"], "data.batch_size=0"),
+    (["run.log_every=0"], "run.log_every=0"),
+    (["optim.accum_steps=0"], "optim.accum_steps=0"),
+    (["optim.betas=[0.9]"], "optim.betas=[0.9]"),
+    (["optim.lr=.nan"], "optim.lr=nan"),
+    (["schedule.epochs=-1"], "schedule.epochs=-1"),
+    (["data.train_fraction=1.5"], "data.train_fraction=1.5"),
+    (["data.source=webdataset", "data.urls=/data/shard-{000000..000009.tar"], "data.urls="),
+    (["teacher.kind=clip", "teacher.clip_model=ViT-Q-99"], "teacher.clip_model: 'ViT-Q-99'"),
+    (["model.name=vit_b"], "model.name='vit_b'"),
+    (["backend.precision=fp16"], "backend.precision='fp16'"),
+    (["run.resume=/nonexistent/ckpt-00000010.pt"], "/nonexistent/ckpt-00000010.pt: checkpoint not found"),
+    (["teacher.kind=clip", "teacher.clip_model=ViT-B-16", "teacher.checkpoint=GARBAGE"], "not a readable safetensors"),
+    (["data.urls={a", "data.source=webdataset"], "not valid YAML"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "expected"), BAD_VALUES, ids=[e for _, e in BAD_VALUES])
+def test_bad_values_are_one_line_and_exit_2_within_seconds(tmp_path, capsys, overrides, expected):
+    overrides = [o.replace("GARBAGE", str(tmp_path / "garbage.safetensors")) for o in overrides]
+    (tmp_path / "garbage.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not a header at all")
+    t0 = time.perf_counter()
+    rc = digpt_main(["pretrain", "--config", "yaml/demo.yaml", *CPU, f"run.out_dir={tmp_path / 'out'}", *overrides])
+    assert rc == 2
+    assert expected in _one_error_line(capsys)
+    assert time.perf_counter() - t0 < 15
+
+
+def test_finetune_and_yaml_mistakes_name_the_key_or_file(tmp_path, capsys):
+    assert digpt_main(["finetune", f"finetune.checkpoint={tmp_path / 'missing.pt'}", f"run.out_dir={tmp_path}"]) == 2
+    assert "missing.pt: checkpoint not found" in _one_error_line(capsys)
+    assert digpt_main(["finetune", "finetune.num_classes=5", f"run.out_dir={tmp_path}"]) == 2
+    assert "finetune.num_classes=5 but the data has 10 classes" in _one_error_line(capsys)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  name: digpt_tiny\ndata: [unclosed\n")
+    assert digpt_main(["pretrain", "--config", str(bad)]) == 2
+    line = _one_error_line(capsys)
+    assert str(bad) in line and "line 4" in line and "YAML syntax error" in line
+
+
+def test_a_compile_cache_that_is_a_file_is_refused_at_load(tmp_path, capsys):
+    (tmp_path / "cache").write_text("")
+    code = digpt_main(
+        [
+            "pretrain",
+            "--config",
+            "yaml/demo.yaml",
+            *CPU,
+            f"backend.compile_cache={tmp_path / 'cache'}",
+            f"run.out_dir={tmp_path}",
+        ]
+    )
+    assert code == 2 and "backend.compile_cache=" in _one_error_line(capsys)

@@ -199,3 +199,22 @@ def test_optimizer_groups_of_another_model_are_refused_by_name():
     optimizer = torch.optim.AdamW([{"params": [torch.nn.Parameter(torch.zeros(2))]}, {"params": []}])
     with pytest.raises(CheckpointError, match="has 1 parameter groups, this run builds 2"):
         with_backend_options(optimizer, [{"params": [0], "lr": 1.0}])
+
+
+def test_a_torn_last_line_of_the_metrics_log_is_dropped_on_resume(tmp_path, caplog):
+    overrides = [
+        "backend.name=cpu",
+        "run.progress=false",
+        "run.knn_eval=false",
+        "model.depth=2",
+        "data.batch_size=16",
+        "run.log_every=1",
+        "run.ckpt_every=2",
+        f"run.out_dir={tmp_path}",
+    ]
+    Pretrainer(load_config(REPO / "yaml/demo.yaml", [*overrides, "schedule.max_steps=2"])).train()
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 3, "loss": 1.2')  # the write a SIGKILL cut short
+    Pretrainer(load_config(REPO / "yaml/demo.yaml", [*overrides, "schedule.max_steps=4", "run.resume=auto"])).train()
+    assert [r["step"] for r in read_metrics(str(tmp_path)) if "loss" in r] == [1, 2, 3, 4]
+    assert "metrics.jsonl:3: dropping a line that is not a whole record" in caplog.text

@@ -14,11 +14,8 @@ from test_data import digits, image_folder, make_set, source
 from conftest import HAS_XLA, PYTHON, REPO, subprocess_env
 from digpt_xla.cli import main as digpt_main
 from digpt_xla.cli import one_line
-from digpt_xla.config import load_config
 from digpt_xla.data import DataError, build_train_loader
 from digpt_xla.data.imagefolder import scan_image_folder
-from digpt_xla.engine import Pretrainer
-from digpt_xla.engine.metrics import read_metrics
 from parity.__main__ import main as parity_main
 
 CPU = [
@@ -37,12 +34,6 @@ def _one_line_exit_2(code: int, capsys) -> str:
     errors = [line for line in err if "error:" in line]
     assert code == 2 and len(errors) == 1 and "Traceback" not in "\n".join(err), err
     return errors[0]
-
-
-def test_a_compile_cache_that_is_a_file_is_refused_at_load(tmp_path, capsys):
-    (tmp_path / "cache").write_text("")
-    code = digpt_main(["pretrain", *CPU, f"backend.compile_cache={tmp_path / 'cache'}", f"run.out_dir={tmp_path}"])
-    assert "backend.compile_cache=" in _one_line_exit_2(code, capsys)
 
 
 XLA_ENVIRONMENT = [
@@ -207,16 +198,6 @@ def test_a_non_finite_ledger_value_is_refused(tmp_path, capsys):
         f.write(json.dumps(row) + "\n")  # written by something else
     code = parity_main(["gap", "report", "--ledger", str(ledger), "--metric", "top1", "--baseline", "cpu:fp32"])
     assert "ledger.jsonl:2: value inf is not a finite number" in _one_line_exit_2(code, capsys)
-
-
-def test_a_torn_last_line_of_the_metrics_log_is_dropped_on_resume(tmp_path, caplog):
-    overrides = [*CPU[2:], "run.log_every=1", "run.ckpt_every=2", f"run.out_dir={tmp_path}"]
-    Pretrainer(load_config(REPO / "yaml/demo.yaml", [*overrides, "schedule.max_steps=2"])).train()
-    with (tmp_path / "metrics.jsonl").open("a") as f:
-        f.write('{"step": 3, "loss": 1.2')  # the write a SIGKILL cut short
-    Pretrainer(load_config(REPO / "yaml/demo.yaml", [*overrides, "schedule.max_steps=4", "run.resume=auto"])).train()
-    assert [r["step"] for r in read_metrics(str(tmp_path)) if "loss" in r] == [1, 2, 3, 4]
-    assert "metrics.jsonl:3: dropping a line that is not a whole record" in caplog.text
 
 
 def test_an_out_dir_that_is_a_file_is_one_line(tmp_path, capsys):

@@ -281,6 +281,11 @@ class Backend:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=dtype)
 
+    def export_program(self, outputs: list[Tensor]) -> bytes:
+        """The pending program computing ``outputs`` as a serialized HloModuleProto, traced but neither compiled
+        nor run; only XLA backends trace programs."""
+        raise BackendError(f"the {self.name} backend runs eagerly: it has no program to export; use xla-spmd")
+
     def matmul_precision(self, level: str) -> contextlib.AbstractContextManager:
         """torch_xla's matmul precision (``default``, ``high``, ``highest``) for a block; only XLA has it."""
         raise BackendError(f"matmul precision {level!r} is a torch_xla setting; the {self.name} backend has none")

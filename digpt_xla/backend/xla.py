@@ -96,6 +96,10 @@ class XlaBackend(Backend):
                 "masked attention of the step itself)"
             )
 
+    def export_program(self, outputs: list[Tensor]) -> bytes:
+        # The HLO torch_xla would compile at the next mark_step, with the SPMD shardings of its inputs.
+        return self._torch_xla._XLAC._get_xla_tensors_hlo_proto(outputs)
+
     @contextlib.contextmanager
     def matmul_precision(self, level: str) -> Iterator[None]:
         import torch_xla.backends

@@ -112,7 +112,9 @@ class Pretrainer(Trainer):
 
     def _orders(self, step: int, micro: int) -> Tensor:
         b = self.backend
-        full = segment_orders(self.cfg.run.seed, step, micro, self.global_micro_batch, self.model_cfg.num_segments)
+        full = segment_orders(
+            self.cfg.run.order_seed, step, micro, self.global_micro_batch, self.model_cfg.num_segments
+        )
         start = b.data_rank * self.process_batch
         return full[start : start + self.process_batch]
 

@@ -175,7 +175,7 @@ class Trainer:
             self.process_batch,
             b.data_rank,
             b.data_world_size,
-            cfg.run.seed,
+            cfg.run.order_seed,
             start_batch=self.step * self.accum,
             num_workers=cfg.data.num_workers,
         )

@@ -1,0 +1,198 @@
+"""A TPU plan of the training step: trace it on XLA:CPU (child process with torch_xla), compile it for a topology
+with libtpu (child process with jax[tpu]), and put memory, fit, collectives and an estimated step time together.
+
+Neither torch_xla nor jax is imported here: each runs in its own child process, since both bring their own XLA.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..backend.mesh import layout_problem
+from ..errors import UserError
+from .chips import chips_in, estimate
+
+LIBTPU_SCRIPT = Path(__file__).with_name("libtpu_compile.py")
+REPO = Path(__file__).resolve().parents[2]
+
+
+class PlanError(UserError, RuntimeError):
+    """A plan that cannot be made: no jax[tpu], an unknown topology, a layout the topology cannot hold."""
+
+
+@dataclass
+class PlanRequest:
+    model: str
+    topology: str
+    fsdp: int = 1
+    batch: int = 8  # per device
+    precision: str = "bf16"
+    teacher: str = "auto"  # auto: CLIP ViT-H/14 (random weights) for the ViT sizes, pixels for digpt_tiny
+    step: str = "pretrain"  # pretrain | finetune (timm's ViT with the encoder's shape, 1000 classes)
+    overrides: list[str] = field(default_factory=list)
+
+
+def jax_python(explicit: str = "") -> str:
+    """The interpreter that has jax[tpu]: ``--jax-python``, $DIGPT_JAX_PYTHON, or the repository's .venv-tpu."""
+    path = explicit or os.environ.get("DIGPT_JAX_PYTHON", "") or str(REPO / ".venv-tpu/bin/python")
+    if not os.access(path, os.X_OK):
+        raise PlanError(
+            f"no jax[tpu] interpreter at {path}: run `make tpu-env` (a separate .venv-tpu with jax[tpu], about "
+            "1.3 GB), or point --jax-python / DIGPT_JAX_PYTHON at one"
+        )
+    return path
+
+
+def _run_json(cmd: list[str], what: str, env: dict[str, str] | None = None, timeout: float | None = None) -> dict:
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+    try:
+        result = json.loads(last)
+    except json.JSONDecodeError:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise PlanError(f"{what} failed (exit {proc.returncode}): {tail}") from None
+    if "error" in result:
+        raise PlanError(f"{what}: {result['error']}")
+    return result
+
+
+def describe(topology: str, python: str) -> dict[str, Any]:
+    """Devices, chip kind and per-device HBM of ``topology``, as libtpu reports them."""
+    return _run_json([python, str(LIBTPU_SCRIPT), "describe", topology], f"libtpu ({topology})")
+
+
+def teacher_kind(request: PlanRequest) -> str:
+    if request.teacher != "auto":
+        return request.teacher
+    from ..models import digpt_config
+
+    return "clip" if digpt_config(request.model).teacher_dim == 1024 else "pixel"
+
+
+def trace(request: PlanRequest, devices: int, workdir: Path) -> dict[str, Any]:
+    """The step for ``devices`` XLA:CPU devices, traced (not compiled) into ``workdir/step.hlo.pb``."""
+    if request.step not in ("pretrain", "finetune"):
+        raise PlanError(f"step {request.step!r}: plan pretrain or finetune")
+    overrides = [
+        f"model.name={request.model}",
+        f"backend.fsdp={request.fsdp}",
+        f"backend.precision={request.precision}",
+        f"data.batch_size={request.batch}",
+        *(
+            [f"teacher.kind={teacher_kind(request)}", f"data.synthetic_size={request.batch * devices}"]
+            if request.step == "pretrain"  # one global batch of synthetic images, the one traced
+            else ["finetune.num_classes=1000", "finetune.eval_every_epochs=0"]
+        ),
+        *request.overrides,
+    ]
+    env = dict(os.environ, PJRT_DEVICE="CPU", CPU_NUM_DEVICES=str(devices))
+    env.pop("XLA_FLAGS", None)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "digpt_xla.tpu_plan.trace", str(workdir), request.step, *overrides]
+    return _run_json(cmd, f"tracing {request.model} for {devices} devices", env=env)
+
+
+def compile_for(topology: str, workdir: Path, python: str) -> dict[str, Any]:
+    out = workdir / "compiled.json"
+    _run_json([python, str(LIBTPU_SCRIPT), "compile", topology, str(workdir / "step.hlo.pb"), str(out)], "libtpu")
+    return json.loads(out.read_text())
+
+
+def plan_step(request: PlanRequest, python: str, chip: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Trace and compile one step; the plan's figures per device."""
+    chip = chip or describe(request.topology, python)
+    devices = chip["devices"]
+    problem = layout_problem("xla-spmd", request.fsdp, devices=devices, what=f"devices of {request.topology}")
+    if problem:
+        raise PlanError(problem)
+    with tempfile.TemporaryDirectory(prefix="digpt-tpu-plan-") as tmp:
+        traced = trace(request, devices, Path(tmp))
+        compiled = compile_for(request.topology, Path(tmp), python)
+    if "error" in compiled:
+        raise PlanError(f"libtpu could not compile the step for {request.topology}: {compiled['error']}")
+    prefix = "finetune_" if request.step == "finetune" else ""
+    plan: dict[str, Any] = {
+        "name": f"{prefix}{request.model}_fsdp{request.fsdp}_b{request.batch}",
+        "topology": request.topology,
+        "chips": chips_in(request.topology),
+        **{k: compiled[k] for k in ("devices", "device_kind", "jax", "jaxlib", "libtpu", "compile_seconds")},
+        **traced,
+        "hbm_bytes": compiled.get("hbm_bytes", chip.get("hbm_bytes")),
+        "fits": compiled["fits"],
+    }
+    if not compiled["fits"]:
+        plan["needed_bytes"] = compiled["needed_bytes"]
+        return plan
+    unaliased = compiled["output_bytes"] - compiled["alias_bytes"]
+    plan |= {
+        "argument_bytes": compiled["argument_bytes"],
+        "argument_logical_bytes": compiled["argument_logical_bytes"],
+        "temp_bytes": compiled["temp_bytes"],
+        "unaliased_output_bytes": unaliased,
+        "total_bytes": compiled["argument_bytes"] + compiled["temp_bytes"] + unaliased,
+        "aliased_results": compiled["aliased_results"],
+        "flops": compiled["flops"],
+        "bytes_accessed": compiled["bytes_accessed"],
+        "collectives": compiled["collectives"],
+        "estimate": estimate(compiled, request.topology),
+    }
+    return plan
+
+
+def max_batch(request: PlanRequest, python: str, start: int = 8, progress=print) -> dict[str, Any]:
+    """The largest per-device batch that fits: memory is about linear in the batch, so two compiles give the
+    line, a third confirms its prediction (and a fourth steps down if the prediction does not fit)."""
+    chip = describe(request.topology, python)
+    tried: dict[int, dict[str, Any]] = {}
+
+    def attempt(batch: int) -> dict[str, Any]:
+        if batch not in tried:
+            t0 = time.perf_counter()
+            tried[batch] = plan_step(_with_batch(request, batch), python, chip)
+            fits = tried[batch]["fits"]
+            progress(f"  batch {batch}: {'fits' if fits else 'does not fit'} ({time.perf_counter() - t0:.0f}s)")
+        return tried[batch]
+
+    def need(plan: dict[str, Any]) -> int:
+        return plan["total_bytes"] if plan["fits"] else plan["needed_bytes"]
+
+    low = attempt(1)
+    if not low["fits"]:
+        raise PlanError(
+            f"{request.model} does not fit {request.topology} at fsdp={request.fsdp} even at batch 1: needs "
+            f"{need(low) / 2**30:.2f} GiB of {low['hbm_bytes'] / 2**30:.2f} GiB per device; raise --fsdp"
+        )
+    high = attempt(max(start, 2))
+    slope = (need(high) - need(low)) / (high["per_device_batch"] - 1)
+    hbm = low["hbm_bytes"]
+    predicted = max(1, int((hbm - need(low)) / slope) + 1) if slope > 0 else high["per_device_batch"]
+    for batch in (predicted, int(predicted * 0.95), int(predicted * 0.9)):
+        if batch >= 1 and attempt(batch)["fits"]:
+            best = tried[batch]
+            break
+    else:
+        best = max((p for p in tried.values() if p["fits"]), key=lambda p: p["per_device_batch"])
+    per_chip = best["devices"] / best["chips"]
+    return {
+        "max_per_device_batch": best["per_device_batch"],
+        # The release's global batch at this per-device batch (no gradient accumulation).
+        "chips_for_global_batch_4096": math.ceil(4096 / best["per_device_batch"] / per_chip),
+        "predicted": predicted,
+        "bytes_per_sample": slope,
+        "fixed_bytes": need(low) - slope,
+        "compiles": {str(b): {"fits": p["fits"], "bytes": need(p)} for b, p in sorted(tried.items())},
+        "plan": best,
+    }
+
+
+def _with_batch(request: PlanRequest, batch: int) -> PlanRequest:
+    return PlanRequest(**{**request.__dict__, "batch": batch})

@@ -1,0 +1,77 @@
+"""Gap attribution: a no-op factor is identical, the one-ulp control is not, a large deliberate factor is a
+systematic shift with the right sign, and bad factor strings are one line."""
+
+import json
+
+import pytest
+
+from parity.__main__ import main as parity_main
+from parity.attribution import Factor, parse_factor
+
+STUDY = [
+    "baseline=cpu:fp32",
+    "seeds=[0,1]",
+    "steps=10",
+    "window=5",
+    "record_every=5",
+    "probe=false",
+    # No warmup and a larger lr: ten steps then move the tiny model far enough for a factor to show.
+    "overrides=[model.depth=2,data.batch_size=16,schedule.warmup_epochs=0]",
+]
+
+
+def test_a_two_seed_study_tells_identical_from_chaos_from_a_real_shift(tmp_path, capsys):
+    out = tmp_path / "report"
+    factors = "factors=[model.attention=sdpa,optim.eps=1.0]"  # the first is the default: a no-op
+    argv = ["attribute", *STUDY, factors, f"out_dir={out}", f"run_dir={tmp_path / 'runs'}"]
+    assert parity_main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    entries = {e["factor"]: e for e in report["factors"]}
+    assert report["seeds"] == [0, 1] and set(entries) == {"model.attention=sdpa", "optim.eps=1.0", *CONTROLS}
+    noop = entries["model.attention=sdpa"]
+    assert noop["verdict"] == "identical" and noop["divergence_at_end"] == 0.0
+    assert noop["shifts"]["final_loss"]["mean"] == 0.0
+    ulp = entries["one-ulp"]
+    assert not ulp["identical"] and ulp["divergence_at_end"] > 0
+    # An eps of 1 all but stops Adam: the loss stays higher than the baseline's on every seed.
+    eps = entries["optim.eps=1.0"]
+    assert eps["verdict"].startswith("systematic: final_loss +"), eps
+    assert eps["shifts"]["final_loss"]["mean"] > 0 and eps["divergence_vs_one_ulp"] > 10
+    md = (out / "report.md").read_text()
+    assert "| `optim.eps=1.0` |" in md and "seeds" in md and (out / "divergence.png").stat().st_size > 1000
+    ledger = [json.loads(line) for line in (out / "ledger.jsonl").read_text().splitlines()]
+    assert {r["metric"] for r in ledger} == {"final_loss"} and len(ledger) == 2 * (2 + 1 + len(CONTROLS))
+
+    # Rerun: everything is in results.jsonl, nothing runs again.
+    capsys.readouterr()
+    assert parity_main(argv) == 0
+    assert len((out / "results.jsonl").read_text().splitlines()) == 2 * (2 + 1 + len(CONTROLS))
+
+
+CONTROLS = ("one-ulp", "data order", "init")
+
+
+@pytest.mark.parametrize(
+    "factor, message",
+    [
+        ("tpu:fp32", "is neither backend:precision"),
+        ("cpu:fp16", "fp16 training needs a loss scaler"),
+        ("optim.eps", "optim.eps is neither backend:precision"),
+        ("optim.epsilon=1e-6", "unknown config key 'optim.epsilon'"),
+        ("one-ulp", "not named like a control"),
+    ],
+)
+def test_bad_factor_strings_are_one_line_and_exit_2(tmp_path, capsys, factor, message):
+    argv = ["attribute", *STUDY, f"factors=[{factor}]", f"out_dir={tmp_path}", f"run_dir={tmp_path}"]
+    assert parity_main(argv) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0], errors
+
+
+def test_a_factor_is_one_change_on_the_baseline():
+    base = parse_factor("cpu:fp32 optim.lr=1e-3")
+    assert parse_factor("optim.eps=1e-6", base) == Factor(
+        "optim.eps=1e-6", "cpu", "fp32", ("optim.lr=1e-3", "optim.eps=1e-6")
+    )
+    side = parse_factor("cpu:bf16 teacher=fp16", base)
+    assert (side.backend, side.precision, side.overrides[-1]) == ("cpu", "bf16", "teacher.precision=fp16")

@@ -1,0 +1,113 @@
+"""The training step compiled for a TPU topology by libtpu (jax[tpu] in its own interpreter, `make tpu-env`)."""
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from conftest import PYTHON, REPO, subprocess_env
+from digpt_xla.tpu_plan.chips import chips_in, estimate
+from digpt_xla.tpu_plan.plan import PlanRequest, jax_python, plan_step
+
+JAX_PYTHON = os.environ.get("DIGPT_JAX_PYTHON", str(REPO / ".venv-tpu/bin/python"))
+needs_libtpu = pytest.mark.skipif(not os.access(JAX_PYTHON, os.X_OK), reason="no jax[tpu] interpreter (make tpu-env)")
+TOPOLOGY = "v5e:2x2"
+
+
+def tool(*args: str, tmp_path) -> subprocess.CompletedProcess:
+    cmd = [PYTHON, "tools/tpu_plan.py", "--out", str(tmp_path), *args]
+    return subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+
+
+@needs_libtpu
+@pytest.mark.parametrize("fsdp", [1, 4])
+def test_the_tiny_step_compiles_for_a_v5e_slice_with_its_state_donated_and_no_host_transfer(fsdp):
+    plan = plan_step(PlanRequest("digpt_tiny", TOPOLOGY, fsdp=fsdp, batch=8), jax_python())
+    assert plan["fits"] and plan["device_kind"] == "TPU v5 lite" and plan["devices"] == 4
+    # Nothing leaves the device inside the step.
+    for kind in ("send", "recv", "infeed", "outfeed", "host-callback"):
+        assert plan["collectives"][kind]["count"] == 0, (kind, plan["collectives"])
+    # One device's arguments are its share of the training state (split fsdp ways, whole otherwise), the teacher
+    # and its slice of the batch, before the TPU's tile padding: a few KiB of constants (masks, lr) on top.
+    expected = plan["state_bytes"] + plan["teacher_bytes"] + plan["batch_bytes"]
+    assert expected <= plan["argument_logical_bytes"] <= expected * 1.01 + 64 * 1024, plan
+    # The updated parameters and moments are written in place: outputs beyond them are a few scalars.
+    assert plan["aliased_results"] > 0 and plan["unaliased_output_bytes"] <= 64 * 1024, plan
+    assert plan["total_bytes"] == plan["argument_bytes"] + plan["temp_bytes"] + plan["unaliased_output_bytes"]
+    if fsdp == 4:
+        assert plan["collectives"]["all-gather"]["count"] > 0  # FSDPv2 gathers each block's weights where it runs
+    assert 0 < plan["estimate"]["mfu"] <= 1 and plan["estimate"]["step_seconds"] > 0
+
+
+@needs_libtpu
+def test_a_step_that_cannot_fit_is_reported_with_what_it_needs(tmp_path):
+    # 512 px images on the tiny model: 16k tokens a sample, attention alone outgrows a 16 GB chip.
+    proc = tool(
+        "--model",
+        "digpt_tiny",
+        "--topology",
+        TOPOLOGY,
+        "--fsdp",
+        "4",
+        "--batch",
+        "2",
+        "model.img_size=512",
+        tmp_path=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "does not fit: needs" in proc.stdout and "of 15.75 GiB per device" in proc.stdout, proc.stdout
+    saved = json.loads(next(tmp_path.glob("v5e_2x2/*.json")).read_text())
+    assert saved["fits"] is False and saved["needed_bytes"] > saved["hbm_bytes"] > 15 * 2**30
+    assert saved["topology"] == TOPOLOGY and saved["device_kind"] == "TPU v5 lite"
+
+
+@needs_libtpu
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--topology", "v9z:2x2"], "topology 'v9z:2x2'"),
+        (["--topology", TOPOLOGY, "--fsdp", "3"], "fsdp"),
+        (["--topology", TOPOLOGY, "--fsdp", "4", "--max-batch", "model.img_size=512"], "even at batch 1"),
+    ],
+    ids=["unknown topology", "fsdp does not divide the devices", "too big at batch 1"],
+)
+def test_plan_mistakes_are_one_line_and_exit_2(tmp_path, args, message):
+    proc = tool("--model", "digpt_tiny", *args, tmp_path=tmp_path)
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+
+
+def test_the_estimate_is_a_roofline_of_the_compiled_cost():
+    compiled = {
+        "device_kind": "TPU v5 lite",
+        "devices": 4,
+        "fits": True,
+        "flops": 197e12 * 0.1,  # 100 ms of compute at peak
+        "bytes_accessed": 819e9 * 0.05,  # 50 ms of HBM traffic
+        "collectives": {"all-gather": {"count": 1, "bytes": 200e9 * 0.02}},  # 20 ms over ICI
+    }
+    est = estimate(compiled, "v5e:2x2")
+    assert est["step_seconds"] == pytest.approx(0.12) and est["mfu"] == pytest.approx(0.1 / 0.12)
+    assert chips_in("v4:2x2x1") == 4 and estimate(compiled | {"device_kind": "TPU v99"}, "v5e:2x2") is None
+
+
+def test_a_missing_jax_interpreter_is_named(tmp_path):
+    proc = tool(
+        "--model", "digpt_tiny", "--topology", TOPOLOGY, "--jax-python", str(tmp_path / "none"), tmp_path=tmp_path
+    )
+    assert proc.returncode == 2 and "make tpu-env" in proc.stderr, proc.stderr
+
+
+@needs_libtpu
+@pytest.mark.slow
+@pytest.mark.parametrize("size", ["small", "base", "large", "huge"])
+def test_every_published_student_step_compiles_for_v5e(size):
+    """The S/B/L/H pretraining steps (CLIP ViT-H/14 teacher, bf16, fsdp 4 on a v5e 2x2): each compiles, fits, and
+    holds its sharded state, teacher and batch as arguments (minutes to tens of minutes each on 2 cores)."""
+    model = {"huge": "digpt_vit_huge_patch14_224"}.get(size, f"digpt_vit_{size}_patch16_224")
+    plan = plan_step(PlanRequest(model, TOPOLOGY, fsdp=4, batch=8), jax_python())
+    assert plan["fits"], plan
+    expected = plan["state_bytes"] + plan["teacher_bytes"] + plan["batch_bytes"]
+    assert expected <= plan["argument_logical_bytes"] <= expected * 1.01 + (1 << 20), plan
+    assert plan["unaliased_output_bytes"] <= 1 << 20 and plan["collectives"]["send"]["count"] == 0, plan
