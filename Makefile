@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # The TPU plan's compiler (tools/tpu_plan.py): jax[tpu] and libtpu in an interpreter of their own, never next to
-# torch_xla (both bring their own XLA; libtpu beside torch_xla could also make it look for a TPU).
+# torch_xla (both bring their own XLA, and a TPU VM's torch_xla[tpu] pins its own libtpu).
 TPU_VENV ?= .venv-tpu
 TPU_STAMP := $(TPU_VENV)/.installed
 JAX_TPU := jax[tpu]==0.10.2

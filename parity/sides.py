@@ -15,11 +15,12 @@ from dataclasses import dataclass
 
 from digpt_xla.backend import Backend, create_backend
 from digpt_xla.errors import UserError
-from digpt_xla.precision import PRECISIONS, precision_problem, teacher_precision
+from digpt_xla.precision import BACKEND_NAMES, PRECISIONS, precision_problem, teacher_precision
 
 XLA_MATMUL_SETTINGS = ("xla-default", "xla-high", "xla-highest")
 SETTINGS = (*PRECISIONS, *XLA_MATMUL_SETTINGS)
-_BACKENDS = ("cpu", "cuda", "xla")
+# A side runs in this process on one device: every backend but the process-wide SPMD mesh.
+_BACKENDS = tuple(name for name in BACKEND_NAMES if name != "xla-spmd")
 _backend_cache: dict[str, Backend] = {}
 
 
