@@ -73,3 +73,17 @@ def precision_problem(backend: str, precision: str, role: str = "training") -> s
         return None
     why = _WHY[precision] if role == "training" else f"{precision} is not available to the teacher on {backend}"
     return f"{why}; as the {role} precision on {backend} use one of {', '.join(allowed)}"
+
+
+def split_side(text: str) -> tuple[str, str]:
+    """``backend:precision`` of a training run, checked against the tables; ValueError naming what is wrong."""
+    backend, sep, precision = text.partition(":")
+    if not sep or backend not in BACKEND_NAMES or precision not in PRECISIONS:
+        raise ValueError(
+            f"{text!r} is not backend:precision with backend {'|'.join(BACKEND_NAMES)} and precision "
+            f"{'|'.join(PRECISIONS)}"
+        )
+    problem = precision_problem(backend, precision)
+    if problem:
+        raise ValueError(f"{text!r}: {problem}")
+    return backend, precision

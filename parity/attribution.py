@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from digpt_xla.config import Config, ConfigError, load_config, load_dataclass
-from digpt_xla.precision import BACKEND_NAMES, PRECISIONS, precision_problem
+from digpt_xla.precision import split_side
 from digpt_xla.repo import find_config, git_revision
 from digpt_xla.rundir import RunDir
 
@@ -76,16 +76,10 @@ def parse_factor(text: str, baseline: Factor | None = None) -> Factor:
         raise ConfigError("an empty factor: give a side (cpu:bf16) or overrides (optim.eps=1e-6)")
     backend, precision = (baseline.backend, baseline.precision) if baseline else ("cpu", "fp32")
     if "=" not in tokens[0]:
-        head, sep, setting = tokens.pop(0).partition(":")
-        if not sep or head not in BACKEND_NAMES or setting not in PRECISIONS:
-            raise ConfigError(
-                f"factor {text!r}: {head}{sep}{setting} is neither backend:precision (backend "
-                f"{'|'.join(BACKEND_NAMES)}, precision {'|'.join(PRECISIONS)}) nor section.key=value"
-            )
-        problem = precision_problem(head, setting)
-        if problem:
-            raise ConfigError(f"factor {text!r}: {problem}")
-        backend, precision = head, setting
+        try:
+            backend, precision = split_side(tokens.pop(0))
+        except ValueError as e:
+            raise ConfigError(f"factor {text!r}: {e} (nor section.key=value)") from None
     overrides = []
     for token in tokens:
         key, sep, value = token.partition("=")

@@ -22,7 +22,7 @@ from typing import Any
 from digpt_xla.backend import Backend, create_backend
 from digpt_xla.config import Config, ConfigError, load_config, load_dataclass
 from digpt_xla.engine.metrics import read_metrics
-from digpt_xla.precision import BACKEND_NAMES, PRECISIONS, precision_problem
+from digpt_xla.precision import split_side
 from digpt_xla.repo import find_config, git_revision
 from digpt_xla.rundir import RunDir
 
@@ -80,16 +80,10 @@ def load_study_config(path: str, overrides: list[str] | tuple[str, ...] = ()) ->
 
 
 def parse_side(text: str) -> tuple[str, str]:
-    backend, sep, precision = text.partition(":")
-    if not sep or backend not in BACKEND_NAMES or precision not in PRECISIONS:
-        raise ConfigError(
-            f"study side {text!r} is not backend:precision with backend {'|'.join(BACKEND_NAMES)} and precision "
-            f"{'|'.join(PRECISIONS)}"
-        )
-    problem = precision_problem(backend, precision)
-    if problem:
-        raise ConfigError(f"study side {text!r}: {problem}")
-    return backend, precision
+    try:
+        return split_side(text)
+    except ValueError as e:
+        raise ConfigError(f"study side {e}") from None
 
 
 @dataclass

@@ -43,6 +43,8 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 
 PYTHON = sys.executable
+# A small eager run: two blocks, 16 images a step, every step logged.
+FAST_CPU = ["backend.name=cpu", "run.progress=false", "run.knn_eval=false", "model.depth=2", "data.batch_size=16"]
 
 
 # Files whose tests launch torchrun, multi-device XLA or libtpu processes: left out of `make test-quick`.

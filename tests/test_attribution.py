@@ -64,9 +64,9 @@ CONTROLS = ("one-ulp", "data order", "init")
 @pytest.mark.parametrize(
     "factor, message",
     [
-        ("tpu:fp32", "is neither backend:precision"),
+        ("tpu:fp32", "'tpu:fp32' is not backend:precision"),
         ("cpu:fp16", "fp16 training needs a loss scaler"),
-        ("optim.eps", "optim.eps is neither backend:precision"),
+        ("optim.eps", "'optim.eps' is not backend:precision with backend"),
         ("optim.epsilon=1e-6", "unknown config key 'optim.epsilon'"),
         ("one-ulp", "not named like a control"),
     ],

@@ -11,7 +11,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 
-from conftest import PYTHON, REPO, subprocess_env
+from conftest import FAST_CPU, PYTHON, REPO, subprocess_env
 from digpt_xla.checkpoint.manager import CheckpointManager
 from digpt_xla.checkpoint.reader import CheckpointError, load_model_state, read_checkpoint, read_state_dict
 from digpt_xla.cli import main as digpt_main
@@ -20,14 +20,7 @@ from digpt_xla.engine import Pretrainer
 from digpt_xla.engine.finetune import Finetuner
 from digpt_xla.models import create_digpt
 
-CPU = [
-    "backend.name=cpu",
-    "run.progress=false",
-    "run.knn_eval=false",
-    "model.depth=2",
-    "data.batch_size=16",
-    "run.log_every=1",
-]
+CPU = [*FAST_CPU, "run.log_every=1"]
 
 
 def _sharded(manager: CheckpointManager, step: int, tensors: dict, expected: dict | None = None) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PYTHON, REPO, subprocess_env
+from conftest import FAST_CPU, PYTHON, REPO, subprocess_env
 from digpt_xla.checkpoint.manager import CheckpointManager
 from digpt_xla.checkpoint.reader import CheckpointError, read_checkpoint
 from digpt_xla.config import load_config
@@ -202,16 +202,7 @@ def test_optimizer_groups_of_another_model_are_refused_by_name():
 
 
 def test_a_torn_last_line_of_the_metrics_log_is_dropped_on_resume(tmp_path, caplog):
-    overrides = [
-        "backend.name=cpu",
-        "run.progress=false",
-        "run.knn_eval=false",
-        "model.depth=2",
-        "data.batch_size=16",
-        "run.log_every=1",
-        "run.ckpt_every=2",
-        f"run.out_dir={tmp_path}",
-    ]
+    overrides = [*FAST_CPU, "run.log_every=1", "run.ckpt_every=2", f"run.out_dir={tmp_path}"]
     Pretrainer(load_config(REPO / "yaml/demo.yaml", [*overrides, "schedule.max_steps=2"])).train()
     with (tmp_path / "metrics.jsonl").open("a") as f:
         f.write('{"step": 3, "loss": 1.2')  # the write a SIGKILL cut short
