@@ -68,7 +68,11 @@ def test_a_step_that_cannot_fit_is_reported_with_what_it_needs(tmp_path):
     [
         (["--topology", "v9z:2x2"], "topology 'v9z:2x2'"),
         (["--topology", TOPOLOGY, "--fsdp", "3"], "fsdp"),
-        (["--topology", TOPOLOGY, "--fsdp", "4", "--max-batch", "model.img_size=512"], "even at batch 1"),
+        pytest.param(  # a compile of its own (about a minute): in make test-slow
+            ["--topology", TOPOLOGY, "--fsdp", "4", "--max-batch", "model.img_size=512"],
+            "even at batch 1",
+            marks=pytest.mark.slow,
+        ),
     ],
     ids=["unknown topology", "fsdp does not divide the devices", "too big at batch 1"],
 )
