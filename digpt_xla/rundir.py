@@ -95,12 +95,15 @@ class RunDir:
     def write_json(self, name: str, obj: Any) -> str:
         return self.write_text(name, json.dumps(obj, indent=1, default=str) + "\n")
 
-    def read_text(self, name: str) -> str:
-        """The text of ``name``: the staged copy when there is one (it is newer), else the URL's."""
+    def read_bytes(self, name: str) -> bytes:
+        """The bytes of ``name``: the staged copy when there is one (it is newer), else the URL's."""
         if self._staging is not None and os.path.exists(self.staged(name)):
-            with open(self.staged(name)) as f:
+            with open(self.staged(name), "rb") as f:
                 return f.read()
-        return self.fs.cat_file(self._path(name)).decode()
+        return self.fs.cat_file(self._path(name))
+
+    def read_text(self, name: str) -> str:
+        return self.read_bytes(name).decode()
 
     # ------------------------------------------------------------------ staged files
     def pull(self, name: str) -> None:

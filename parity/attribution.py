@@ -18,6 +18,7 @@ run ends (and to the gap ledger); a rerun skips what is there.
 from __future__ import annotations
 
 import copy
+import io
 import json
 import logging
 import math
@@ -113,6 +114,8 @@ class Attribution:
         self.out = RunDir(cfg.out_dir)
         self.results_url = self.out.url_of("results.jsonl")
         self.ledger = cfg.ledger or self.out.url_of("ledger.jsonl")
+        self.scratch = RunDir(cfg.run_dir)  # the runs, and each seed's baseline parameters
+        self.revision = git_revision()
         base = load_config(find_config(cfg.pretrain_config), cfg.overrides)
         self._backends: dict[tuple[str, int], Any] = {}
         self.hash = config_hash(
@@ -191,7 +194,7 @@ class Attribution:
                         f"{setting} [{side.name}]",
                         seed,
                         self.hash,
-                        git_revision(),
+                        self.revision,
                         "attribution",
                         metric,
                         row[metric],
@@ -215,13 +218,15 @@ class Attribution:
         the seed's first run and fills the dict. Run again (its result row kept) when its file is gone."""
         if (self.baseline.name, seed) not in self.done():
             return {}
-        path = os.path.join(self.cfg.run_dir, f"seed{seed}", "baseline_params.pt")
-        if not os.path.exists(path):
-            log.info("seed %d: the baseline's parameters are not in %s; running it again", seed, path)
+        name = _baseline_file(seed)
+        if not self.scratch.exists(name):
+            log.info(
+                "seed %d: the baseline's parameters are not in %s; running it again", seed, self.scratch.url_of(name)
+            )
             snapshots: dict[int, torch.Tensor] = {}
             self.run_one(self.baseline, seed, snapshots)
             return snapshots
-        return torch.load(path, weights_only=True)
+        return torch.load(io.BytesIO(self.scratch.read_bytes(name)), weights_only=True)
 
     def run_one(self, side: Factor, seed: int, baseline: dict[int, torch.Tensor]) -> dict[str, Any]:
         from digpt_xla.engine.metrics import read_metrics
@@ -237,9 +242,9 @@ class Attribution:
         if side is self.baseline or side.name == self.baseline.name:
             baseline.clear()
             baseline.update(snapshots)
-            path = os.path.join(self.cfg.run_dir, f"seed{seed}", "baseline_params.pt")
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            torch.save(snapshots, path)
+            buffer = io.BytesIO()
+            torch.save(snapshots, buffer)
+            self.scratch.write_bytes(_baseline_file(seed), buffer.getvalue())
         losses = [r["loss"] for r in read_metrics(cfg.run.out_dir) if r.get("loss") is not None]
         start = baseline.get(0, snapshots[0])
         divergence, moved_by = {}, {}
@@ -304,6 +309,10 @@ def _recording_pretrainer(cfg: Config, backend: Any, record_at: list[int], nudge
             super().after_step()
 
     return RecordingPretrainer(cfg, backend)
+
+
+def _baseline_file(seed: int) -> str:
+    return f"seed{seed}/baseline_params.pt"
 
 
 def _slug(name: str) -> str:

@@ -103,7 +103,8 @@ def trace(request: PlanRequest, devices: int, workdir: Path) -> dict[str, Any]:
 
 def compile_for(topology: str, workdir: Path, python: str) -> dict[str, Any]:
     out = workdir / "compiled.json"
-    _run_json([python, str(LIBTPU_SCRIPT), "compile", topology, str(workdir / "step.hlo.pb"), str(out)], "libtpu")
+    cmd = [python, str(LIBTPU_SCRIPT), "compile", topology, str(workdir / "step.hlo.pb"), str(out)]
+    _run_json(cmd, f"libtpu's compile for {topology}")  # an "error" in its answer raises here
     return json.loads(out.read_text())
 
 
@@ -117,8 +118,6 @@ def plan_step(request: PlanRequest, python: str, chip: dict[str, Any] | None = N
     with tempfile.TemporaryDirectory(prefix="digpt-tpu-plan-") as tmp:
         traced = trace(request, devices, Path(tmp))
         compiled = compile_for(request.topology, Path(tmp), python)
-    if "error" in compiled:
-        raise PlanError(f"libtpu could not compile the step for {request.topology}: {compiled['error']}")
     prefix = "finetune_" if request.step == "finetune" else ""
     plan: dict[str, Any] = {
         "name": f"{prefix}{request.model}_fsdp{request.fsdp}_b{request.batch}",

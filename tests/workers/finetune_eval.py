@@ -2,8 +2,9 @@
 {top1, top5, samples} as JSON to argv[1]. Run plain or under torchrun (gloo); extra argv are config overrides."""
 
 import json
-import os
 import sys
+
+from _leave import leave  # this folder is the script's sys.path[0]
 
 from digpt_xla.config import load_config
 from digpt_xla.engine.finetune import Finetuner, evaluate
@@ -17,9 +18,4 @@ if tuner.backend.is_main:
         json.dump(result.__dict__ | {"world": tuner.backend.data_world_size}, f)
 backend = tuner.backend
 del tuner  # the DDP model and its reducer go before their process group
-backend.shutdown()
-# This worker skips train(), which ends a run in order; leave without interpreter teardown, where a gloo thread
-# still being joined made one rank abort now and then ("terminate called without an active exception").
-sys.stdout.flush()
-sys.stderr.flush()
-os._exit(0)
+leave(backend)

@@ -3,10 +3,10 @@
 Run under torchrun (DDP, gloo) or with backend.name=xla-spmd; extra argv are config overrides."""
 
 import logging
-import os
 import sys
 
 import torch
+from _leave import leave  # this folder is the script's sys.path[0]
 
 from digpt_xla.config import load_config
 from digpt_xla.engine import Pretrainer
@@ -26,9 +26,4 @@ if trainer.backend.is_main:
     torch.save({"loss": loss.cpu(), "grads": grads}, out_path)
 backend = trainer.backend
 del trainer  # the DDP model and its reducer go before their process group
-backend.shutdown()
-# This worker skips train(), which ends a run in order; leave without interpreter teardown, where a gloo thread
-# still being joined made one rank abort now and then ("terminate called without an active exception").
-sys.stdout.flush()
-sys.stderr.flush()
-os._exit(0)
+leave(backend)
