@@ -360,8 +360,20 @@ def validate(obj: Any, prefix: str = "") -> None:
         if rule is not None and not rule[0](value):
             allowed = rule[1]() if callable(rule[1]) else rule[1]
             raise ConfigError(f"{key}={value!r} is out of range: expected {allowed}")
+        if isinstance(value, str) and "://" in value:
+            _check_url_protocols(key, value)
     if isinstance(obj, Config):
         _check_combinations(obj)
+
+
+def _check_url_protocols(key: str, value: str) -> None:
+    """A URL whose filesystem cannot be opened here (gs:// without gcsfs) fails at load, naming the key."""
+    from .filesystems import protocol_problem
+
+    for part in value.split("::"):  # data.urls joins several specs with "::"
+        problem = protocol_problem(part) if "://" in part else None
+        if problem:
+            raise ConfigError(f"{key}={value!r}: {problem}")
 
 
 def _check_combinations(cfg: Config) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import socket
@@ -93,7 +94,8 @@ class RunDir:
         return self.write_bytes(name, text.encode())
 
     def write_json(self, name: str, obj: Any) -> str:
-        return self.write_text(name, json.dumps(obj, indent=1, default=str) + "\n")
+        """Strict JSON: NaN and infinities (an undefined ratio, a statistic of one sample) are written as null."""
+        return self.write_text(name, json.dumps(_finite(obj), indent=1, default=str, allow_nan=False) + "\n")
 
     def read_bytes(self, name: str) -> bytes:
         """The bytes of ``name``: the staged copy when there is one (it is newer), else the URL's."""
@@ -269,3 +271,13 @@ class RunLease:
         if held is not None and held.get("owner") == self.owner:
             with contextlib.suppress(OSError):  # already gone
                 self.run_dir.fs.rm(self.run_dir._path(self.NAME))
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj

@@ -18,6 +18,7 @@ run ends (and to the gap ledger); a rerun skips what is there.
 from __future__ import annotations
 
 import copy
+import gc
 import io
 import json
 import logging
@@ -180,8 +181,8 @@ class Attribution:
         started, baselines = time.perf_counter(), {}
         for i, (side, seed) in enumerate(todo, start=1):
             log.info("[%d/%d] %s, seed %d", i, len(todo), side.name, seed)
-            if seed not in baselines:
-                baselines[seed] = self.baseline_snapshots(seed)
+            if seed not in baselines:  # runs come seed by seed: only the current seed's baseline is kept
+                baselines = {seed: self.baseline_snapshots(seed)}
             row = self.run_one(side, seed, baselines[seed])
             before = self.out.read_text("results.jsonl") if self.out.exists("results.jsonl") else ""
             self.out.write_text("results.jsonl", before + json.dumps(row) + "\n")  # object stores cannot append
@@ -237,8 +238,10 @@ class Attribution:
         # Steps 1 and 2: the first update (the warmup's first step has lr 0 and moves nothing).
         record_at = sorted({1, min(2, self.cfg.steps), self.cfg.steps, *every})
         trainer = _recording_pretrainer(cfg, self.backend(cfg), record_at, nudge=side.name == "one-ulp")
-        result = trainer.train()
+        checkpoint = trainer.train().checkpoint
         snapshots = trainer.snapshots
+        del trainer
+        gc.collect()  # a ViT-B side's model, optimizer and teacher (5 GB) go before the next side builds its own
         if side is self.baseline or side.name == self.baseline.name:
             baseline.clear()
             baseline.update(snapshots)
@@ -251,8 +254,8 @@ class Attribution:
         for step in record_at:
             if step not in baseline:
                 raise RuntimeError(f"the baseline of seed {seed} has no parameters at step {step}; rerun it")
-            moved = float((baseline[step] - start).norm())
-            apart = float((snapshots[step] - baseline[step]).norm())
+            moved = float((baseline[step].double() - start.double()).norm())
+            apart = float((snapshots[step].double() - baseline[step].double()).norm())
             moved_by[str(step)] = moved
             divergence[str(step)] = apart / moved if moved > 0 else (0.0 if apart == 0 else math.inf)
         row: dict[str, Any] = {
@@ -265,12 +268,12 @@ class Attribution:
             "divergence_moved": moved_by,  # how far the baseline had moved: the divergence's denominator
             "identical": bool(baseline) and all(torch.equal(snapshots[s], baseline[s]) for s in record_at),
         }
-        if self.cfg.probe and result.checkpoint:
+        if self.cfg.probe and checkpoint:
             from digpt_xla.engine.probe_run import run_probe
 
             probe_cfg = copy.deepcopy(cfg)
             probe_cfg.backend.name, probe_cfg.backend.precision = "cpu", "fp32"  # fp32 features of the weights
-            probe_cfg.probe.checkpoint = result.checkpoint
+            probe_cfg.probe.checkpoint = checkpoint
             probe = run_probe(probe_cfg)
             row |= {k: probe[k] for k in ("knn_top1", "linear_top1") if k in probe}
         row["seconds"] = time.perf_counter() - t0
@@ -286,9 +289,11 @@ def _recording_pretrainer(cfg: Config, backend: Any, record_at: list[int], nudge
         snapshots: dict[int, torch.Tensor]
 
         def flat_parameters(self) -> torch.Tensor:
+            # fp32, the master weights' own dtype (exact; distances are taken in fp64): a ViT-B snapshot is 0.67 GB,
+            # and a side holds one per recorded step beside the baseline's.
             state = self.backend.model_state_cpu(self.model)
             names = [n for n, p in self.backend.unwrap(self.model).named_parameters() if p.requires_grad]
-            return torch.cat([state[n].detach().double().flatten() for n in names])
+            return torch.cat([state[n].detach().float().flatten() for n in names])
 
         def before_training(self) -> None:
             if nudge:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
-import json
 import os
 import platform
 from typing import Any
@@ -231,7 +230,7 @@ def write_report(report: dict[str, Any], out_dir: str, title: str) -> dict[str, 
     out = RunDir(out_dir)
     report = {**report, "environment": report.get("environment") or environment()}
     files = {
-        "json": out.write_text("report.json", json.dumps(report, indent=1)),
+        "json": out.write_json("report.json", report),
         "md": out.write_text("report.md", render_markdown(report, title)),
     }
     for i, (name, png) in enumerate(plot(report).items()):

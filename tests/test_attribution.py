@@ -6,8 +6,9 @@ import shutil
 
 import pytest
 
+from conftest import REPO
 from parity.__main__ import main as parity_main
-from parity.attribution import Factor, parse_factor
+from parity.attribution import Factor, load_attribution_config, parse_factor
 
 STUDY = [
     "baseline=cpu:fp32",
@@ -20,13 +21,19 @@ STUDY = [
     "overrides=[model.depth=2,data.batch_size=16,schedule.warmup_epochs=0]",
 ]
 
+REPO_CONFIGS = REPO / "yaml/parity"
+
+
+def _refuse(constant: str):
+    raise AssertionError(f"{constant} in report.json: not JSON")
+
 
 def test_a_two_seed_study_tells_identical_from_chaos_from_a_real_shift(tmp_path, capsys):
     out = tmp_path / "report"
     factors = "factors=[model.attention=sdpa,optim.eps=1.0]"  # the first is the default: a no-op
     argv = ["attribute", *STUDY, factors, f"out_dir={out}", f"run_dir={tmp_path / 'runs'}"]
     assert parity_main(argv) == 0
-    report = json.loads((out / "report.json").read_text())
+    report = json.loads((out / "report.json").read_text(), parse_constant=_refuse)  # strict JSON: no NaN
     entries = {e["factor"]: e for e in report["factors"]}
     assert report["seeds"] == [0, 1] and set(entries) == {"model.attention=sdpa", "optim.eps=1.0", *CONTROLS}
     noop = entries["model.attention=sdpa"]
@@ -85,3 +92,10 @@ def test_a_factor_is_one_change_on_the_baseline():
     )
     side = parse_factor("cpu:bf16 teacher=fp16", base)
     assert (side.backend, side.precision, side.overrides[-1]) == ("cpu", "bf16", "teacher.precision=fp16")
+
+
+@pytest.mark.parametrize("path", sorted(REPO_CONFIGS.glob("attribution_*.yaml")), ids=lambda p: p.stem)
+def test_every_committed_attribution_config_loads(path):
+    # Every side's pretraining config is built: a renamed key or a refused setting fails here, not on a GPU host.
+    cfg = load_attribution_config(str(path))
+    assert cfg.factors and len(cfg.seeds) >= 1

@@ -9,6 +9,7 @@ import pytest
 from conftest import PYTHON, REPO, subprocess_env
 from digpt_xla.tpu_plan.chips import chips_in, estimate
 from digpt_xla.tpu_plan.plan import PlanRequest, jax_python, plan_step
+from digpt_xla.tpu_plan.tables import markdown
 
 JAX_PYTHON = os.environ.get("DIGPT_JAX_PYTHON", str(REPO / ".venv-tpu/bin/python"))
 needs_libtpu = pytest.mark.skipif(not os.access(JAX_PYTHON, os.X_OK), reason="no jax[tpu] interpreter (make tpu-env)")
@@ -115,3 +116,20 @@ def test_every_published_student_step_compiles_for_v5e(size):
     expected = plan["state_bytes"] + plan["teacher_bytes"] + plan["batch_bytes"]
     assert expected <= plan["argument_logical_bytes"] <= expected * 1.01 + (1 << 20), plan
     assert plan["unaliased_output_bytes"] <= 1 << 20 and plan["collectives"]["send"]["count"] == 0, plan
+
+
+def test_committed_plans_render_as_the_docs_tables(tmp_path):
+    plans = sorted((REPO / "bench").glob("v5e_*/*.json"))
+    memory = markdown(plans, "memory").splitlines()
+    # ViT-H/14 at fsdp=16 on a v5e-16, beside XLA:CPU's buffer assignment of the same step (bench/cpu-*).
+    huge = next(row for row in memory if row.startswith("| H/14 | 16 | v5e:4x4 | 8 |"))
+    cells = [c.strip() for c in huge.strip("|").split("|")]
+    tpu, cpu, ratio = float(cells[6].strip("*")), float(cells[8]), float(cells[9])
+    assert cells[7] == "yes" and ratio == pytest.approx(tpu / cpu, abs=0.01) and tpu < cpu
+    assert all("max_batch" not in row for row in memory)
+    largest = markdown(plans, "max-batch").splitlines()
+    assert any(row.startswith("| H/14 | TPU v5 lite | v5e:4x4 | 16 | 25 | 1 | 25 |") for row in largest), largest
+    # A file that is not a plan is named, one line, exit 2.
+    (tmp_path / "other.json").write_text("{}")
+    proc = tool("--markdown", str(tmp_path / "other.json"), "--table", "memory", tmp_path=tmp_path)
+    assert proc.returncode == 2 and "other.json: not a TPU plan" in proc.stderr, proc.stderr

@@ -23,6 +23,7 @@ from pathlib import Path
 from digpt_xla.cli import one_line
 from digpt_xla.errors import UserError
 from digpt_xla.tpu_plan.plan import PlanRequest, jax_python, max_batch, plan_step
+from digpt_xla.tpu_plan.tables import TABLES, markdown
 
 REPO = Path(__file__).resolve().parent.parent
 GIB = 2**30
@@ -60,27 +61,6 @@ def table(plan: dict) -> str:
     return "\n".join(lines)
 
 
-def markdown(paths: list[Path]) -> str:
-    """Committed plans as one markdown table (what docs/tpu_plan.md shows)."""
-    rows = [
-        "| step | student | topology | chip | fsdp | batch/device | arguments | temporaries | total | HBM | fits | "
-        "compile |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for path in paths:
-        p = json.loads(path.read_text())
-        if p["fits"]:
-            sizes = [f"{p[k] / GIB:.2f}" for k in ("argument_bytes", "temp_bytes", "total_bytes")]
-        else:
-            sizes = ["", "", f"needs {p['needed_bytes'] / GIB:.2f}"]
-        rows.append(
-            f"| {p.get('step', 'pretrain')} | {p['model']} | {p['topology']} | {p['device_kind']} | {p['fsdp']} | "
-            f"{p['per_device_batch']} | {' | '.join(sizes)} | {p['hbm_bytes'] / GIB:.2f} | "
-            f"{'yes' if p['fits'] else 'no'} | {p['compile_seconds']:.0f} s |"
-        )
-    return "\n".join(rows)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="a model name (digpt_xla.models.MODEL_SIZES)")
@@ -95,10 +75,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(REPO / "runs/bench"), help="OUT/<topology>/<name>.json (--out bench)")
     parser.add_argument("--name", default="")
     parser.add_argument("--markdown", nargs="+", type=Path, help="print these committed plans as a markdown table")
+    parser.add_argument(
+        "--table",
+        choices=TABLES,
+        default="plans",
+        help="with --markdown: every plan, memory per chip beside XLA:CPU (bench/cpu-*), or the largest batches",
+    )
     parser.add_argument("overrides", nargs="*", help="extra section.key=value config overrides")
     args = parser.parse_args(argv)
     if args.markdown:
-        print(markdown(args.markdown))
+        try:
+            print(markdown(args.markdown, args.table))
+        except ValueError as e:
+            print(f"tpu_plan.py: error: {one_line(e)}", file=sys.stderr)
+            return 2
         return 0
     if not (args.model and args.topology):
         parser.error("--model and --topology are required (or --markdown FILES)")

@@ -34,6 +34,7 @@ from webdataset.filters import _shuffle
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from ..daemon_pool import DaemonPool
+from ..filesystems import protocol_problem
 from .errors import DataError, SkipCounter, log
 from .sampler import sample_seed
 from .transforms import decode_image, seeded
@@ -164,21 +165,14 @@ def check_manifest(manifest: Any, url: str) -> dict[str, Any]:
 
 
 def check_protocols(urls: list[str]) -> None:
-    """Every URL's filesystem can be opened here: gs:// needs gcsfs, http(s):// aiohttp (one line, not ImportError)."""
+    """Every URL's filesystem can be opened here (one line naming the first URL of a protocol, not ImportError)."""
     first_of: dict[str, str] = {}  # protocol -> the first URL that uses it
     for url in urls:
         first_of.setdefault(fsspec.core.split_protocol(url)[0] or "file", url)
-    for protocol, first in sorted(first_of.items()):
-        try:
-            fsspec.get_filesystem_class(protocol)
-        except ImportError as e:
-            hint = " (pip install 'digpt_xla[gcs]')" if protocol in ("gs", "gcs") else ""
-            raise DataError(
-                f"data.urls: {first}: {protocol}:// needs a package that is not installed{hint}: "
-                f"{str(e).splitlines()[0]}"
-            ) from None
-        except ValueError:
-            raise DataError(f"data.urls: unknown protocol {protocol}:// (fsspec knows no such filesystem)") from None
+    for first in sorted(first_of.values()):
+        problem = protocol_problem(first)
+        if problem:
+            raise DataError(f"data.urls: {first}: {problem}")
 
 
 def raw_samples(url: str, timeout: float, skips: SkipCounter, expected: int | None = None) -> Iterator[dict]:

@@ -189,6 +189,7 @@ def max_batch(request: PlanRequest, python: str, start: int = 8, progress=print)
         "bytes_per_sample": slope,
         "fixed_bytes": need(low) - slope,
         "compiles": {str(b): {"fits": p["fits"], "bytes": need(p)} for b, p in sorted(tried.items())},
+        "compile_seconds_total": sum(p["compile_seconds"] for p in tried.values()),
         "plan": best,
     }
 
