@@ -76,8 +76,8 @@ def test_wrong_type_names_key_value_and_type(tmp_path):
 @pytest.mark.parametrize("path", REPO_YAML)
 def test_shipped_configs_load(path):
     import fsspec
-    import yaml
 
+    import yaml
     from conftest import REPO
     from digpt_xla.models import digpt_config
 
