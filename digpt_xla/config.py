@@ -108,6 +108,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"implementation": ("auto", "for-loop", "foreach", "fused")}
     blr: float = 1.5e-4  # lr = blr * effective batch / 256
     lr: float | None = None  # absolute lr; overrides blr when set
     min_lr: float = 0.0
@@ -117,6 +118,8 @@ class OptimConfig:
     clip_grad: float | None = None
     accum_steps: int = 1
     effective_batch: int | None = None  # when set, accum_steps = effective_batch / (batch_size x devices)
+    # torch AdamW's kernel: auto (the backend's: fused on CUDA, the for-loop elsewhere) | for-loop | foreach | fused
+    implementation: str = "auto"
 
 
 @dataclass

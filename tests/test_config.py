@@ -114,6 +114,26 @@ def test_xla_refuses_flex_attention():
         create_backend("xla").check_attention("flex")
 
 
+def test_the_adamw_kernel_is_a_setting_each_backend_checks():
+    from digpt_xla.backend import create_backend
+
+    cpu = create_backend("cpu")
+    assert cpu.optimizer_options() == {} and cpu.optimizer_options("fused") == {"fused": True}
+    assert cpu.optimizer_options("for-loop") == {"foreach": False}
+    with pytest.raises(ConfigError, match="optim.implementation: 'apex' is not one of auto, for-loop, foreach, fused"):
+        load_config(None, ["optim.implementation=apex"])
+
+
+@needs_xla
+def test_xla_refuses_the_fused_adamw_kernel_and_keeps_capturable():
+    from digpt_xla.backend import BackendError, create_backend
+
+    xla = create_backend("xla")
+    assert xla.optimizer_options("foreach") == {"capturable": True, "foreach": True}
+    with pytest.raises(BackendError, match="optim.implementation='fused' cannot run on xla"):
+        xla.optimizer_options("fused")
+
+
 BAD_VALUES = [
     (["data.batch_size=-4", "optim.lr=1e-3"], "data.batch_size=-4"),
     (["data.batch_size=0"], "data.batch_size=0"),

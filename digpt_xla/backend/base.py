@@ -294,9 +294,27 @@ class Backend:
         self.check_precision(precision)
         return None
 
-    def optimizer_options(self) -> dict[str, Any]:
-        """Extra keyword arguments for torch optimizers on this backend."""
-        return {}
+    # torch AdamW's kernels a run may ask for (``optim.implementation``); "auto" is the backend's own choice.
+    optimizer_implementations: tuple[str, ...] = ("auto", "for-loop", "foreach", "fused")
+
+    def optimizer_options(self, implementation: str = "auto") -> dict[str, Any]:
+        """Keyword arguments of torch's AdamW here: the backend's own (``auto``), or the kernel asked for."""
+        options = self._optimizer_defaults()
+        if implementation == "auto":
+            return options
+        if implementation not in self.optimizer_implementations:
+            raise BackendError(
+                f"optim.implementation={implementation!r} cannot run on {self.name}; choose one of "
+                f"{', '.join(self.optimizer_implementations)}"
+            )
+        kept = {k: v for k, v in options.items() if k not in ("foreach", "fused")}
+        return (
+            kept
+            | {"for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}[implementation]
+        )
+
+    def _optimizer_defaults(self) -> dict[str, Any]:
+        return {}  # torch's own choice: the for-loop kernel for CPU tensors
 
     def learning_rate(self, value: float) -> float | Tensor:
         """The learning rate in the form this backend's optimizer takes it."""
@@ -421,7 +439,7 @@ class CudaBackend(Backend):
         self.check_precision(precision)
         return torch.amp.GradScaler("cuda") if precision == "fp16" else None
 
-    def optimizer_options(self) -> dict[str, Any]:
+    def _optimizer_defaults(self) -> dict[str, Any]:
         return {"fused": True}  # one kernel launch for the whole AdamW update
 
     def _device_rng_state(self) -> Any:

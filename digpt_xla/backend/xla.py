@@ -125,7 +125,9 @@ class XlaBackend(Backend):
     def move(self, batch: Any) -> Any:
         return tree_map_tensors(lambda t: t.to(self.device), batch)
 
-    def optimizer_options(self) -> dict[str, Any]:
+    optimizer_implementations = ("auto", "for-loop", "foreach")  # torch's fused AdamW has no XLA kernel
+
+    def _optimizer_defaults(self) -> dict[str, Any]:
         # Capturable AdamW keeps its step count and bias corrections on the device. Otherwise they are Python
         # scalars that change every step, and torch_xla (which dedups scalar inputs by value) traces a new graph
         # whenever two of them happen to coincide or stop coinciding: several compilations instead of one.

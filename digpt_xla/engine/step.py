@@ -40,10 +40,15 @@ def init_adamw_state(optimizer: torch.optim.AdamW) -> None:
 def build_adamw(
     param_groups: list[dict[str, Any]], optim: OptimConfig, backend: Backend, lr: float
 ) -> torch.optim.AdamW:
-    """AdamW over ``param_groups`` with the backend's options (fused on CUDA, capturable on XLA), its state
-    created up front. ``lr`` is a float: torch checks it on the host; ``OptimizerStep`` writes the backend's form."""
+    """AdamW over ``param_groups`` with the backend's options (fused on CUDA, capturable on XLA) or the kernel
+    ``optim.implementation`` names, its state created up front. ``lr`` is a float: torch checks it on the host;
+    ``OptimizerStep`` writes the backend's form."""
     optimizer = torch.optim.AdamW(
-        param_groups, lr=lr, betas=(optim.betas[0], optim.betas[1]), eps=optim.eps, **backend.optimizer_options()
+        param_groups,
+        lr=lr,
+        betas=(optim.betas[0], optim.betas[1]),
+        eps=optim.eps,
+        **backend.optimizer_options(optim.implementation),
     )
     init_adamw_state(optimizer)
     backend.place_optimizer_state(optimizer)  # moments split like their parameters (FSDPv2)
