@@ -140,6 +140,7 @@ class BackendConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16 (CUDA only, with a GradScaler) | tpu-emulation (cpu only)
     compile_cache: str = ""  # XLA persistent compile cache directory ("" = off)
     compile: bool = False  # torch.compile student and teacher (cuda/cpu; XLA compiles the step anyway)
+    tf32: bool = False  # cuda: TF32 tensor-core math for fp32 matmuls and convolutions (off: fp32 means fp32)
     # Size of the mesh axis that parameters and AdamW state are split over (FSDPv2 on xla-spmd, FSDP2 on
     # cuda/cpu under torchrun); the other devices replicate them. 1 = plain data parallelism.
     fsdp: int = 1
@@ -391,6 +392,8 @@ def _check_combinations(cfg: Config) -> None:
     if problem:
         raise ConfigError(problem)
 
+    if cfg.backend.tf32 and cfg.backend.name not in ("auto", "cuda"):
+        raise ConfigError(f"backend.tf32=true with backend.name={cfg.backend.name!r}: TF32 is an NVIDIA mode (cuda)")
     problem = precision_problem(cfg.backend.name, cfg.backend.precision)
     if problem:
         raise ConfigError(

@@ -124,6 +124,18 @@ def test_the_adamw_kernel_is_a_setting_each_backend_checks():
         load_config(None, ["optim.implementation=apex"])
 
 
+def test_tf32_is_a_cuda_setting():
+    from digpt_xla.backend import BackendError, create_backend
+
+    assert load_config(None, ["backend.name=cuda", "backend.tf32=true"]).backend.tf32 is True
+    with pytest.raises(ConfigError, match="backend.tf32=true with backend.name='cpu': TF32 is an NVIDIA mode"):
+        load_config(None, ["backend.name=cpu", "backend.tf32=true"])
+    cpu = create_backend("cpu")
+    cpu.set_tf32(False)
+    with pytest.raises(BackendError, match="the cpu backend has none"):  # backend.name=auto that resolved to cpu
+        cpu.set_tf32(True)
+
+
 @needs_xla
 def test_xla_refuses_the_fused_adamw_kernel_and_keeps_capturable():
     from digpt_xla.backend import BackendError, create_backend

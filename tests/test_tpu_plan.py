@@ -8,7 +8,7 @@ import pytest
 
 from conftest import PYTHON, REPO, subprocess_env
 from digpt_xla.tpu_plan.chips import chips_in, estimate
-from digpt_xla.tpu_plan.plan import PlanRequest, jax_python, plan_step
+from digpt_xla.tpu_plan.plan import PlanRequest, describe, jax_python, plan_step
 from digpt_xla.tpu_plan.tables import markdown
 
 JAX_PYTHON = os.environ.get("DIGPT_JAX_PYTHON", str(REPO / ".venv-tpu/bin/python"))
@@ -81,6 +81,14 @@ def test_plan_mistakes_are_one_line_and_exit_2(tmp_path, args, message):
     proc = tool("--model", "digpt_tiny", *args, tmp_path=tmp_path)
     errors = [line for line in proc.stderr.splitlines() if "error:" in line]
     assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+
+
+@needs_libtpu
+def test_a_single_chip_topology_is_accepted():
+    # Smaller than one host's default 2x2 chips: planned as one host holding the whole slice. fsdp=1 plans go there,
+    # since tracing holds one copy of the unsharded state per virtual device.
+    assert describe("v5e:1x1", jax_python())["devices"] == 1
+    assert describe("v4:1x1x1", jax_python())["devices"] == 2  # v4: one device per TensorCore
 
 
 def test_the_estimate_is_a_roofline_of_the_compiled_cost():

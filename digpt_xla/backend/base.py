@@ -265,6 +265,11 @@ class Backend:
         if problem:
             raise BackendError(problem)
 
+    def set_tf32(self, enabled: bool) -> None:
+        """TF32 tensor-core math for fp32 matmuls and convolutions (``backend.tf32``): an NVIDIA mode."""
+        if enabled:
+            raise BackendError(f"backend.tf32=true is an NVIDIA tensor-core mode; the {self.name} backend has none")
+
     def check_attention(self, mode: str) -> None:
         """Refuse an attention mode (``model.attention``) this backend cannot run."""
 
@@ -434,6 +439,11 @@ class CudaBackend(Backend):
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32; parity depends on it
         torch.backends.cudnn.allow_tf32 = False
         return torch.device("cuda", self.local_rank)
+
+    def set_tf32(self, enabled: bool) -> None:
+        # Process-wide switches, set by every run: one process (the parity harness) may run with and without.
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled
 
     def grad_scaler(self, precision: str) -> torch.amp.GradScaler | None:
         self.check_precision(precision)

@@ -54,6 +54,7 @@ class Trainer:
         self.backend = b = backend or create_backend(cfg.backend.name, cfg.backend.compile_cache, cfg.backend.fsdp)
         self.precision = cfg.backend.precision
         b.check_precision(self.precision)
+        b.set_tf32(cfg.backend.tf32)
         b.manual_seed(cfg.run.seed)
         self.run_dir = RunDir(cfg.run.out_dir)
         self.lease = RunLease(self.run_dir)

@@ -45,8 +45,17 @@ def topology(name: str) -> Any:
     try:
         return topologies.get_topology_desc(topology_name=name, platform="tpu")
     except Exception as e:  # libtpu's own words name what it accepts
-        print(json.dumps({"error": f"topology {name!r}: {str(e).splitlines()[0]}"}))
-        sys.exit(2)
+        error = e
+    dims = name.partition(":")[2].split("x")
+    if "chips_per_host_bounds" in str(error) and all(d.isdigit() for d in dims):
+        # A slice smaller than one host's default 2x2 chips (v5e:1x1, v4:1x1x1): one host holds all of it.
+        bounds = tuple(int(d) for d in dims) + (1,) * (3 - len(dims))
+        try:
+            return topologies.get_topology_desc(topology_name=name, platform="tpu", chips_per_host_bounds=bounds)
+        except Exception as e:
+            error = e
+    print(json.dumps({"error": f"topology {name!r}: {str(error).splitlines()[0]}"}))
+    sys.exit(2)
 
 
 def versions() -> dict[str, str]:
