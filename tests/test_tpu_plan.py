@@ -141,3 +141,24 @@ def test_committed_plans_render_as_the_docs_tables(tmp_path):
     (tmp_path / "other.json").write_text("{}")
     proc = tool("--markdown", str(tmp_path / "other.json"), "--table", "memory", tmp_path=tmp_path)
     assert proc.returncode == 2 and "other.json: not a TPU plan" in proc.stderr, proc.stderr
+
+
+def test_max_batch_bisects_when_the_line_overshoots(monkeypatch):
+    # libtpu's "needs X" of a program that does not fit is where it gave up, less than its whole need: a line through
+    # such a point overshoots, and the search must still end on the largest batch that fits (here 40).
+    from digpt_xla.tpu_plan import plan as tpu_plan
+
+    hbm, fixed, per_image = 16 * 2**30, 2 * 2**30, 350 * 2**20
+
+    def fake_plan(request, python, chip=None):
+        need = fixed + per_image * request.batch
+        fits = need <= hbm
+        plan = {"fits": fits, "hbm_bytes": hbm, "per_device_batch": request.batch, "devices": 4, "chips": 4}
+        plan["compile_seconds"] = 1.0
+        return plan | ({"total_bytes": need} if fits else {"needed_bytes": fixed + (need - fixed) * 4 // 5})
+
+    monkeypatch.setattr(tpu_plan, "describe", lambda topology, python: {"devices": 4})
+    monkeypatch.setattr(tpu_plan, "plan_step", fake_plan)
+    result = tpu_plan.max_batch(PlanRequest("m", "v5e:2x2"), "python", start=64, progress=lambda _: None)
+    assert result["max_per_device_batch"] == 40 and result["predicted"] > 40
+    assert result["compiles"]["41"]["fits"] is False and len(result["compiles"]) <= 10

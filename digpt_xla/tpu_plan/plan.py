@@ -159,7 +159,7 @@ def plan_step(request: PlanRequest, python: str, chip: dict[str, Any] | None = N
 
 def max_batch(request: PlanRequest, python: str, start: int = 8, progress=print) -> dict[str, Any]:
     """The largest per-device batch that fits: memory is about linear in the batch, so two compiles give the
-    line, a third confirms its prediction (and a fourth steps down if the prediction does not fit)."""
+    line and a third confirms its prediction; a prediction that does not fit is followed by a bisection."""
     chip = describe(request.topology, python)
     tried: dict[int, dict[str, Any]] = {}
 
@@ -184,12 +184,15 @@ def max_batch(request: PlanRequest, python: str, start: int = 8, progress=print)
     slope = (need(high) - need(low)) / (high["per_device_batch"] - 1)
     hbm = low["hbm_bytes"]
     predicted = max(1, int((hbm - need(low)) / slope) + 1) if slope > 0 else high["per_device_batch"]
-    for batch in (predicted, int(predicted * 0.95), int(predicted * 0.9)):
-        if batch >= 1 and attempt(batch)["fits"]:
-            best = tried[batch]
-            break
-    else:
-        best = max((p for p in tried.values() if p["fits"]), key=lambda p: p["per_device_batch"])
+    if not attempt(predicted)["fits"]:
+        # The line overshot (libtpu's "needs X" of a program that does not fit is where it gave up, not its whole
+        # need): bisect between the largest batch that fits and the smallest that does not.
+        fit = max(b for b, p in tried.items() if p["fits"])
+        miss = min(b for b, p in tried.items() if not p["fits"] and b > fit)
+        while miss - fit > 1:
+            middle = (fit + miss) // 2
+            fit, miss = (middle, miss) if attempt(middle)["fits"] else (fit, middle)
+    best = max((p for p in tried.values() if p["fits"]), key=lambda p: p["per_device_batch"])
     per_chip = best["devices"] / best["chips"]
     return {
         "max_per_device_batch": best["per_device_batch"],
