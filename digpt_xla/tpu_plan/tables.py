@@ -30,7 +30,7 @@ def load_plans(paths: list[Path]) -> list[dict[str, Any]]:
             raise ValueError(f"{path}: not a readable plan JSON ({e})") from None
         if "topology" not in plan or "fits" not in plan:
             raise ValueError(f"{path}: not a TPU plan (no 'topology'/'fits'; written by tools/tpu_plan.py?)")
-        plans.append(plan | {"_path": str(path)})
+        plans.append(plan)
     return plans
 
 
@@ -69,9 +69,8 @@ def plans_table(plans: list[dict[str, Any]]) -> str:
 def xla_cpu_memory(plan: dict[str, Any], bench_dir: Path) -> dict[str, Any] | None:
     """``tools/bench.py memory``'s figure for the same student, fsdp and batch, if one is committed."""
     name = f"memory_{plan['model']}_xla-spmd_fsdp{plan['fsdp']}_b{plan['per_device_batch']}.json"
-    for path in sorted(bench_dir.glob(f"cpu-*/{name}")):
-        return json.loads(path.read_text())
-    return None
+    found = sorted(bench_dir.glob(f"cpu-*/{name}"))
+    return json.loads(found[0].read_text()) if found else None
 
 
 def memory_table(plans: list[dict[str, Any]], bench_dir: Path) -> str:
