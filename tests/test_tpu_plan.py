@@ -162,3 +162,21 @@ def test_max_batch_bisects_when_the_line_overshoots(monkeypatch):
     result = tpu_plan.max_batch(PlanRequest("m", "v5e:2x2"), "python", start=64, progress=lambda _: None)
     assert result["max_per_device_batch"] == 40 and result["predicted"] > 40
     assert result["compiles"]["41"]["fits"] is False and len(result["compiles"]) <= 10
+
+
+@pytest.mark.parametrize(
+    "message, need",
+    [
+        ("RESOURCE_EXHAUSTED: ... the total memory required 17.20G exceeds available HBM (15.75G) ...", 17.20),
+        (
+            "RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: Used 15.88G of 15.75G hbm. Exceeded hbm capacity by 137M.",
+            15.88,
+        ),
+    ],
+    ids=["buffer assignment", "a later pass"],
+)
+def test_both_of_libtpus_out_of_memory_messages_are_read(message, need):
+    from digpt_xla.tpu_plan.libtpu_compile import out_of_memory
+
+    assert out_of_memory(message) == (int(need * 2**30), int(15.75 * 2**30))
+    assert out_of_memory("INVALID_ARGUMENT: something else") is None

@@ -33,8 +33,11 @@ _DTYPE_BYTES = {
 # fmt: on
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 HOST_TRANSFERS = ("send", "recv", "infeed", "outfeed")
-_OOM = re.compile(
-    r"total memory required.*?([\d.]+)([KMGT]?)i?B?\b.*?exceeds available HBM.*?\(([\d.]+)([KMGT]?)", re.S
+# libtpu words an HBM overflow two ways: "the total memory required ... exceeds available HBM (15.75G)" when
+# buffer assignment fails, "Used 15.88G of 15.75G hbm" when a later pass runs out.
+_OOM = (
+    re.compile(r"total memory required.*?([\d.]+)([KMGT]?)i?B?\b.*?exceeds available HBM.*?\(([\d.]+)([KMGT]?)", re.S),
+    re.compile(r"Used ([\d.]+)([KMGT]?)i?B? of ([\d.]+)([KMGT]?)i?B? hbm"),
 )
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
@@ -145,7 +148,7 @@ def hbm_bytes(devices: list) -> int | None:
 
 def out_of_memory(message: str) -> tuple[int, int] | None:
     """(bytes needed, bytes available) from libtpu's RESOURCE_EXHAUSTED message, or None for another error."""
-    match = _OOM.search(message)
+    match = next((m for m in (pattern.search(message) for pattern in _OOM) if m), None)
     if match is None:
         return None
     need = float(match[1]) * _UNITS[match[2]]
