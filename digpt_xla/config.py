@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from .backend.mesh import layout_problem
-from .precision import BACKEND_NAMES, PRECISIONS, precision_problem, teacher_precision
+from .precision import ADAMW_KERNELS, BACKEND_NAMES, PRECISIONS, precision_problem, teacher_precision
 from .yaml_dataclass import ConfigError, load_dataclass, merge_values, parse_override
 
 __all__ = [
@@ -108,7 +108,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"implementation": ("auto", "for-loop", "foreach", "fused")}
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"implementation": ("auto", *ADAMW_KERNELS)}
     blr: float = 1.5e-4  # lr = blr * effective batch / 256
     lr: float | None = None  # absolute lr; overrides blr when set
     min_lr: float = 0.0

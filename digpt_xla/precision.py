@@ -37,6 +37,14 @@ def teacher_precision(teacher: str, training: str) -> str:
     return training if teacher == "auto" else teacher
 
 
+# torch AdamW's kernels (``optim.implementation``), as the keyword arguments that choose each; "auto" leaves the
+# choice to the backend (fused on CUDA, the for-loop elsewhere).
+ADAMW_KERNELS: dict[str, dict[str, bool]] = {
+    "for-loop": {"foreach": False},
+    "foreach": {"foreach": True},
+    "fused": {"fused": True},
+}
+
 BACKEND_NAMES = ("cpu", "cuda", "xla", "xla-spmd")
 
 TRAINING: dict[str, tuple[str, ...]] = {

@@ -55,8 +55,7 @@ def seeds_needed(spread: float, shift: float, alpha: float = 0.05, power: float 
         return math.nan
     from scipy.stats import norm
 
-    sd = spread
-    return 2 * ((norm.ppf(1 - alpha / 2) + norm.ppf(power)) * sd / abs(shift)) ** 2
+    return 2 * ((norm.ppf(1 - alpha / 2) + norm.ppf(power)) * spread / abs(shift)) ** 2
 
 
 def build_report(cfg: AttributionConfig, baseline: Factor, factors: list[Factor], rows: list[dict]) -> dict:

@@ -2,12 +2,12 @@ import time
 
 import pytest
 
-from conftest import needs_xla
+from conftest import FAST_CPU, needs_xla
 from digpt_xla.cli import main as digpt_main
 from digpt_xla.config import ConfigError, load_config
 
 # Every config mistake, whether in a file or an override, is found here: one line naming the key, exit 2.
-CPU = ["backend.name=cpu", "run.progress=false", "run.knn_eval=false", "model.depth=2", "data.batch_size=16"]
+CPU = FAST_CPU
 
 
 def _one_error_line(capsys) -> str:

@@ -12,7 +12,7 @@ import fsspec
 import pytest
 import torch
 
-from conftest import PYTHON, REPO, subprocess_env
+from conftest import FAST_CPU, PYTHON, REPO, subprocess_env
 from digpt_xla.cli import main as digpt_main
 from digpt_xla.cli import plot_losses
 from digpt_xla.config import load_config
@@ -21,7 +21,7 @@ from digpt_xla.engine.finetune import Finetuner
 from digpt_xla.engine.probe_run import run_probe
 from parity.__main__ import main as parity_main
 
-CPU = ["backend.name=cpu", "run.progress=false", "run.knn_eval=false", "model.depth=2", "data.batch_size=16"]
+CPU = FAST_CPU
 
 
 class _RunsCode:

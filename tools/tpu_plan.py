@@ -23,10 +23,9 @@ from pathlib import Path
 from digpt_xla.cli import one_line
 from digpt_xla.errors import UserError
 from digpt_xla.tpu_plan.plan import PlanRequest, jax_python, max_batch, plan_step
-from digpt_xla.tpu_plan.tables import TABLES, markdown
+from digpt_xla.tpu_plan.tables import GIB, TABLES, markdown
 
 REPO = Path(__file__).resolve().parent.parent
-GIB = 2**30
 
 
 def table(plan: dict) -> str:

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..errors import UserError
-from ..precision import PRECISIONS, autocast_dtype, precision_problem
+from ..precision import ADAMW_KERNELS, PRECISIONS, autocast_dtype, precision_problem
 from .mesh import layout_problem
 from .sharding import fsdp2_mesh, fully_shard_blocks, load_named_state
 
@@ -300,7 +300,7 @@ class Backend:
         return None
 
     # torch AdamW's kernels a run may ask for (``optim.implementation``); "auto" is the backend's own choice.
-    optimizer_implementations: tuple[str, ...] = ("auto", "for-loop", "foreach", "fused")
+    optimizer_implementations: tuple[str, ...] = ("auto", *ADAMW_KERNELS)
 
     def optimizer_options(self, implementation: str = "auto") -> dict[str, Any]:
         """Keyword arguments of torch's AdamW here: the backend's own (``auto``), or the kernel asked for."""
@@ -313,10 +313,7 @@ class Backend:
                 f"{', '.join(self.optimizer_implementations)}"
             )
         kept = {k: v for k, v in options.items() if k not in ("foreach", "fused")}
-        return (
-            kept
-            | {"for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}[implementation]
-        )
+        return kept | ADAMW_KERNELS[implementation]
 
     def _optimizer_defaults(self) -> dict[str, Any]:
         return {}  # torch's own choice: the for-loop kernel for CPU tensors

@@ -59,15 +59,13 @@ def _run_json(cmd: list[str], what: str, env: dict[str, str] | None = None, time
         result = json.loads(last)
     except json.JSONDecodeError:
         if proc.returncode < 0:  # killed: SIGKILL is most often the kernel's out-of-memory killer
-            raise PlanError(
-                f"{what} was killed by signal {-proc.returncode}"
-                + (
-                    " (out of host memory? tracing holds a copy of the unsharded state per virtual device: plan "
-                    "fsdp=1 on one chip, e.g. v5e:1x1)"
-                    if proc.returncode == -9
-                    else ""
-                )
-            ) from None
+            hint = (
+                " (out of host memory? tracing holds a copy of the unsharded state per virtual device: plan fsdp=1 "
+                "on one chip, e.g. v5e:1x1)"
+                if proc.returncode == -9
+                else ""
+            )
+            raise PlanError(f"{what} was killed by signal {-proc.returncode}{hint}") from None
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise PlanError(f"{what} failed (exit {proc.returncode}): {tail}") from None
     if "error" in result:
