@@ -10,7 +10,7 @@ TPU_STAMP := $(TPU_VENV)/.installed
 JAX_TPU := jax[tpu]==0.10.2
 PYTEST_ARGS ?=
 
-.PHONY: install tpu-env demo test test-quick test-slow bench gap-study lint format clean
+.PHONY: install tpu-env tpu-tables demo test test-quick test-slow bench gap-study lint format clean
 
 install: $(STAMP)
 
@@ -28,6 +28,10 @@ $(TPU_STAMP): Makefile
 	$(TPU_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(TPU_VENV)/bin/python -m pip install --quiet "$(JAX_TPU)"
 	touch $(TPU_STAMP)
+
+# The docs' tables of TPU plans, rendered again from the committed bench/v*/*.json (after a new plan).
+tpu-tables: install
+	$(PY) tools/tpu_plan.py --update-docs
 
 demo: install
 	PJRT_DEVICE=CPU $(VENV)/bin/digpt demo

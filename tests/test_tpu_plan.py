@@ -9,7 +9,7 @@ import pytest
 from conftest import PYTHON, REPO, subprocess_env
 from digpt_xla.tpu_plan.chips import chips_in, estimate
 from digpt_xla.tpu_plan.plan import PlanRequest, describe, jax_python, plan_step
-from digpt_xla.tpu_plan.tables import markdown
+from digpt_xla.tpu_plan.tables import markdown, replace_table, updated_docs
 
 JAX_PYTHON = os.environ.get("DIGPT_JAX_PYTHON", str(REPO / ".venv-tpu/bin/python"))
 needs_libtpu = pytest.mark.skipif(not os.access(JAX_PYTHON, os.X_OK), reason="no jax[tpu] interpreter (make tpu-env)")
@@ -141,6 +141,16 @@ def test_committed_plans_render_as_the_docs_tables(tmp_path):
     (tmp_path / "other.json").write_text("{}")
     proc = tool("--markdown", str(tmp_path / "other.json"), "--table", "memory", tmp_path=tmp_path)
     assert proc.returncode == 2 and "other.json: not a TPU plan" in proc.stderr, proc.stderr
+
+
+def test_the_docs_tables_are_the_committed_plans():
+    # A plan committed without `make tpu-tables` (or a table edited by hand) leaves the docs stale.
+    for path, text in updated_docs(REPO).items():
+        assert path.read_text() == text, f"{path.name} differs from bench/v*/*.json: run `make tpu-tables`"
+    table = "| a | b |\n|---|---|\n| 1 | 2 |"
+    assert replace_table("x\n| a | b |\n|---|\n| 0 | 0 |\ny\n", table, "doc") == f"x\n{table}\ny\n"
+    with pytest.raises(ValueError, match="doc: 0 tables headed"):
+        replace_table("no table here\n", table, "doc")
 
 
 def test_max_batch_bisects_when_the_line_overshoots(monkeypatch):

@@ -23,7 +23,7 @@ from pathlib import Path
 from digpt_xla.cli import one_line
 from digpt_xla.errors import UserError
 from digpt_xla.tpu_plan.plan import PlanRequest, jax_python, max_batch, plan_step
-from digpt_xla.tpu_plan.tables import GIB, TABLES, markdown
+from digpt_xla.tpu_plan.tables import GIB, TABLES, markdown, updated_docs
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -80,8 +80,20 @@ def main(argv: list[str] | None = None) -> int:
         default="plans",
         help="with --markdown: every plan, memory per chip beside XLA:CPU (bench/cpu-*), or the largest batches",
     )
+    parser.add_argument("--update-docs", action="store_true", help="rewrite the docs' tables from bench/*.json")
     parser.add_argument("overrides", nargs="*", help="extra section.key=value config overrides")
     args = parser.parse_args(argv)
+    if args.update_docs:
+        try:
+            docs = updated_docs(REPO)
+        except ValueError as e:
+            print(f"tpu_plan.py: error: {one_line(e)}", file=sys.stderr)
+            return 2
+        for path, text in docs.items():
+            changed = path.read_text() != text
+            path.write_text(text)
+            print(f"{path.relative_to(REPO)}: {'updated' if changed else 'unchanged'}")
+        return 0
     if args.markdown:
         try:
             print(markdown(args.markdown, args.table))
