@@ -88,7 +88,7 @@ def test_a_single_chip_topology_is_accepted():
     # Smaller than one host's default 2x2 chips: planned as one host holding the whole slice. fsdp=1 plans go there,
     # since tracing holds one copy of the unsharded state per virtual device.
     assert describe("v5e:1x1", jax_python())["devices"] == 1
-    assert describe("v4:1x1x1", jax_python())["devices"] == 2  # v4: one device per TensorCore
+    assert describe("v4:1x1x1", jax_python())["devices"] == 1  # v4: one megacore device per chip, as on a TPU VM
 
 
 def test_the_estimate_is_a_roofline_of_the_compiled_cost():

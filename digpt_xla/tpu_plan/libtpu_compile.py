@@ -45,8 +45,11 @@ _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 def topology(name: str) -> Any:
     from jax.experimental import topologies
 
+    # A v4 chip's two TensorCores run as one device (megacore) under the TPU runtime, so jax and torch_xla see one
+    # device per chip with the chip's whole HBM; libtpu's compile-only topology splits them unless told.
+    chip_config = {"chip_config_name": "megacore"} if name.startswith("v4:") else {}
     try:
-        return topologies.get_topology_desc(topology_name=name, platform="tpu")
+        return topologies.get_topology_desc(topology_name=name, platform="tpu", **chip_config)
     except Exception as e:  # libtpu's own words name what it accepts
         error = e
     dims = name.partition(":")[2].split("x")
@@ -54,7 +57,9 @@ def topology(name: str) -> Any:
         # A slice smaller than one host's default 2x2 chips (v5e:1x1, v4:1x1x1): one host holds all of it.
         bounds = tuple(int(d) for d in dims) + (1,) * (3 - len(dims))
         try:
-            return topologies.get_topology_desc(topology_name=name, platform="tpu", chips_per_host_bounds=bounds)
+            return topologies.get_topology_desc(
+                topology_name=name, platform="tpu", chips_per_host_bounds=bounds, **chip_config
+            )
         except Exception as e:
             error = e
     print(json.dumps({"error": f"topology {name!r}: {str(error).splitlines()[0]}"}))
