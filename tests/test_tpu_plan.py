@@ -153,25 +153,33 @@ def test_the_docs_tables_are_the_committed_plans():
         replace_table("no table here\n", table, "doc")
 
 
-def test_max_batch_bisects_when_the_line_overshoots(monkeypatch):
-    # libtpu's "needs X" of a program that does not fit is where it gave up, less than its whole need: a line through
-    # such a point overshoots, and the search must still end on the largest batch that fits (here 40).
+@pytest.mark.parametrize("power", [1.0, 0.9], ids=["linear", "sublinear"])
+def test_max_batch_finds_the_largest_batch_that_fits(monkeypatch, power):
+    # libtpu's "needs X" of a program that does not fit is where it gave up, less than its whole need, so a line
+    # through such a point overshoots; and memory that grows slower than the line through batch 1 and --batch leaves
+    # HBM free at the line's prediction. Either way the search must end on the largest batch that fits.
     from digpt_xla.tpu_plan import plan as tpu_plan
 
     hbm, fixed, per_image = 16 * 2**30, 2 * 2**30, 350 * 2**20
 
+    def bytes_at(batch: int) -> int:
+        return int(fixed + per_image * batch**power)
+
     def fake_plan(request, python, chip=None):
-        need = fixed + per_image * request.batch
+        need = bytes_at(request.batch)
         fits = need <= hbm
         plan = {"fits": fits, "hbm_bytes": hbm, "per_device_batch": request.batch, "devices": 4, "chips": 4}
         plan["compile_seconds"] = 1.0
         return plan | ({"total_bytes": need} if fits else {"needed_bytes": fixed + (need - fixed) * 4 // 5})
 
+    largest = max(b for b in range(1, 1000) if bytes_at(b) <= hbm)  # 40 when linear, 61 when sublinear
     monkeypatch.setattr(tpu_plan, "describe", lambda topology, python: {"devices": 4})
     monkeypatch.setattr(tpu_plan, "plan_step", fake_plan)
-    result = tpu_plan.max_batch(PlanRequest("m", "v5e:2x2"), "python", start=64, progress=lambda _: None)
-    assert result["max_per_device_batch"] == 40 and result["predicted"] > 40
-    assert result["compiles"]["41"]["fits"] is False and len(result["compiles"]) <= 10
+    start = {1.0: 64, 0.9: 20}[power]  # linear: --batch does not fit; sublinear: the first line undershoots
+    result = tpu_plan.max_batch(PlanRequest("m", "v5e:2x2"), "python", start=start, progress=lambda _: None)
+    assert result["max_per_device_batch"] == largest and result["predicted"] != largest, result
+    assert bytes_at(largest + 1) - bytes_at(largest) > result["headroom_bytes"] >= 0
+    assert len(result["compiles"]) <= tpu_plan.MAX_BATCH_COMPILES
 
 
 @pytest.mark.parametrize(

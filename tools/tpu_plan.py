@@ -126,9 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_batch:
         mb = plan["max_batch"]
         print(
-            f"  max per-device batch {mb['max_per_device_batch']} (predicted {mb['predicted']} from "
-            f"{mb['bytes_per_sample'] / 2**20:.1f} MiB per sample); the release's global batch 4096 needs "
-            f"{mb['chips_for_global_batch_4096']} chips"
+            f"  max per-device batch {mb['max_per_device_batch']} ({mb['settled_by']}: "
+            f"{mb['headroom_bytes'] / GIB:.2f} GiB left, {mb['bytes_per_sample'] / 2**20:.1f} MiB per image); the "
+            f"release's global batch 4096 needs {mb['chips_for_global_batch_4096']} chips"
         )
     print(f"-> {path}")
     return 0

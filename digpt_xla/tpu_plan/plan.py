@@ -155,9 +155,15 @@ def plan_step(request: PlanRequest, python: str, chip: dict[str, Any] | None = N
     return plan
 
 
+MAX_BATCH_COMPILES = 8  # a ViT-H/14 compile is 6 to 20 minutes on 2 cores
+
+
 def max_batch(request: PlanRequest, python: str, start: int = 8, progress=print) -> dict[str, Any]:
-    """The largest per-device batch that fits: memory is about linear in the batch, so two compiles give the
-    line and a third confirms its prediction; a prediction that does not fit is followed by a bisection."""
+    """The largest per-device batch that fits. Memory is about linear in the batch: compiles at 1 and ``start``
+    give a line, and each next compile goes where the line through the two largest batches that fit says the HBM
+    runs out. The search ends when the batch after the largest fit does not fit, or when that fit leaves less HBM
+    free than one more image needs. libtpu's "needs X" of a program that does not fit is where it gave up, less
+    than the whole need, so a batch that does not fit only bounds the search from above."""
     chip = describe(request.topology, python)
     tried: dict[int, dict[str, Any]] = {}
 
@@ -169,37 +175,54 @@ def max_batch(request: PlanRequest, python: str, start: int = 8, progress=print)
             progress(f"  batch {batch}: {'fits' if fits else 'does not fit'} ({time.perf_counter() - t0:.0f}s)")
         return tried[batch]
 
-    def need(plan: dict[str, Any]) -> int:
+    def need(batch: int) -> int:
+        plan = tried[batch]
         return plan["total_bytes"] if plan["fits"] else plan["needed_bytes"]
 
     low = attempt(1)
     if not low["fits"]:
         raise PlanError(
             f"{request.model} does not fit {request.topology} at fsdp={request.fsdp} even at batch 1: needs "
-            f"{need(low) / 2**30:.2f} GiB of {low['hbm_bytes'] / 2**30:.2f} GiB per device; raise --fsdp"
+            f"{need(1) / 2**30:.2f} GiB of {low['hbm_bytes'] / 2**30:.2f} GiB per device; raise --fsdp"
         )
-    high = attempt(max(start, 2))
-    slope = (need(high) - need(low)) / (high["per_device_batch"] - 1)
     hbm = low["hbm_bytes"]
-    predicted = max(1, int((hbm - need(low)) / slope) + 1) if slope > 0 else high["per_device_batch"]
-    if not attempt(predicted)["fits"]:
-        # The line overshot (libtpu's "needs X" of a program that does not fit is where it gave up, not its whole
-        # need): bisect between the largest batch that fits and the smallest that does not.
-        fit = max(b for b, p in tried.items() if p["fits"])
-        miss = min(b for b, p in tried.items() if not p["fits"] and b > fit)
-        while miss - fit > 1:
-            middle = (fit + miss) // 2
-            fit, miss = (middle, miss) if attempt(middle)["fits"] else (fit, middle)
-    best = max((p for p in tried.values() if p["fits"]), key=lambda p: p["per_device_batch"])
+    attempt(max(start, 2))
+    predicted = 0
+    while True:
+        fits = sorted(b for b, p in tried.items() if p["fits"])
+        fit = fits[-1]
+        miss = min((b for b, p in tried.items() if not p["fits"] and b > fit), default=None)
+        # Bytes per image: between the two largest fits, or through the first miss when only batch 1 fits (then
+        # --batch did not fit, so there is a miss).
+        a, b = (fits[-2], fit) if len(fits) > 1 else (1, miss or start)
+        slope = (need(b) - need(a)) / (b - a)
+        headroom = hbm - need(fit)
+        if miss == fit + 1 or 0 < headroom < slope or len(tried) >= MAX_BATCH_COMPILES:
+            break
+        candidate = fit + max(1, int(headroom / slope)) if slope > 0 else fit + 1
+        if miss is not None:
+            candidate = min(candidate, miss - 1) if candidate < miss else (fit + miss) // 2
+        predicted = predicted or candidate
+        attempt(candidate)
+    best = tried[fit]
     per_chip = best["devices"] / best["chips"]
     return {
-        "max_per_device_batch": best["per_device_batch"],
+        "max_per_device_batch": fit,
         # The release's global batch at this per-device batch (no gradient accumulation).
-        "chips_for_global_batch_4096": math.ceil(4096 / best["per_device_batch"] / per_chip),
+        "chips_for_global_batch_4096": math.ceil(4096 / fit / per_chip),
+        # Why the search stopped: the next batch was compiled and does not fit, or the HBM left is under one image.
+        "settled_by": (
+            "next batch does not fit"
+            if miss == fit + 1
+            else "headroom under one image"
+            if 0 < headroom < slope
+            else f"compile limit ({MAX_BATCH_COMPILES}): the largest batch may be higher"
+        ),
+        "headroom_bytes": headroom,
         "predicted": predicted,
         "bytes_per_sample": slope,
-        "fixed_bytes": need(low) - slope,
-        "compiles": {str(b): {"fits": p["fits"], "bytes": need(p)} for b, p in sorted(tried.items())},
+        "fixed_bytes": need(fit) - slope * fit,
+        "compiles": {str(b): {"fits": p["fits"], "bytes": need(b)} for b, p in sorted(tried.items())},
         "compile_seconds_total": sum(p["compile_seconds"] for p in tried.values()),
         "plan": best,
     }
