@@ -117,8 +117,8 @@ def max_batch_table(plans: list[dict[str, Any]]) -> str:
     """The ``--max-batch`` results: the largest per-device batch, per chip, and chips for the release's 4096."""
     rows = [
         "| student | chip | topology | fsdp | max batch/device | devices/chip | max batch/chip | GiB at max | HBM | "
-        "MiB per image | chips for 4096 | compiles (batch: GiB) | compile |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "MiB per image | chips for 4096 | compiles (batch: GiB) | search ended by | compile |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     found = [p for p in plans if "max_batch" in p]
     for p in sorted(found, key=lambda p: (_student_order(p), p["device_kind"], p["topology"])):
@@ -134,18 +134,19 @@ def max_batch_table(plans: list[dict[str, Any]]) -> str:
             f"| {SHORT_NAMES.get(p['model'], p['model'])} | {p['device_kind']} | {p['topology']} | {p['fsdp']} | "
             f"{mb['max_per_device_batch']} | {per_chip} | {mb['max_per_device_batch'] * per_chip} | "
             f"{_gib(p['total_bytes'])} | {_gib(p['hbm_bytes'])} | {mb['bytes_per_sample'] / 2**20:.0f} | "
-            f"{mb['chips_for_global_batch_4096']} | {compiles} | {seconds} |"
+            f"{mb['chips_for_global_batch_4096']} | {compiles} | {mb['settled_by']} | {seconds} |"
         )
     return "\n".join(rows)
 
 
 def replace_table(text: str, table: str, where: str) -> str:
-    """``text`` with the markdown table headed by ``table``'s first line replaced by ``table``."""
-    header = table.splitlines()[0]
+    """``text`` with the markdown table whose header starts as ``table``'s (its first three columns, so that a
+    column added at the end still finds its old table) replaced by ``table``."""
+    header = "|".join(table.splitlines()[0].split("|")[:4]) + "|"
     lines = text.splitlines(keepends=True)
-    starts = [i for i, line in enumerate(lines) if line.rstrip("\n") == header]
+    starts = [i for i, line in enumerate(lines) if line.startswith(header)]
     if len(starts) != 1:
-        raise ValueError(f"{where}: {len(starts)} tables headed {header[:60]!r}..., expected one")
+        raise ValueError(f"{where}: {len(starts)} tables headed {header!r}..., expected one")
     end = starts[0]
     while end < len(lines) and lines[end].startswith("|"):
         end += 1
