@@ -192,9 +192,9 @@ def max_batch(request: PlanRequest, python: str, start: int = 8, progress=print)
         fits = sorted(b for b, p in tried.items() if p["fits"])
         fit = fits[-1]
         miss = min((b for b, p in tried.items() if not p["fits"] and b > fit), default=None)
-        # Bytes per image: between the two largest fits, or through the first miss when only batch 1 fits (then
-        # --batch did not fit, so there is a miss).
-        a, b = (fits[-2], fit) if len(fits) > 1 else (1, miss or start)
+        # Bytes per image: from the largest fit back to one at least 10% smaller (TPU layouts make the step between
+        # neighbouring batches uneven), or through the first miss when only batch 1 fits (--batch did not fit).
+        a, b = (max(f for f in fits if f <= 0.9 * fit), fit) if len(fits) > 1 else (1, miss or start)
         slope = (need(b) - need(a)) / (b - a)
         headroom = hbm - need(fit)
         if miss == fit + 1 or 0 < headroom < slope or len(tried) >= MAX_BATCH_COMPILES:
