@@ -158,12 +158,27 @@ def plan_step(request: PlanRequest, python: str, chip: dict[str, Any] | None = N
 MAX_BATCH_COMPILES = 8  # a ViT-H/14 compile is 6 to 20 minutes on 2 cores
 
 
+def search_ended(fit: int, miss: int | None, headroom: float, slope: float, compiles: int) -> str:
+    """Why the search for the largest batch may stop at ``fit`` (the largest batch that fits; ``miss`` the smallest
+    above it that does not), or "" to go on. Memory is not monotonic in the batch near the limit (libtpu trades
+    rematerialization for memory differently at each size), so a bracket within 1/16 of the batch is close enough."""
+    if miss == fit + 1:
+        return "next batch does not fit"
+    if 0 < headroom < slope:
+        return "headroom under one image"
+    if miss is not None and miss - fit <= fit // 16:
+        return f"{miss} does not fit"
+    if compiles >= MAX_BATCH_COMPILES:
+        return f"compile limit ({MAX_BATCH_COMPILES})" + (f": {miss} does not fit" if miss else "")
+    return ""
+
+
 def max_batch(request: PlanRequest, python: str, start: int = 8, progress=print) -> dict[str, Any]:
-    """The largest per-device batch that fits. Memory is about linear in the batch: compiles at 1 and ``start``
-    give a line, and each next compile goes where the line through the two largest batches that fit says the HBM
-    runs out. The search ends when the batch after the largest fit does not fit, or when that fit leaves less HBM
-    free than one more image needs. libtpu's "needs X" of a program that does not fit is where it gave up, less
-    than the whole need, so a batch that does not fit only bounds the search from above."""
+    """The largest per-device batch that fits, to within 1/16. Memory is about linear in the batch: compiles at 1
+    and ``start`` give a line, and each next compile goes where the line through the largest fit says the HBM runs
+    out, or halves the bracket between the largest fit and the smallest miss (``search_ended`` says when to stop).
+    libtpu's "needs X" of a program that does not fit is where it gave up, less than the whole need, so a batch
+    that does not fit only bounds the search from above."""
     chip = describe(request.topology, python)
     tried: dict[int, dict[str, Any]] = {}
 
@@ -197,11 +212,12 @@ def max_batch(request: PlanRequest, python: str, start: int = 8, progress=print)
         a, b = (max(f for f in fits if f <= 0.9 * fit), fit) if len(fits) > 1 else (1, miss or start)
         slope = (need(b) - need(a)) / (b - a)
         headroom = hbm - need(fit)
-        if miss == fit + 1 or 0 < headroom < slope or len(tried) >= MAX_BATCH_COMPILES:
+        ended = search_ended(fit, miss, headroom, slope, len(tried))
+        if ended:
             break
-        candidate = fit + max(1, int(headroom / slope)) if slope > 0 else fit + 1
-        if miss is not None:
-            candidate = min(candidate, miss - 1) if candidate < miss else (fit + miss) // 2
+        candidate = fit + max(1, int(headroom / slope)) if slope > 0 and headroom > 0 else fit + 1
+        if miss is not None:  # a line through a miss's understated need overshoots: halve the bracket instead
+            candidate = min(candidate, miss - 1) if candidate < miss and len(fits) > 1 else (fit + miss) // 2
         predicted = predicted or candidate
         attempt(candidate)
     best = tried[fit]
@@ -210,18 +226,13 @@ def max_batch(request: PlanRequest, python: str, start: int = 8, progress=print)
         "max_per_device_batch": fit,
         # The release's global batch at this per-device batch (no gradient accumulation).
         "chips_for_global_batch_4096": math.ceil(4096 / fit / per_chip),
-        # Why the search stopped: the next batch was compiled and does not fit, or the HBM left is under one image.
-        "settled_by": (
-            "next batch does not fit"
-            if miss == fit + 1
-            else "headroom under one image"
-            if 0 < headroom < slope
-            else f"compile limit ({MAX_BATCH_COMPILES}): the largest batch may be higher"
-        ),
+        "settled_by": ended,
+        "smallest_miss": miss,
         "headroom_bytes": headroom,
         "predicted": predicted,
-        "bytes_per_sample": slope,
-        "fixed_bytes": need(fit) - slope * fit,
+        # Averaged from batch 1 to the largest fit: neighbouring batches differ too unevenly to report.
+        "bytes_per_sample": (need(fit) - need(1)) / max(fit - 1, 1),
+        "fixed_bytes": need(1) - (need(fit) - need(1)) / max(fit - 1, 1),
         "compiles": {str(b): {"fits": p["fits"], "bytes": need(b)} for b, p in sorted(tried.items())},
         "compile_seconds_total": sum(p["compile_seconds"] for p in tried.values()),
         "plan": best,
