@@ -202,7 +202,7 @@ def max_batch(request: PlanRequest, python: str, start: int = 8, progress=print)
         )
     hbm = low["hbm_bytes"]
     attempt(max(start, 2))
-    predicted = 0
+    predicted: int | None = None  # the first batch the line chose, if the search went past --batch
     while True:
         fits = sorted(b for b, p in tried.items() if p["fits"])
         fit = fits[-1]
@@ -218,7 +218,7 @@ def max_batch(request: PlanRequest, python: str, start: int = 8, progress=print)
         candidate = fit + max(1, int(headroom / slope)) if slope > 0 and headroom > 0 else fit + 1
         if miss is not None:  # a line through a miss's understated need overshoots: halve the bracket instead
             candidate = min(candidate, miss - 1) if candidate < miss and len(fits) > 1 else (fit + miss) // 2
-        predicted = predicted or candidate
+        predicted = candidate if predicted is None else predicted
         attempt(candidate)
     best = tried[fit]
     per_chip = best["devices"] / best["chips"]
