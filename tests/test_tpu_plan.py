@@ -3,6 +3,7 @@
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -187,6 +188,26 @@ def test_max_batch_finds_the_largest_batch_that_fits(monkeypatch, power, start):
         miss = result["smallest_miss"]
         assert ended == f"{miss} does not fit" and largest - largest // 16 <= found <= largest < miss, result
     assert power != 1.0 or ended == "headroom under one image"
+
+
+def test_a_killed_child_and_a_failed_search_keep_what_they_know(monkeypatch):
+    from digpt_xla.tpu_plan import plan as tpu_plan
+
+    suicide = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"]
+    with pytest.raises(tpu_plan.PlanError, match=r"killed by signal 9 \(out of host memory\? use a bigger host\)"):
+        tpu_plan._run_json(suicide, "libtpu's compile", out_of_memory_hint="use a bigger host")
+
+    def fake_plan(request, python, chip=None):
+        if request.batch == 25:
+            raise tpu_plan.PlanError("libtpu's compile for v4:2x2x4 was killed by signal 9")
+        fits = request.batch < 40
+        plan = {"fits": fits, "hbm_bytes": 2**34, "per_device_batch": request.batch, "compile_seconds": 1.0}
+        return plan | ({"total_bytes": 2**30 * request.batch} if fits else {"needed_bytes": 2**34})
+
+    monkeypatch.setattr(tpu_plan, "describe", lambda topology, python: {"devices": 16})
+    monkeypatch.setattr(tpu_plan, "plan_step", fake_plan)
+    with pytest.raises(tpu_plan.PlanError, match="at batch 25: .*killed by signal 9; so far: 1 fits, 50 does not fit"):
+        tpu_plan.max_batch(PlanRequest("m", "v4:2x2x4"), "python", start=50, progress=lambda _: None)
 
 
 @pytest.mark.parametrize(

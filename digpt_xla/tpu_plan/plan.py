@@ -52,18 +52,15 @@ def jax_python(explicit: str = "") -> str:
     return path
 
 
-def _run_json(cmd: list[str], what: str, env: dict[str, str] | None = None, timeout: float | None = None) -> dict:
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+def _run_json(cmd: list[str], what: str, env: dict[str, str] | None = None, out_of_memory_hint: str = "") -> dict:
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
     try:
         result = json.loads(last)
     except json.JSONDecodeError:
         if proc.returncode < 0:  # killed: SIGKILL is most often the kernel's out-of-memory killer
             hint = (
-                " (out of host memory? tracing holds a copy of the unsharded state per virtual device: plan fsdp=1 "
-                "on one chip, e.g. v5e:1x1)"
-                if proc.returncode == -9
-                else ""
+                f" (out of host memory? {out_of_memory_hint})" if proc.returncode == -9 and out_of_memory_hint else ""
             )
             raise PlanError(f"{what} was killed by signal {-proc.returncode}{hint}") from None
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -106,13 +103,17 @@ def trace(request: PlanRequest, devices: int, workdir: Path) -> dict[str, Any]:
     env.pop("XLA_FLAGS", None)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, "-m", "digpt_xla.tpu_plan.trace", str(workdir), request.step, *overrides]
-    return _run_json(cmd, f"tracing {request.model} for {devices} devices", env=env)
+    hint = "tracing holds a copy of the unsharded state per virtual device: plan fsdp=1 on one chip, e.g. v5e:1x1"
+    return _run_json(cmd, f"tracing {request.model} for {devices} devices", env=env, out_of_memory_hint=hint)
 
 
 def compile_for(topology: str, workdir: Path, python: str) -> dict[str, Any]:
     out = workdir / "compiled.json"
     cmd = [python, str(LIBTPU_SCRIPT), "compile", topology, str(workdir / "step.hlo.pb"), str(out)]
-    _run_json(cmd, f"libtpu's compile for {topology}")  # an "error" in its answer raises here
+    hint = (
+        "libtpu's compile of a large step can need more than 20 GiB of host memory (ViT-H/14 for v4): use a bigger host"
+    )
+    _run_json(cmd, f"libtpu's compile for {topology}", out_of_memory_hint=hint)  # an "error" in its answer raises
     return json.loads(out.read_text())
 
 
@@ -185,7 +186,11 @@ def max_batch(request: PlanRequest, python: str, start: int = 8, progress=print)
     def attempt(batch: int) -> dict[str, Any]:
         if batch not in tried:
             t0 = time.perf_counter()
-            tried[batch] = plan_step(_with_batch(request, batch), python, chip)
+            try:
+                tried[batch] = plan_step(_with_batch(request, batch), python, chip)
+            except PlanError as e:  # keep what the earlier compiles found: each took minutes
+                done = ", ".join(f"{b} {'fits' if p['fits'] else 'does not fit'}" for b, p in sorted(tried.items()))
+                raise PlanError(f"at batch {batch}: {e}" + (f"; so far: {done}" if done else "")) from None
             fits = tried[batch]["fits"]
             progress(f"  batch {batch}: {'fits' if fits else 'does not fit'} ({time.perf_counter() - t0:.0f}s)")
         return tried[batch]
