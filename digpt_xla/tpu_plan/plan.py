@@ -161,12 +161,13 @@ MAX_BATCH_COMPILES = 8  # a ViT-H/14 compile is 6 to 20 minutes on 2 cores
 
 def search_ended(fit: int, miss: int | None, headroom: float, slope: float, compiles: int) -> str:
     """Why the search for the largest batch may stop at ``fit`` (the largest batch that fits; ``miss`` the smallest
-    above it that does not), or "" to go on. Memory is not monotonic in the batch near the limit (libtpu trades
-    rematerialization for memory differently at each size), so a bracket within 1/16 of the batch is close enough."""
+    above it that does not), or "" to go on. Near the limit memory is not monotonic in the batch (libtpu's figures
+    for neighbouring batches differ unevenly), so a bracket, or HBM left, within 1/16 of the batch is close enough."""
     if miss == fit + 1:
         return "next batch does not fit"
-    if 0 < headroom < slope:
-        return "headroom under one image"
+    images = max(1, fit // 16)  # the search's resolution: 1/16 of the batch
+    if 0 < headroom < slope * images:
+        return "headroom under one image" if images == 1 else f"headroom under {images} images (1/16)"
     if miss is not None and miss - fit <= fit // 16:
         return f"{miss} does not fit"
     if compiles >= MAX_BATCH_COMPILES:
