@@ -166,7 +166,9 @@ def search_ended(fit: int, miss: int | None, headroom: float, slope: float, comp
     if miss == fit + 1:
         return "next batch does not fit"
     images = max(1, fit // 16)  # the search's resolution: 1/16 of the batch
-    if 0 < headroom < slope * images:
+    if headroom <= 0:  # the three figures add up to more than the HBM, and libtpu still passes it: at the limit
+        return "no headroom by the figures"
+    if headroom < slope * images:
         return "headroom under one image" if images == 1 else f"headroom under {images} images (1/16)"
     if miss is not None and miss - fit <= fit // 16:
         return f"{miss} does not fit"
@@ -221,7 +223,7 @@ def max_batch(request: PlanRequest, python: str, start: int = 8, progress=print)
         ended = search_ended(fit, miss, headroom, slope, len(tried))
         if ended:
             break
-        candidate = fit + max(1, int(headroom / slope)) if slope > 0 and headroom > 0 else fit + 1
+        candidate = fit + max(1, int(headroom / slope)) if slope > 0 else fit + 1
         if miss is not None:  # a line through a miss's understated need overshoots: halve the bracket instead
             candidate = min(candidate, miss - 1) if candidate < miss and len(fits) > 1 else (fit + miss) // 2
         predicted = candidate if predicted is None else predicted
