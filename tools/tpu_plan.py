@@ -28,6 +28,12 @@ from digpt_xla.tpu_plan.tables import GIB, TABLES, markdown, updated_docs
 REPO = Path(__file__).resolve().parent.parent
 
 
+def _error(e: Exception) -> int:
+    """A mistake or an impossible plan: one line on stderr, exit status 2."""
+    print(f"tpu_plan.py: error: {one_line(e)}", file=sys.stderr)
+    return 2
+
+
 def table(plan: dict) -> str:
     """The plan as a few aligned lines."""
     head = f"{plan['step']} step of {plan['model']} on {plan['topology']} ({plan['devices']} x {plan['device_kind']})"
@@ -87,8 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             docs = updated_docs(REPO)
         except ValueError as e:
-            print(f"tpu_plan.py: error: {one_line(e)}", file=sys.stderr)
-            return 2
+            return _error(e)
         for path, text in docs.items():
             changed = path.read_text() != text
             path.write_text(text)
@@ -98,8 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             print(markdown(args.markdown, args.table))
         except ValueError as e:
-            print(f"tpu_plan.py: error: {one_line(e)}", file=sys.stderr)
-            return 2
+            return _error(e)
         return 0
     if not (args.model and args.topology):
         parser.error("--model and --topology are required (or --markdown FILES)")
@@ -117,8 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             plan = plan_step(request, python)
             name = args.name or f"plan_{plan['name']}"
     except (UserError, ValueError) as e:
-        print(f"tpu_plan.py: error: {one_line(e)}", file=sys.stderr)
-        return 2
+        return _error(e)
     path = Path(args.out) / args.topology.replace(":", "_") / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(plan, indent=1) + "\n")

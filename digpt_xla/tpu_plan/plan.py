@@ -230,6 +230,8 @@ def max_batch(request: PlanRequest, python: str, start: int = 8, progress=print)
         attempt(candidate)
     best = tried[fit]
     per_chip = best["devices"] / best["chips"]
+    # Averaged from batch 1 to the largest fit: neighbouring batches differ too unevenly to report.
+    per_image = (need(fit) - need(1)) / max(fit - 1, 1)
     return {
         "max_per_device_batch": fit,
         # The release's global batch at this per-device batch (no gradient accumulation).
@@ -238,9 +240,8 @@ def max_batch(request: PlanRequest, python: str, start: int = 8, progress=print)
         "smallest_miss": miss,
         "headroom_bytes": headroom,
         "predicted": predicted,
-        # Averaged from batch 1 to the largest fit: neighbouring batches differ too unevenly to report.
-        "bytes_per_sample": (need(fit) - need(1)) / max(fit - 1, 1),
-        "fixed_bytes": need(1) - (need(fit) - need(1)) / max(fit - 1, 1),
+        "bytes_per_sample": per_image,
+        "fixed_bytes": need(1) - per_image,
         "compiles": {str(b): {"fits": p["fits"], "bytes": need(b)} for b, p in sorted(tried.items())},
         "compile_seconds_total": sum(p["compile_seconds"] for p in tried.values()),
         "plan": best,
