@@ -109,9 +109,11 @@ def load_dataclass(root: T, path: str | Path | None = None, overrides: list[str]
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: {_yaml_problem(e)}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a YAML text file (it is not UTF-8)") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
         try:
@@ -121,6 +123,22 @@ def load_dataclass(root: T, path: str | Path | None = None, overrides: list[str]
     for text in overrides:
         merge_values(root, parse_override(text), "")
     return root
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key given twice in one mapping: YAML keeps the last silently, so a second
+    ``model:`` section or ``name:`` would replace the first without a word."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def _yaml_problem(error: yaml.YAMLError) -> str:

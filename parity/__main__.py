@@ -146,7 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     attribute = sub.add_parser(
         "attribute", help="which factor shifts training beyond a one-ulp change: the factor table over seeds"
     )
-    attribute.add_argument("--config", default="yaml/parity/attribution_tiny.yaml")
+    attribute.add_argument(
+        "--config",
+        required=True,
+        help="the study, e.g. yaml/parity/attribution_tiny.yaml (72 runs, about 40 minutes on 2 cores)",
+    )
     attribute.add_argument("overrides", nargs="*", help="key=value, e.g. seeds=[0,1] steps=20")
     attribute.set_defaults(fn=cmd_attribute)
     return run_command(parser, argv, _user_errors)

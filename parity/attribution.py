@@ -99,6 +99,10 @@ def load_attribution_config(path: str, overrides: list[str] | tuple[str, ...] = 
         raise ConfigError(
             f"steps={cfg.steps}, window={cfg.window}, record_every={cfg.record_every} must be >= 1 and seeds non-empty"
         )
+    if len(set(cfg.seeds)) != len(cfg.seeds):  # one run counted as several paired samples would fake certainty
+        raise ConfigError(f"seeds={cfg.seeds}: each seed once (a repeated seed repeats the same runs)")
+    if not 0 < cfg.alpha < 1:
+        raise ConfigError(f"alpha={cfg.alpha}: a significance level between 0 and 1 (0.05 is usual)")
     if len(set(cfg.factors)) != len(cfg.factors) or set(cfg.factors) & set(CONTROLS):
         raise ConfigError(f"factors must be distinct and not named like a control ({', '.join(CONTROLS)})")
     study = Attribution(cfg)

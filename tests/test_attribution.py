@@ -11,6 +11,8 @@ from parity.__main__ import main as parity_main
 from parity.attribution import Factor, load_attribution_config, parse_factor
 
 STUDY = [
+    "--config",
+    "yaml/parity/attribution_tiny.yaml",
     "baseline=cpu:fp32",
     "seeds=[0,1]",
     "steps=10",
@@ -83,6 +85,26 @@ def test_bad_factor_strings_are_one_line_and_exit_2(tmp_path, capsys, factor, me
     assert parity_main(argv) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(errors) == 1 and message in errors[0], errors
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("seeds=[0,0,0]", "each seed once"), ("alpha=2", "alpha=2.0: a significance level between 0 and 1")],
+    ids=["a repeated seed", "alpha outside (0, 1)"],
+)
+def test_study_settings_that_would_fake_a_result_are_refused_before_any_run(tmp_path, capsys, override, message):
+    argv = ["attribute", *STUDY, "factors=[optim.eps=1.0]", override, f"out_dir={tmp_path}", f"run_dir={tmp_path}"]
+    assert parity_main(argv) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0], errors
+    assert not list(tmp_path.iterdir())  # refused at load: nothing ran
+
+
+def test_the_study_is_never_started_without_naming_it(capsys):
+    # Without --config the 72-run tiny study used to start by itself.
+    with pytest.raises(SystemExit) as exit_:
+        parity_main(["attribute"])
+    assert exit_.value.code == 2 and "--config" in capsys.readouterr().err
 
 
 def test_a_factor_is_one_change_on_the_baseline():

@@ -210,3 +210,27 @@ def test_help_does_not_wait_for_torch():
     probe = "import sys, digpt_xla.cli, parity.__main__; print('torch' in sys.modules)"
     out = subprocess.run([PYTHON, "-c", probe], cwd=REPO, env=subprocess_env(), capture_output=True, text=True)
     assert out.stdout.strip() == "False", out.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "model:\n  name: digpt_tiny\n  name: digpt_vit_base_patch16_224\n",
+            "line 3, column 3: YAML syntax error (key 'name' appears twice",
+        ),
+        (
+            "model:\n  name: digpt_tiny\nrun:\n  seed: 1\nmodel:\n  depth: 2\n",
+            "line 5, column 1: YAML syntax error (key 'model' appears twice",
+        ),
+        (b"\xff\xfe\x00binary", "not a YAML text file"),
+    ],
+    ids=["a key twice", "a section twice", "binary"],
+)
+def test_a_config_that_yaml_would_read_wrongly_is_one_line(tmp_path, capsys, text, expected):
+    # YAML keeps the last of two equal keys without a word (a second `name:` trained another model).
+    path = tmp_path / "config.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    code = digpt_main(["pretrain", "--config", str(path), "run.progress=false"])
+    line = _one_line_exit_2(code, capsys)
+    assert str(path) in line and expected in line, line

@@ -286,9 +286,16 @@ class Backend:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=dtype)
 
-    def export_program(self, outputs: list[Tensor]) -> bytes:
+    def data_identities(self, tensors: list[Tensor]) -> list[int]:
+        """What identifies each tensor's present device data in a traced program (read before tracing a step, for
+        ``export_program``); only XLA traces programs."""
+        raise BackendError(f"the {self.name} backend runs eagerly: it traces no program; use xla-spmd")
+
+    def export_program(self, outputs: list[Tensor], identities: list[int]) -> tuple[bytes, list[tuple[int, int]]]:
         """The pending program computing ``outputs`` as a serialized HloModuleProto, traced but neither compiled
-        nor run; only XLA backends trace programs."""
+        nor run, and its donated buffers: (parameter number, output number) for each program input holding the
+        value output i had before the step (``identities[i]``, from ``data_identities``): the buffer XLA may
+        write that output into, as torch_xla donates it. Only XLA traces programs."""
         raise BackendError(f"the {self.name} backend runs eagerly: it has no program to export; use xla-spmd")
 
     def matmul_precision(self, level: str) -> contextlib.AbstractContextManager:

@@ -96,9 +96,20 @@ class XlaBackend(Backend):
                 "masked attention of the step itself)"
             )
 
-    def export_program(self, outputs: list[Tensor]) -> bytes:
-        # The HLO torch_xla would compile at the next mark_step, with the SPMD shardings of its inputs.
-        return self._torch_xla._XLAC._get_xla_tensors_hlo_proto(outputs)
+    def data_identities(self, tensors: list[Tensor]) -> list[int]:
+        return [self._torch_xla._XLAC._xla_get_tensor_id(t) for t in tensors]
+
+    def export_program(self, outputs: list[Tensor], identities: list[int]) -> tuple[bytes, list[tuple[int, int]]]:
+        # The HLO torch_xla would compile at the next mark_step, with the SPMD shardings of its inputs. torch_xla
+        # donates by tensor identity: a program input whose device data is the value an output tensor held before
+        # the step (its id then, as in-place updates give the tensor a new id) lends its buffer to that output. The
+        # device-data walk visits the graph in the HLO lowering's post order, so its n-th entry is parameter n.
+        xlac = self._torch_xla._XLAC
+        proto = xlac._get_xla_tensors_hlo_proto(outputs)
+        owners, _ = xlac._get_tensors_xla_device_data_node(outputs)
+        output_of = {identity: i for i, identity in enumerate(identities)}
+        donors = [(param, output_of[owner]) for param, owner in enumerate(owners) if owner in output_of]
+        return proto, donors
 
     @contextlib.contextmanager
     def matmul_precision(self, level: str) -> Iterator[None]:

@@ -3,11 +3,13 @@
 Runs under the interpreter that has ``jax[tpu]`` (never in a process that imported torch_xla: both bring their own
 XLA), as a script: it imports only the standard library and jax. Commands, each printing one JSON object:
 
-    describe TOPOLOGY                      devices, chip kind, the HBM libtpu allows a program on one chip
-    compile TOPOLOGY STEP.hlo.pb OUT.json  memory, cost analysis and collectives of the compiled step
+    describe TOPOLOGY                          devices, chip kind, the HBM libtpu allows a program on one chip
+    compile TOPOLOGY WORKDIR                   WORKDIR/step.hlo.pb -> compiled.json + compiled.hlo.txt
 
-``compile`` gives the step's updated state its place: every result aliases the first unused argument of the same
-type, as torch_xla donates the parameters and AdamW moments that the step replaces. A program that needs more HBM
+``compile`` donates exactly what torch_xla donates: ``WORKDIR/donors.json`` lists (parameter, result) pairs, the
+state the step writes back found by tensor identity when it was traced. It writes libtpu's memory statistics (its
+peak included) and cost analysis to ``compiled.json`` and the optimized program's text to ``compiled.hlo.txt``,
+which ``hlo_program`` reads (collectives by channel, loops by trip count, FLOPs). A program that needs more HBM
 than the chip has is reported (``fits: false`` with the bytes it needs), not raised.
 """
 
@@ -25,14 +27,6 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import numpy as np  # noqa: E402
 
-# fmt: off
-_DTYPE_BYTES = {
-    "pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
-    "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1,
-}
-# fmt: on
-COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
-HOST_TRANSFERS = ("send", "recv", "infeed", "outfeed")
 # libtpu words an HBM overflow two ways: "the total memory required ... exceeds available HBM (15.75G)" when
 # buffer assignment fails, "Used 15.88G of 15.75G hbm" when a later pass runs out.
 _OOM = (
@@ -84,7 +78,7 @@ def compile_options(devices: list) -> Any:
     return options
 
 
-def _compile(module_text_or_proto: bytes | str, devices: list, alias_state: bool) -> tuple[Any, int]:
+def _compile(module_text_or_proto: bytes | str, devices: list, donors: list[tuple[int, int]]) -> Any:
     from jax._src.interpreters import mlir
     from jax._src.lib import _jax
     from jax._src.lib import xla_client as xc
@@ -97,44 +91,38 @@ def _compile(module_text_or_proto: bytes | str, devices: list, alias_state: bool
     )
     with mlir.make_ir_context():
         module = ir.Module.parse(text)
-        aliased = alias_results_to_arguments(module) if alias_state else 0
+        donate(module, donors)
         try:
             executable = devices[0].client.compile(
                 module, executable_devices=xc.DeviceList(tuple(devices)), compile_options=compile_options(devices)
             )
         except _jax.JaxRuntimeError as e:
             raise CompileError(str(e)) from None
-    return executable, aliased
+    return executable
 
 
 class CompileError(Exception):
     pass
 
 
-def alias_results_to_arguments(module: Any) -> int:
-    """Mark each result of ``main`` as written into the first not yet used argument of its type (what torch_xla's
-    buffer donation does for state updated in place); returns how many results were aliased."""
+def donate(module: Any, donors: list[tuple[int, int]]) -> None:
+    """Mark parameter p of ``main`` as the buffer its result r is written into, for each (p, r) in ``donors``."""
     from jax._src.lib.mlir import ir
 
+    if not donors:
+        return
     main = next(op for op in module.body.operations if ir.StringAttr(op.attributes["sym_name"]).value == "main")
     ftype = ir.FunctionType(ir.TypeAttr(main.attributes["function_type"]).value)
     empty = ir.DictAttr.get({})
     args = list(main.attributes["arg_attrs"]) if "arg_attrs" in main.attributes else [empty] * len(ftype.inputs)
-    free: dict[str, list[int]] = {}
-    for j, t in enumerate(ftype.inputs):
-        free.setdefault(str(t), []).append(j)
-    i32, aliased = ir.IntegerType.get_signless(32), 0
-    for i, t in enumerate(ftype.results):
-        candidates = free.get(str(t))
-        if not candidates:
-            continue
-        j = candidates.pop(0)
-        attrs = {a.name: a.attr for a in ir.DictAttr(args[j])}
-        attrs["tf.aliasing_output"] = ir.IntegerAttr.get(i32, i)
-        args[j] = ir.DictAttr.get(attrs)
-        aliased += 1
+    i32 = ir.IntegerType.get_signless(32)
+    for param, result in donors:
+        if str(ftype.inputs[param]) != str(ftype.results[result]):  # torch_xla would not alias these either
+            raise CompileError(f"donor parameter {param} ({ftype.inputs[param]}) is not result {result}'s type")
+        attrs = {a.name: a.attr for a in ir.DictAttr(args[param])}
+        attrs["tf.aliasing_output"] = ir.IntegerAttr.get(i32, result)
+        args[param] = ir.DictAttr.get(attrs)
     main.attributes["arg_attrs"] = ir.ArrayAttr.get(args)
-    return aliased
 
 
 def hbm_bytes(devices: list) -> int | None:
@@ -144,7 +132,7 @@ def hbm_bytes(devices: list) -> int | None:
       return %x : tensor<1099511627776xi8>
     }"""
     try:
-        _compile(program, devices[:1], alias_state=False)
+        _compile(program, devices[:1], donors=[])
     except CompileError as e:
         needed = out_of_memory(str(e))
         return needed[1] if needed else None
@@ -161,47 +149,6 @@ def out_of_memory(message: str) -> tuple[int, int] | None:
     return int(need), int(have)
 
 
-def array_bytes(shape_text: str) -> int:
-    """Bytes of the arrays in an HLO shape (``bf16[8,3,32,32]{...}`` or a tuple of them)."""
-    total = 0.0
-    for dtype, dims in re.findall(r"\b([a-z]+\d*(?:e\d+m\d+(?:fn)?)?)\[([\d,]*)\]", shape_text):
-        if dtype in _DTYPE_BYTES:
-            total += _DTYPE_BYTES[dtype] * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
-    return int(total)
-
-
-def collective_inventory(hlo_text: str) -> dict[str, dict[str, int]]:
-    """Count and result bytes of each collective and host transfer in an optimized HLO module. An asynchronous
-    pair (``-start``/``-done``) counts once, by its ``-start``; its bytes are those of its largest array."""
-    kinds = COLLECTIVES + HOST_TRANSFERS
-    found = {k: {"count": 0, "bytes": 0} for k in kinds}
-    pattern = re.compile(r"=\s+(.+?)\s+(" + "|".join(re.escape(k) for k in kinds) + r")(-start)?\(")
-    for line in hlo_text.splitlines():
-        match = pattern.search(line)
-        if match is None or f"{match[2]}-done(" in line:
-            continue
-        shape, kind, started = match[1], match[2], match[3]
-        size = max((array_bytes(a) for a in re.findall(r"[a-z]+\d*\[[\d,]*\]", shape)), default=0)
-        found[kind]["count"] += 1
-        found[kind]["bytes"] += size if started else array_bytes(shape)
-    host_callbacks = len(re.findall(r'custom_call_target="[^"]*(?:callback|Callback|host|Host)[^"]*"', hlo_text))
-    found["host-callback"] = {"count": host_callbacks, "bytes": 0}
-    return found
-
-
-def entry_parameter_bytes(hlo_text: str) -> int:
-    """Bytes of the entry computation's parameters as their shapes are written (before TPU tile padding)."""
-    total = 0
-    entry = hlo_text[hlo_text.index("\nENTRY") :] if "\nENTRY" in hlo_text else ""
-    for line in entry.splitlines()[1:]:
-        if line.startswith("}"):
-            break
-        match = re.search(r"=\s+([a-z]+\d*\[[\d,]*\])\S*\s+parameter\(", line)
-        if match is not None:
-            total += array_bytes(match[1])
-    return total
-
-
 def describe(name: str) -> dict[str, Any]:
     devices = topology(name).devices
     return {
@@ -213,41 +160,45 @@ def describe(name: str) -> dict[str, Any]:
     }
 
 
-def compile_step(name: str, proto_path: str) -> dict[str, Any]:
+def compile_step(name: str, workdir: str) -> dict[str, Any]:
     devices = topology(name).devices
-    with open(proto_path, "rb") as f:
+    with open(os.path.join(workdir, "step.hlo.pb"), "rb") as f:
         proto = f.read()
+    with open(os.path.join(workdir, "donors.json")) as f:
+        donors = [(int(p), int(r)) for p, r in json.load(f)]
     result: dict[str, Any] = {"topology": name, "devices": len(devices), "device_kind": devices[0].device_kind}
     result |= versions()
     start = time.perf_counter()
     try:
-        executable, aliased = _compile(proto, devices, alias_state=True)
+        executable = _compile(proto, devices, donors)
     except CompileError as e:
         result["compile_seconds"] = round(time.perf_counter() - start, 1)
         needed = out_of_memory(str(e))
         if needed is None:
             result["error"] = str(e).strip().splitlines()[0][:500]
             return result
-        result |= {"fits": False, "needed_bytes": needed[0], "hbm_bytes": needed[1]}
+        result |= {"compiled": False, "needed_bytes": needed[0], "hbm_bytes": needed[1]}
         return result
     result["compile_seconds"] = round(time.perf_counter() - start, 1)
     stats = executable.get_compiled_memory_stats()
     cost = executable.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    hlo = "\n".join(m.to_string() for m in executable.hlo_modules())
+    with open(os.path.join(workdir, "compiled.hlo.txt"), "w") as f:
+        for module in executable.hlo_modules():
+            f.write(module.to_string())
+            f.write("\n")
     result |= {
-        "fits": True,
-        "aliased_results": aliased,
+        "compiled": True,
+        "donated_buffers": len(donors),
         "argument_bytes": stats.argument_size_in_bytes,
-        "argument_logical_bytes": entry_parameter_bytes(hlo),  # before TPU tile padding
         "output_bytes": stats.output_size_in_bytes,
         "alias_bytes": stats.alias_size_in_bytes,
         "temp_bytes": stats.temp_size_in_bytes,
+        "peak_bytes": stats.peak_memory_in_bytes,
         "generated_code_bytes": stats.generated_code_size_in_bytes,
-        "flops": float(cost.get("flops", 0.0)),
-        "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
-        "transcendentals": float(cost.get("transcendentals", 0.0)),
-        "collectives": collective_inventory(hlo),
+        # XLA's cost analysis counts a loop body once; hlo_program applies trip counts to FLOPs and collectives.
+        "cost_analysis_flops": float(cost.get("flops", 0.0)),
+        "cost_analysis_bytes_accessed": float(cost.get("bytes accessed", 0.0)),
     }
     return result
 
@@ -256,11 +207,11 @@ def main(argv: list[str]) -> int:
     if len(argv) >= 2 and argv[0] == "describe":
         print(json.dumps(describe(argv[1])))
         return 0
-    if len(argv) == 4 and argv[0] == "compile":
+    if len(argv) == 3 and argv[0] == "compile":
         result = compile_step(argv[1], argv[2])
-        with open(argv[3], "w") as f:
+        with open(os.path.join(argv[2], "compiled.json"), "w") as f:
             json.dump(result, f, indent=1)
-        print(json.dumps({k: v for k, v in result.items() if k != "collectives"}))
+        print(json.dumps(result))
         return 0
     print(__doc__, file=sys.stderr)
     return 2

@@ -20,6 +20,7 @@ from typing import Any
 from ..backend.mesh import layout_problem
 from ..errors import UserError
 from .chips import chips_in, estimate
+from .hlo_program import WIRE_FORMULA, analyse
 
 LIBTPU_SCRIPT = Path(__file__).with_name("libtpu_compile.py")
 REPO = Path(__file__).resolve().parents[2]
@@ -39,6 +40,7 @@ class PlanRequest:
     teacher: str = "auto"  # auto: CLIP ViT-H/14 (random weights) for the ViT sizes, pixels for digpt_tiny
     step: str = "pretrain"  # pretrain | finetune (timm's ViT with the encoder's shape, 1000 classes)
     overrides: list[str] = field(default_factory=list)
+    config: str = ""  # the pretraining config this step is planned from, if any
 
 
 def jax_python(explicit: str = "") -> str:
@@ -52,19 +54,43 @@ def jax_python(explicit: str = "") -> str:
     return path
 
 
-def _run_json(cmd: list[str], what: str, env: dict[str, str] | None = None, out_of_memory_hint: str = "") -> dict:
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+HEARTBEAT_SECONDS = 60.0
+
+
+def _run_json(
+    cmd: list[str], what: str, env: dict[str, str] | None = None, out_of_memory_hint: str = "", progress=None
+) -> dict:
+    """Run a child that answers with one JSON line. ``progress`` (a print-like callable) hears when it starts, every
+    minute it runs, and when it ends. The child never outlives this call: an exception here (Ctrl-C, or SIGTERM
+    turned into SystemExit by the tool) kills it before it propagates."""
+    start = time.perf_counter()
+    if progress:
+        progress(f"  {what} ...")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        while True:
+            try:
+                stdout, stderr = proc.communicate(timeout=HEARTBEAT_SECONDS)
+                break
+            except subprocess.TimeoutExpired:
+                if progress:
+                    progress(f"  {what}: {time.perf_counter() - start:.0f} s")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if progress:
+        progress(f"  {what}: done in {time.perf_counter() - start:.0f} s")
+    returncode = proc.returncode
+    last = stdout.strip().splitlines()[-1] if stdout.strip() else ""
     try:
         result = json.loads(last)
     except json.JSONDecodeError:
-        if proc.returncode < 0:  # killed: SIGKILL is most often the kernel's out-of-memory killer
-            hint = (
-                f" (out of host memory? {out_of_memory_hint})" if proc.returncode == -9 and out_of_memory_hint else ""
-            )
-            raise PlanError(f"{what} was killed by signal {-proc.returncode}{hint}") from None
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise PlanError(f"{what} failed (exit {proc.returncode}): {tail}") from None
+        if returncode < 0:  # killed: SIGKILL is most often the kernel's out-of-memory killer
+            hint = f" (out of host memory? {out_of_memory_hint})" if returncode == -9 and out_of_memory_hint else ""
+            raise PlanError(f"{what} was killed by signal {-returncode}{hint}") from None
+        tail = (stderr.strip().splitlines() or ["no output"])[-1]
+        raise PlanError(f"{what} failed (exit {returncode}): {tail}") from None
     if "error" in result:
         raise PlanError(f"{what}: {result['error']}")
     return result
@@ -75,6 +101,16 @@ def describe(topology: str, python: str) -> dict[str, Any]:
     return _run_json([python, str(LIBTPU_SCRIPT), "describe", topology], f"libtpu ({topology})")
 
 
+def check_model(name: str) -> None:
+    """An unknown model name, one line before anything is traced."""
+    from ..models import digpt_config
+
+    try:
+        digpt_config(name)
+    except KeyError as e:
+        raise PlanError(f"--model: {e.args[0]}") from None
+
+
 def teacher_kind(request: PlanRequest) -> str:
     if request.teacher != "auto":
         return request.teacher
@@ -83,7 +119,7 @@ def teacher_kind(request: PlanRequest) -> str:
     return "clip" if digpt_config(request.model).teacher_dim == 1024 else "pixel"
 
 
-def trace(request: PlanRequest, devices: int, workdir: Path) -> dict[str, Any]:
+def trace(request: PlanRequest, devices: int, workdir: Path, progress=None) -> dict[str, Any]:
     """The step for ``devices`` XLA:CPU devices, traced (not compiled) into ``workdir/step.hlo.pb``."""
     if request.step not in ("pretrain", "finetune"):
         raise PlanError(f"step {request.step!r}: plan pretrain or finetune")
@@ -104,29 +140,74 @@ def trace(request: PlanRequest, devices: int, workdir: Path) -> dict[str, Any]:
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, "-m", "digpt_xla.tpu_plan.trace", str(workdir), request.step, *overrides]
     hint = "tracing holds a copy of the unsharded state per virtual device: plan fsdp=1 on one chip, e.g. v5e:1x1"
-    return _run_json(cmd, f"tracing {request.model} for {devices} devices", env=env, out_of_memory_hint=hint)
+    what = f"tracing {request.model} for {devices} devices"
+    return _run_json(cmd, what, env=env, out_of_memory_hint=hint, progress=progress)
 
 
-def compile_for(topology: str, workdir: Path, python: str) -> dict[str, Any]:
+def compile_for(topology: str, workdir: Path, python: str, progress=None) -> dict[str, Any]:
     out = workdir / "compiled.json"
-    cmd = [python, str(LIBTPU_SCRIPT), "compile", topology, str(workdir / "step.hlo.pb"), str(out)]
+    cmd = [python, str(LIBTPU_SCRIPT), "compile", topology, str(workdir)]
     hint = (
         "libtpu's compile of a large step can need more than 20 GiB of host memory (ViT-H/14 for v4): use a bigger host"
     )
-    _run_json(cmd, f"libtpu's compile for {topology}", out_of_memory_hint=hint)  # an "error" in its answer raises
+    # An "error" in its answer raises.
+    _run_json(cmd, f"libtpu's compile for {topology}", out_of_memory_hint=hint, progress=progress)
     return json.loads(out.read_text())
 
 
-def plan_step(request: PlanRequest, python: str, chip: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Trace and compile one step; the plan's figures per device."""
+def plan_step(
+    request: PlanRequest,
+    python: str,
+    chip: dict[str, Any] | None = None,
+    workdir: Path | None = None,
+    progress=None,
+) -> dict[str, Any]:
+    """Trace and compile one step; the plan's figures per device. ``workdir`` keeps the traced and compiled
+    programs (``assemble`` can then be run on them again without compiling)."""
+    check_model(request.model)
     chip = chip or describe(request.topology, python)
     devices = chip["devices"]
     problem = layout_problem("xla-spmd", request.fsdp, devices=devices, what=f"devices of {request.topology}")
     if problem:
         raise PlanError(problem)
     with tempfile.TemporaryDirectory(prefix="digpt-tpu-plan-") as tmp:
-        traced = trace(request, devices, Path(tmp))
-        compiled = compile_for(request.topology, Path(tmp), python)
+        where = workdir or Path(tmp)
+        where.mkdir(parents=True, exist_ok=True)
+        (where / "request.json").write_text(json.dumps(request.__dict__) + "\n")
+        trace(request, devices, where, progress)
+        compile_for(request.topology, where, python, progress)
+        return assemble(where, chip)
+
+
+def fsdp_minimum(traced: dict[str, Any]) -> dict[str, Any]:
+    """The wire bytes per device per step that the layout itself needs: the student's weights gathered for forward
+    and for backward in the compute dtype and its fp32 gradients reduce-scattered over the fsdp group, each shard's
+    gradient all-reduced over the data-parallel replicas, the teacher's weights gathered once when it is sharded
+    (nothing when it is replicated), the batch never."""
+    f, n = traced["fsdp"], traced["devices"]
+    d = n // f
+    compute = DTYPE_BYTES.get(traced["precision"], 4)
+    teacher = DTYPE_BYTES.get(traced.get("teacher_precision") or traced["precision"], 4)
+    params, teacher_params = traced["trainable_params"], traced.get("teacher_params", 0)
+    parts = {
+        "student weights gathered, forward and backward": 2 * (f - 1) / f * params * compute,
+        "student gradients reduce-scattered (fp32)": (f - 1) / f * params * 4,
+        "gradient shards all-reduced over data replicas (fp32)": 2 * (d - 1) / d * params / f * 4,
+        "teacher weights gathered once": (f - 1) / f * teacher_params * teacher if traced.get("teacher_sharded") else 0,
+    }
+    return {"bytes": int(sum(parts.values())), "parts": {k: int(v) for k, v in parts.items()}}
+
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "tpu-emulation": 4}
+
+
+def assemble(workdir: Path, chip: dict[str, Any]) -> dict[str, Any]:
+    """The plan of a traced and compiled step (``trace.json``, ``compiled.json``, ``compiled.hlo.txt`` in
+    ``workdir``): memory and its verdict, collectives against the FSDP minimum, FLOPs with loops counted, the
+    estimate's range."""
+    request = PlanRequest(**json.loads((workdir / "request.json").read_text()))
+    traced = json.loads((workdir / "trace.json").read_text())
+    compiled = json.loads((workdir / "compiled.json").read_text())
     prefix = "finetune_" if request.step == "finetune" else ""
     plan: dict[str, Any] = {
         "name": f"{prefix}{request.model}_fsdp{request.fsdp}_b{request.batch}",
@@ -135,24 +216,55 @@ def plan_step(request: PlanRequest, python: str, chip: dict[str, Any] | None = N
         **{k: compiled[k] for k in ("devices", "device_kind", "jax", "jaxlib", "libtpu", "compile_seconds")},
         **traced,
         "hbm_bytes": compiled.get("hbm_bytes", chip.get("hbm_bytes")),
-        "fits": compiled["fits"],
+        "compiled": compiled["compiled"],
     }
-    if not compiled["fits"]:
-        plan["needed_bytes"] = compiled["needed_bytes"]
-        return plan
+    if request.config:
+        plan["config"] = request.config
+    hbm = plan["hbm_bytes"]
+    if not compiled["compiled"]:
+        # libtpu's "needs X" is where its buffer assignment gave up: a lower bound on the whole need.
+        return plan | {"fits": False, "fit_decided_by": "libtpu", "needed_bytes": compiled["needed_bytes"]}
+    program = analyse((workdir / "compiled.hlo.txt").read_text(), compiled["devices"])
     unaliased = compiled["output_bytes"] - compiled["alias_bytes"]
+    total = compiled["argument_bytes"] + compiled["temp_bytes"] + unaliased
+    peak = compiled["peak_bytes"]
+    need = max(total, peak)
+    minimum = fsdp_minimum(traced)
+    totals = program["collectives"]["totals"]
+    wire = sum(t["wire_bytes"] for t in totals.values())
     plan |= {
         "argument_bytes": compiled["argument_bytes"],
-        "argument_logical_bytes": compiled["argument_logical_bytes"],
+        "argument_logical_bytes": program["argument_logical_bytes"],
+        "output_bytes": compiled["output_bytes"],
+        "alias_bytes": compiled["alias_bytes"],
         "temp_bytes": compiled["temp_bytes"],
         "unaliased_output_bytes": unaliased,
-        "total_bytes": compiled["argument_bytes"] + compiled["temp_bytes"] + unaliased,
-        "aliased_results": compiled["aliased_results"],
-        "flops": compiled["flops"],
-        "bytes_accessed": compiled["bytes_accessed"],
-        "collectives": compiled["collectives"],
-        "estimate": estimate(compiled, request.topology),
+        "total_bytes": total,  # arguments + temporaries + outputs not written into a donated argument
+        "peak_bytes": peak,  # libtpu's own peak of the program's live buffers
+        "needed_bytes": need,
+        # libtpu compiled it; it fits only when neither the sum nor the peak passes the HBM.
+        "fits": need <= hbm,
+        "fit_decided_by": "peak" if peak >= total else "sum",
+        "headroom_bytes": hbm - need,
+        "flops": program["flops"],
+        "flops_per_image": program["flops"] / plan["per_device_batch"],
+        "flops_vs_analytic": (
+            program["flops"] / plan["per_device_batch"] / traced["analytic_flops_per_image"]
+            if traced.get("analytic_flops_per_image")
+            else None
+        ),
+        "cost_analysis_flops": compiled["cost_analysis_flops"],  # a loop body counted once
+        "cost_analysis_bytes_accessed": compiled["cost_analysis_bytes_accessed"],
+        "loops": program["loops"],
+        "loops_with_unknown_trip_count": program["loops_with_unknown_trip_count"],
+        "collectives": totals,
+        "largest_collectives": program["collectives"]["largest"],
+        "wire_bytes": wire,
+        "wire_formula": WIRE_FORMULA,
+        "fsdp_minimum": minimum,
+        "wire_over_minimum": wire / minimum["bytes"] if minimum["bytes"] else None,
     }
+    plan["estimate"] = estimate(plan, request.topology)
     return plan
 
 
@@ -190,7 +302,7 @@ def max_batch(request: PlanRequest, python: str, start: int = 8, progress=print)
         if batch not in tried:
             t0 = time.perf_counter()
             try:
-                tried[batch] = plan_step(_with_batch(request, batch), python, chip)
+                tried[batch] = plan_step(_with_batch(request, batch), python, chip, progress=progress)
             except PlanError as e:  # keep what the earlier compiles found: each took minutes
                 done = ", ".join(f"{b} {'fits' if p['fits'] else 'does not fit'}" for b, p in sorted(tried.items()))
                 raise PlanError(f"at batch {batch}: {e}" + (f"; so far: {done}" if done else "")) from None
@@ -200,7 +312,7 @@ def max_batch(request: PlanRequest, python: str, start: int = 8, progress=print)
 
     def need(batch: int) -> int:
         plan = tried[batch]
-        return plan["total_bytes"] if plan["fits"] else plan["needed_bytes"]
+        return plan["needed_bytes"]
 
     low = attempt(1)
     if not low["fits"]:

@@ -4,7 +4,9 @@
 
 Run with ``PJRT_DEVICE=CPU CPU_NUM_DEVICES=<the topology's devices>`` (``tools/tpu_plan.py`` does): the step is
 the real one (student, teacher, AdamW, the shipped FSDPv2 sharding) on a mesh of that many virtual devices. Writes
-``step.hlo.pb`` and ``trace.json`` (what one device holds: the sharded training state, the teacher, the batch).
+``step.hlo.pb``, ``donors.json`` (which parameters torch_xla would donate to which results: the state the step
+writes back, by tensor identity) and ``trace.json`` (what one device holds: the sharded training state, the
+teacher, the batch; the parameter counts behind the FSDP minimum; FLOPs per image counted by ``digpt_xla.flops``).
 """
 
 from __future__ import annotations
@@ -19,13 +21,23 @@ import torch
 
 from ..config import load_config
 from ..engine import Pretrainer
+from ..engine.build import build_model_and_teacher, segment_orders
 from ..engine.finetune import Finetuner
+from ..flops import sample_flops
 
 SOURCES = {"pretrain": "synthetic", "finetune": "digits"}  # made by the code: nothing to download
 
 
 def _shard_bytes(backend, tensors) -> int:
     return sum(math.prod(backend.shard_shapes(t)[0]) * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def _flops_per_image(trainer, inputs) -> int:
+    """Teacher forward + student forward and backward for one image, counted on the CPU (``digpt_xla.flops``)."""
+    _, teacher = build_model_and_teacher(trainer.cfg.model, trainer.cfg.teacher)  # on the CPU, as counted
+    size = trainer.model_cfg.img_size
+    order = segment_orders(0, 0, 0, 1, trainer.model_cfg.num_segments)
+    return sample_flops(trainer.model_cfg, teacher, torch.randn(1, 3, size, size), order)
 
 
 def trace_step(out_dir: Path, kind: str, overrides: list[str]) -> dict:
@@ -41,15 +53,19 @@ def trace_step(out_dir: Path, kind: str, overrides: list[str]) -> dict:
     state_bytes = _shard_bytes(b, [*params, *state])
     teacher = getattr(trainer, "teacher", None)  # finetuning has none
     teacher_bytes = _shard_bytes(b, list(teacher.parameters())) if teacher is not None else 0
+    outputs = [t for t in (*params, *state) if t.device.type == "xla"]  # what the step replaces (AdamW's step count
+    identities = b.data_identities(outputs)  # may live on the host): torch_xla donates their buffers to their updates
     inputs = trainer.next_step_inputs(trainer.data_stream())
     trainer.train_step(*inputs)
-    outputs = [*params, *state]  # what the step replaces: torch_xla donates these buffers when it runs
-    (out_dir / "step.hlo.pb").write_bytes(b.export_program(outputs))
+    proto, donors = b.export_program(outputs, identities)
+    (out_dir / "step.hlo.pb").write_bytes(proto)
+    (out_dir / "donors.json").write_text(json.dumps(donors) + "\n")
     devices = b.global_devices
     per_device_batch = cfg.data.batch_size
     tensors = [v for batch in inputs[0] for v in batch.values()] + [t for extra in inputs[1:] for t in extra]
     batch_bytes = sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
     teacher_name = cfg.teacher.kind if cfg.teacher.kind == "pixel" else f"clip {cfg.teacher.clip_model}"
+    teacher_params = list(teacher.parameters()) if teacher is not None else []
     info = {
         "step": kind,
         "model": cfg.model.name,
@@ -63,6 +79,13 @@ def trace_step(out_dir: Path, kind: str, overrides: list[str]) -> dict:
         "state_bytes": state_bytes,
         "teacher_bytes": teacher_bytes,
         "batch_bytes": batch_bytes // devices,
+        "donated_buffers": len(donors),
+        # The FSDP minimum's inputs: what the layout must move, whatever the compiler makes of it.
+        "teacher_params": sum(p.numel() for p in teacher_params),
+        "teacher_param_bytes": max((p.element_size() for p in teacher_params), default=0),
+        "teacher_sharded": teacher_bytes < sum(p.numel() * p.element_size() for p in teacher_params),
+        "teacher_precision": getattr(trainer, "teacher_precision", None),
+        "analytic_flops_per_image": _flops_per_image(trainer, inputs) if kind == "pretrain" else None,
         "trace_seconds": round(time.perf_counter() - start, 1),
     }
     (out_dir / "trace.json").write_text(json.dumps(info, indent=1) + "\n")

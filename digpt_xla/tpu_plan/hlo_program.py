@@ -1,0 +1,494 @@
+"""What a compiled TPU program does per step, read from its optimized HLO text.
+
+libtpu's cost analysis counts a ``while`` body once, and an async collective is compiled as a start fusion plus
+continuation fusions that each carry a clone of it, so neither the cost analysis nor a count of text lines says
+what a step runs. Here every computation gets the number of times one step executes it (loop bodies times their
+trip count, found from the loop's counter: its start, its bound in the condition and its step in the body), each
+collective is counted once per channel (its clones share the ``channel_id``) times its computation's executions,
+and FLOPs are those of every ``dot`` and ``convolution`` times their computation's executions.
+
+Bytes on the wire per device, for a group of n devices and the collective's full array A (Patarasuk and Yuan's
+bandwidth-optimal ring algorithms): all-gather and reduce-scatter (n-1)/n * A, all-reduce 2(n-1)/n * A,
+all-to-all (n-1)/n * A, collective-permute A (each device sends its buffer once).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+# fmt: off
+DTYPE_BYTES = {
+    "pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
+    "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1,
+}
+# fmt: on
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+HOST_TRANSFERS = ("send", "recv", "infeed", "outfeed")
+WIRE_FORMULA = {
+    "all-gather": "(n-1)/n x full array",
+    "reduce-scatter": "(n-1)/n x full array",
+    "all-reduce": "2(n-1)/n x array",
+    "all-to-all": "(n-1)/n x array",
+    "collective-permute": "1 x array",
+}
+# Ops that pass a value on without computing with it: a collective's consumer is the first op that is not one.
+_PLUMBING = {"tuple", "get-tuple-element", "bitcast", "copy", "custom-call", "reshape", "copy-start", "copy-done"}
+
+_COLLECTIVE_OP = re.compile(r"^(all-gather|reduce-scatter|all-reduce|all-to-all|collective-permute)(-start|-done)?$")
+_HEADER = re.compile(r"^(?:ENTRY )?%([\w.\-]+) .*\{$")
+_INSTRUCTION = re.compile(r"^\s*(ROOT )?%([\w.\-]+) = (.+?) ([a-z][a-z0-9\-]*)\((.*)$")
+_ARRAY = re.compile(r"\b([a-z]+\d*(?:e\d+m\d+(?:fn)?)?)\[([\d,]*)\]")
+_CALLEE = re.compile(r"\b(calls|to_apply|body|condition|true_computation|false_computation)=%([\w.\-]+)")
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+
+
+def array_bytes(shape_text: str) -> int:
+    """Bytes of the arrays in an HLO shape (``bf16[8,3,32,32]{...}`` or a tuple of them)."""
+    total = 0.0
+    for dtype, dims in _ARRAY.findall(shape_text):
+        if dtype in DTYPE_BYTES:
+            total += DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+    return int(total)
+
+
+def _arrays(shape_text: str) -> list[tuple[str, list[int]]]:
+    return [(t, [int(d) for d in dims.split(",") if d]) for t, dims in _ARRAY.findall(shape_text) if t in DTYPE_BYTES]
+
+
+@dataclass
+class Instruction:
+    name: str
+    shape: str
+    op: str
+    rest: str  # operands and attributes, as written
+    root: bool = False
+    _operands: list[str] | None = field(default=None, repr=False)
+
+    def operands(self) -> list[str]:
+        if self._operands is None:
+            self._operands = self._parse_operands()
+        return self._operands
+
+    def _parse_operands(self) -> list[str]:
+        depth = 1
+        for end, ch in enumerate(self.rest):
+            depth += {"(": 1, ")": -1}.get(ch, 0)
+            if depth == 0:
+                return re.findall(r"%([\w.\-]+)", self.rest[:end])
+        return re.findall(r"%([\w.\-]+)", self.rest)
+
+    def attribute(self, key: str) -> str | None:
+        match = re.search(rf"\b{key}=([^ ]+?)(?:, [a-z_]+=|$)", self.rest)
+        return match[1] if match else None
+
+
+@dataclass
+class Computation:
+    name: str
+    entry: bool
+    instructions: dict[str, Instruction] = field(default_factory=dict)
+    _users: dict[str, list[Instruction]] | None = field(default=None, repr=False)
+
+    def users(self, name: str) -> list[Instruction]:
+        if self._users is None:
+            self._users = defaultdict(list)
+            for inst in self.instructions.values():
+                for operand in dict.fromkeys(inst.operands()):
+                    self._users[operand].append(inst)
+        return self._users.get(name, [])
+
+    @property
+    def root(self) -> Instruction | None:
+        return next((i for i in self.instructions.values() if i.root), None)
+
+
+def parse(text: str) -> dict[str, Computation]:
+    computations: dict[str, Computation] = {}
+    current: Computation | None = None
+    for line in text.splitlines():
+        header = _HEADER.match(line)
+        if header:
+            current = computations[header[1]] = Computation(header[1], line.startswith("ENTRY"))
+            continue
+        if current is None:
+            continue
+        match = _INSTRUCTION.match(line)
+        if match:
+            current.instructions[match[2]] = Instruction(match[2], match[3], match[4], match[5], bool(match[1]))
+    return computations
+
+
+def _constant(comp: Computation, name: str, seen: int = 0) -> int | None:
+    """The integer a scalar instruction holds, looking through copies, converts and one-operand fusions."""
+    inst = comp.instructions.get(name)
+    if inst is None or seen > 8:
+        return None
+    if inst.op == "constant":
+        match = re.match(r"(-?\d+)\)", inst.rest)
+        return int(match[1]) if match else None
+    if inst.op in ("copy", "convert", "bitcast") and inst.operands():
+        return _constant(comp, inst.operands()[0], seen + 1)
+    return None
+
+
+def _tuple_index(comp: Computation, name: str) -> int | None:
+    """k when ``name`` is ``get-tuple-element(param), index=k`` of the computation's parameter."""
+    inst = comp.instructions.get(name)
+    if inst is None or inst.op != "get-tuple-element":
+        return None
+    source = comp.instructions.get(inst.operands()[0]) if inst.operands() else None
+    index = inst.attribute("index")
+    return int(index) if source is not None and source.op == "parameter" and index is not None else None
+
+
+def trip_count(computations: dict[str, Computation], caller: Computation, loop: Instruction) -> int | None:
+    """Iterations of a counted ``while``: ``i < N`` (or ``N > i``, ``<=``, ``!=``) on tuple element k, k starting
+    at a constant and stepped by a constant in the body. None when the loop is not of that form."""
+    cond = computations.get((loop.attribute("condition") or "").lstrip("%"))
+    body = computations.get((loop.attribute("body") or "").lstrip("%"))
+    if cond is None or body is None or cond.root is None or body.root is None:
+        return None
+    compare = cond.root
+    if compare.op == "fusion":  # the comparison fused: read it inside, its operands are the fusion's parameters
+        fused = computations.get((compare.attribute("calls") or "").lstrip("%"))
+        if fused is None or fused.root is None or fused.root.op != "compare":
+            return None
+        params = {i.name: int(i.rest.split(")")[0]) for i in fused.instructions.values() if i.op == "parameter"}
+        outer = compare.operands()
+        operands = [outer[params[o]] if o in params else o for o in fused.root.operands()]
+        constants = [_constant(fused, o) for o in fused.root.operands()]
+        direction = fused.root.attribute("direction")
+    elif compare.op == "compare":
+        operands = compare.operands()
+        constants = [_constant(cond, o) for o in operands]
+        direction = compare.attribute("direction")
+    else:
+        return None
+    if len(operands) != 2:
+        return None
+    flip = {"LT": "GT", "GT": "LT", "LE": "GE", "GE": "LE", "NE": "NE"}
+    if constants[1] is not None and _tuple_index(cond, operands[0]) is not None:
+        k, bound = _tuple_index(cond, operands[0]), constants[1]
+    elif constants[0] is not None and _tuple_index(cond, operands[1]) is not None:
+        k, bound, direction = _tuple_index(cond, operands[1]), constants[0], flip.get(direction or "", "")
+    else:
+        return None
+    init_tuple = caller.instructions.get(loop.operands()[0]) if loop.operands() else None
+    if init_tuple is None or init_tuple.op != "tuple" or k is None or k >= len(init_tuple.operands()):
+        return None
+    start = _constant(caller, init_tuple.operands()[k])
+    body_root = body.root
+    if start is None or body_root.op != "tuple" or k >= len(body_root.operands()):
+        return None
+    update = body.instructions.get(body_root.operands()[k])
+    if update is None or update.op not in ("add", "subtract") or len(update.operands()) != 2:
+        return None
+    a, b = update.operands()
+    if _tuple_index(body, a) == k:
+        step = _constant(body, b)
+    elif update.op == "add" and _tuple_index(body, b) == k:
+        step = _constant(body, a)
+    else:
+        return None
+    if step is None:
+        return None
+    step = -step if update.op == "subtract" else step
+    if not step:
+        return None
+    span = {"LT": bound - start, "LE": bound - start + 1, "GT": start - bound, "GE": start - bound + 1}.get(
+        direction or "", (bound - start) if direction == "NE" else None
+    )
+    if span is None or (span > 0) != (step > 0 if direction in ("LT", "LE", "NE") else step < 0):
+        return 0 if span is not None and span <= 0 else None
+    return max(0, math.ceil(span / abs(step)))
+
+
+@dataclass
+class Executions:
+    """How many times one step runs each computation, and the loops that decide it."""
+
+    counts: dict[str, int]
+    loops: list[dict[str, Any]]
+
+
+def executions(computations: dict[str, Computation]) -> Executions:
+    calls: dict[str, list[tuple[str, int]]] = defaultdict(list)  # callee -> [(caller, times per caller run)]
+    loops = []
+    for comp in computations.values():
+        for inst in comp.instructions.values():
+            trips = 1
+            if inst.op == "while":
+                found = trip_count(computations, comp, inst)
+                loops.append({"loop": inst.name, "in": comp.name, "trip_count": found})
+                trips = found if found is not None else 1
+            for key, callee in _CALLEE.findall(inst.rest):
+                times = trips if key == "body" else (trips + 1 if key == "condition" else 1)
+                calls[callee].append((comp.name, times))
+            for branches in _BRANCHES.findall(inst.rest):
+                for callee in re.findall(r"%([\w.\-]+)", branches):
+                    calls[callee].append((comp.name, 1))
+    counts: dict[str, int] = {}
+
+    def count(name: str, depth: int = 0) -> int:
+        if name not in counts:
+            comp = computations.get(name)
+            if comp is not None and comp.entry:
+                counts[name] = 1
+            elif depth > 200:
+                counts[name] = 0
+            else:
+                counts[name] = sum(count(caller, depth + 1) * times for caller, times in calls.get(name, ()))
+        return counts[name]
+
+    for name in computations:
+        count(name)
+    return Executions(counts, loops)
+
+
+def _group_size(inst: Instruction, devices: int) -> int:
+    groups = inst.attribute("replica_groups")
+    if groups is None or groups in ("{}", "{{}}"):
+        return devices
+    iota = re.match(r"\[(\d+),(\d+)\]<=", groups)
+    if iota:
+        return int(iota[2])
+    first = re.match(r"\{\{([\d,]*)\}", groups)
+    return len(first[1].split(",")) if first and first[1] else devices
+
+
+def call_sites(computations: dict[str, Computation]) -> dict[str, list[tuple[str, str]]]:
+    """callee -> [(caller computation, calling instruction)]."""
+    sites: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for comp in computations.values():
+        for inst in comp.instructions.values():
+            for _, callee in _CALLEE.findall(inst.rest):
+                sites[callee].append((comp.name, inst.name))
+    return sites
+
+
+def _parameter(comp: Computation, number: int) -> str | None:
+    return next(
+        (i.name for i in comp.instructions.values() if i.op == "parameter" and i.rest.startswith(f"{number})")), None
+    )
+
+
+def consumer(
+    computations: dict[str, Computation], sites: dict[str, list[tuple[str, str]]], where: str, name: str
+) -> str:
+    """The first op that computes with a value, followed through plumbing, out of a fusion by its tuple index and
+    into the fusions an async collective passes through: 'op (torch_xla op)'."""
+    queue, seen = [(where, name)], set()
+    while queue:
+        cname, value = queue.pop(0)
+        if (cname, value) in seen or cname not in computations:
+            continue
+        seen.add((cname, value))
+        comp = computations[cname]
+        if comp.instructions[value].root:  # leaves its computation whole
+            queue += sites.get(cname, [])
+        for user in comp.users(value):
+            operands = user.operands()
+            callee = computations.get((user.attribute("calls") or "").lstrip("%"))
+            if user.op == "tuple" and user.root:  # one element of what the computation returns
+                index = str(operands.index(value))
+                for caller, site in sites.get(cname, []):
+                    queue += [
+                        (caller, g.name)
+                        for g in computations[caller].users(site)
+                        if g.op == "get-tuple-element" and g.attribute("index") == index
+                    ]
+            elif user.op in _PLUMBING or _COLLECTIVE_OP.match(user.op):
+                queue.append((cname, user.name))
+            elif (
+                user.op == "fusion"
+                and callee is not None
+                and any(_COLLECTIVE_OP.match(i.op) for i in callee.instructions.values())
+            ):  # an async collective's carrier: the value goes on inside it
+                inner = _parameter(callee, operands.index(value))
+                if inner is not None:
+                    queue.append((callee.name, inner))
+            else:
+                op = user.op
+                if callee is not None:
+                    kinds = {i.op for i in callee.instructions.values()}
+                    op = next((k for k in ("convolution", "dot", "reduce", "scatter") if k in kinds), "fusion")
+                torch_op = re.search(r'op_name="([^"]+)"', user.rest)
+                return f"{op} ({torch_op[1]})" if torch_op else op
+    return ""
+
+
+def collectives(computations: dict[str, Computation], runs: Executions, devices: int, top: int = 5) -> dict[str, Any]:
+    """Each collective counted once per channel (its async clones share it), executed as often as its computation
+    runs in a step; result and wire bytes per device per step; the largest by wire bytes."""
+    found: dict[Any, dict[str, Any]] = {}
+    sites = call_sites(computations)
+    pattern = "|".join(re.escape(k) for k in (*COLLECTIVES, *HOST_TRANSFERS))
+    kinds = re.compile(rf"^({pattern})(-start)?$")
+    for comp in computations.values():
+        for inst in comp.instructions.values():
+            match = kinds.match(inst.op)
+            if match is None:
+                continue
+            kind = match[1]
+            channel = inst.attribute("channel_id")
+            key = (kind, int(channel)) if channel is not None else (kind, comp.name, inst.name)
+            arrays = _arrays(inst.shape)
+            size = max((array_bytes(f"{t}[{','.join(map(str, d))}]") for t, d in arrays), default=0)
+            entry = found.setdefault(key, {"kind": kind, "clones": 0, "executions": 0, "bytes": size})
+            entry["clones"] += 1
+            if runs.counts.get(comp.name, 0) >= entry["executions"]:
+                entry["executions"] = runs.counts.get(comp.name, 0)
+                big = max(arrays, key=lambda a: math.prod(a[1]), default=("", []))
+                entry |= {
+                    "bytes": size,
+                    "group": _group_size(inst, devices),
+                    "shape": f"{big[0]}[{','.join(map(str, big[1]))}]",
+                    "torch_op": (re.search(r'op_name="([^"]+)"', inst.rest) or [None, ""])[1],
+                }
+                entry["where"] = (comp.name, inst.name)
+    for entry in found.values():
+        if "where" in entry:
+            entry["consumer"] = consumer(computations, sites, *entry.pop("where"))
+    totals: dict[str, dict[str, Any]] = {
+        k: {"distinct": 0, "count": 0, "bytes": 0, "wire_bytes": 0} for k in (*COLLECTIVES, *HOST_TRANSFERS)
+    }
+    listed = []
+    for entry in found.values():
+        n = entry.get("group", devices)
+        full = entry["bytes"] * (n if entry["kind"] == "reduce-scatter" else 1)  # a reduce-scatter's result is 1/n
+        share = {
+            "all-gather": (n - 1) / n,
+            "reduce-scatter": (n - 1) / n,
+            "all-reduce": 2 * (n - 1) / n,
+            "all-to-all": (n - 1) / n,
+        }.get(entry["kind"], 1.0)
+        wire = full * share if n > 1 or entry["kind"] not in WIRE_FORMULA else 0.0
+        entry["wire_bytes_per_execution"] = int(wire)
+        t = totals[entry["kind"]]
+        t["distinct"] += 1
+        t["count"] += entry["executions"]
+        t["bytes"] += entry["bytes"] * entry["executions"]
+        t["wire_bytes"] += int(wire * entry["executions"])
+        listed.append(entry)
+    host_callbacks = sum(
+        1
+        for comp in computations.values()
+        for inst in comp.instructions.values()
+        if inst.op == "custom-call" and re.search(r'custom_call_target="[^"]*(?:callback|host)', inst.rest, re.I)
+    )
+    totals["host-callback"] = {"distinct": host_callbacks, "count": host_callbacks, "bytes": 0, "wire_bytes": 0}
+    largest = sorted(listed, key=lambda e: -e["wire_bytes_per_execution"] * e["executions"])[:top]
+    return {
+        "totals": totals,
+        "largest": [
+            {
+                k: e.get(k)
+                for k in ("kind", "shape", "group", "executions", "wire_bytes_per_execution", "consumer", "torch_op")
+            }
+            for e in largest
+        ],
+    }
+
+
+def _flops(inst: Instruction, comp: Computation) -> int:
+    out = _arrays(inst.shape)
+    if not out:
+        return 0
+    out_elements = math.prod(out[0][1])
+    operands = inst.operands()
+    shapes = [_arrays(comp.instructions[o].shape) if o in comp.instructions else [] for o in operands[:2]]
+    if inst.op == "dot":
+        dims = inst.attribute("lhs_contracting_dims")
+        if not shapes[0] or dims is None:
+            return 0
+        lhs = shapes[0][0][1]
+        contracted = math.prod(lhs[int(d)] for d in re.findall(r"\d+", dims))
+        return 2 * out_elements * contracted
+    labels = inst.attribute("dim_labels")
+    if len(shapes) < 2 or not shapes[0] or not shapes[1] or labels is None or "->" not in labels:
+        return 0
+    (lhs_labels, kernel_labels), out_labels = labels.split("->")[0].split("_"), labels.split("->")[1]
+    lhs, kernel, result = shapes[0][0][1], shapes[1][0][1], out[0][1]
+    if not (len(lhs_labels) == len(lhs) and len(kernel_labels) == len(kernel) and len(out_labels) == len(result)):
+        return 0
+    window = _window(inst.rest, sum(c.isdigit() for c in kernel_labels))
+    valid = 1
+    for d, spatial in enumerate(sorted(c for c in kernel_labels if c.isdigit())):
+        size, stride, pad_low, base, dilation = (w[d] for w in window)
+        valid *= _window_hits(
+            result[out_labels.index(spatial)],
+            kernel[kernel_labels.index(spatial)],
+            lhs[lhs_labels.index(spatial)],
+            stride,
+            pad_low,
+            base,
+            dilation,
+        )
+    # Each output (batch, feature) sums, over the window positions that land on an input element (not on padding or
+    # a hole of base dilation), the kernel's input features: XLA's own way of counting a convolution.
+    batch, features = result[out_labels.index("b")], result[out_labels.index("f")]
+    return 2 * batch * features * valid * kernel[kernel_labels.index("i")]
+
+
+def _window(rest: str, dims: int) -> list[list[int]]:
+    """size, stride, low padding, base (lhs) dilation and window (rhs) dilation of each spatial dimension."""
+    match = re.search(r"window=\{([^}]*)\}", rest)
+    fields = dict(re.findall(r"(\w+)=(\S+)", match[1])) if match else {}
+
+    def per_dim(key: str, default: int, low_of_pair: bool = False) -> list[int]:
+        if key not in fields:
+            return [default] * dims
+        parts = fields[key].split("x")
+        return [int(p.split("_")[0]) if low_of_pair else int(p) for p in parts]
+
+    sizes = per_dim("size", 1)
+    return [sizes, per_dim("stride", 1), per_dim("pad", 0, True), per_dim("lhs_dilate", 1), per_dim("rhs_dilate", 1)]
+
+
+_HITS: dict[tuple[int, ...], int] = {}
+
+
+def _window_hits(out: int, size: int, length: int, stride: int, pad_low: int, base: int, dilation: int) -> int:
+    """(output position, window position) pairs of one dimension whose input index is a real input element."""
+    key = (out, size, length, stride, pad_low, base, dilation)
+    if key not in _HITS:
+        last = (length - 1) * base
+        hits = 0
+        for o in range(out):
+            for k in range(size):
+                index = o * stride + k * dilation - pad_low
+                hits += 0 <= index <= last and index % base == 0
+        _HITS[key] = hits
+    return _HITS[key]
+
+
+def matmul_flops(computations: dict[str, Computation], runs: Executions) -> int:
+    """FLOPs of every dot and convolution, times the executions of the computation that holds it."""
+    total = 0
+    for comp in computations.values():
+        times = runs.counts.get(comp.name, 0)
+        if not times:
+            continue
+        for inst in comp.instructions.values():
+            if inst.op in ("dot", "convolution"):
+                total += _flops(inst, comp) * times
+    return total
+
+
+def analyse(text: str, devices: int) -> dict[str, Any]:
+    """FLOPs, collectives and loops of one device's compiled step (``text``: the optimized HLO module)."""
+    computations = parse(text)
+    runs = executions(computations)
+    entry = next((c for c in computations.values() if c.entry), None)
+    parameters = [i for i in entry.instructions.values() if i.op == "parameter"] if entry else []
+    return {
+        "argument_logical_bytes": sum(array_bytes(i.shape) for i in parameters),  # before TPU tile padding
+        "flops": matmul_flops(computations, runs),
+        "collectives": collectives(computations, runs, devices),
+        "loops": runs.loops,
+        "loops_with_unknown_trip_count": sum(1 for loop in runs.loops if loop["trip_count"] is None),
+    }
