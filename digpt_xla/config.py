@@ -391,6 +391,9 @@ def _check_combinations(cfg: Config) -> None:
     problem = layout_problem(cfg.backend.name, cfg.backend.fsdp, cfg.teacher.fsdp)
     if problem:
         raise ConfigError(problem)
+    for key, seed in (("run.seed", cfg.run.seed), ("run.data_seed", cfg.run.data_seed)):
+        if seed is not None and not 0 <= seed < 2**63:  # what every backend's generator accepts (XLA: no negatives)
+            raise ConfigError(f"{key}={seed}: a seed from 0 to 2**63 - 1")
 
     if cfg.backend.tf32 and cfg.backend.name not in ("auto", "cuda"):
         raise ConfigError(f"backend.tf32=true with backend.name={cfg.backend.name!r}: TF32 is an NVIDIA mode (cuda)")

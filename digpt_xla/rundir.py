@@ -22,7 +22,7 @@ import tempfile
 import threading
 import time
 import uuid
-from typing import Any
+from typing import Any, ClassVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -185,12 +185,29 @@ class RunLease:
             "command": " ".join(sys.argv)[:500],
         }
 
+    # The fields a lease must have, and their types: anything else is named, not half-read.
+    FIELDS: ClassVar[dict[str, tuple[tuple[type, ...], str]]] = {
+        "owner": ((str,), "a string"),
+        "host": ((str,), "a string"),
+        "pid": ((int,), "an integer"),
+        "heartbeat": ((int, float), "a number"),
+    }
+
     def _read(self) -> dict[str, Any] | None:
         try:
             record = json.loads(self.run_dir.read_text(self.NAME))
         except (ValueError, OSError):
             return None  # missing, torn or unreadable: nobody can be shown to hold it
-        return record if isinstance(record, dict) else None
+        if not isinstance(record, dict):
+            return None
+        for key, (types, kind) in self.FIELDS.items():
+            value = record.get(key)
+            if not isinstance(value, types) or isinstance(value, bool):
+                raise RunDirError(
+                    f"{self.run_dir.url_of(self.NAME)}: field {key!r} is {value!r}, not {kind}; if no run uses this "
+                    "directory, delete the file"
+                )
+        return record
 
     @staticmethod
     def _this_process(held: dict[str, Any]) -> bool:
@@ -200,6 +217,8 @@ class RunLease:
     def _why_free(self, held: dict[str, Any]) -> str | None:
         """Why a lease someone else wrote no longer binds (None: it does)."""
         age = time.time() - float(held.get("heartbeat", 0))
+        if -age > self.stale_after:  # no clock is that far ahead: a lease that could never go stale is not trusted
+            return f"its heartbeat is {-age:.0f}s in the future (> {self.stale_after:g}s of clock difference)"
         if self._this_process(held):
             return ""  # an earlier trainer of this same process
         if held.get("host") == socket.gethostname():
@@ -216,7 +235,8 @@ class RunLease:
 
     def _describe(self, held: dict[str, Any]) -> str:
         age = time.time() - float(held.get("heartbeat", 0))
-        return f"host {held.get('host')} pid {held.get('pid')}, heartbeat {age:.0f}s ago"
+        when = f"{age:.0f}s ago" if age >= 0 else f"{-age:.0f}s in the future"
+        return f"host {held.get('host')} pid {held.get('pid')}, heartbeat {when}"
 
     def acquire(self, settle: float | None = None) -> None:
         """Take the lease or refuse; ``settle``: the pause before reading it back (longer on object stores, whose
@@ -250,7 +270,11 @@ class RunLease:
 
     def _renew(self) -> None:
         while not self._stop.wait(self.heartbeat):
-            held = self._read()
+            try:
+                held = self._read()
+            except RunDirError as e:  # overwritten with garbage while held: this run's record replaces it
+                log.warning("%s", e)
+                held = None
             if held is not None and held.get("owner") != self.owner:
                 if self._this_process(held):
                     return  # a later trainer of this same process holds it now: this one is no longer used
@@ -267,7 +291,10 @@ class RunLease:
         if self._thread is None:
             return
         self._thread = None
-        held = self._read()
+        try:
+            held = self._read()
+        except RunDirError:
+            return  # not this run's record any more
         if held is not None and held.get("owner") == self.owner:
             with contextlib.suppress(OSError):  # already gone
                 self.run_dir.fs.rm(self.run_dir._path(self.NAME))

@@ -139,6 +139,7 @@ STRUCTURE = {
     "no optimizer": ({}, "optimizer", "no 'optimizer' entry"),
     "step is text": ({"step": "six"}, "", "entry 'step' is a str, expected int"),
     "negative step": ({"step": -6}, "", "entry 'step' is -6"),
+    "step past any run": ({"step": 10**30}, "", "entry 'step' is 1000000000000000000000000000000, not a step count"),
     "bad rng": ({"rng": {"python": 3}}, "", "entry 'rng' is not a random-generator state"),
     "not a dict": (None, "", "holds a list"),
 }

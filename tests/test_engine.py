@@ -207,6 +207,8 @@ def test_xla_spmd_four_devices_match_one_device(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "xla-spmd" in proc.stderr
+    # Four virtual devices take four per-device batches: said once, since on a real slice it is the point.
+    assert proc.stderr.count("the global batch and the learning rate scale with the device count") == 1
     eager = [
         PYTHON,
         "tests/workers/step_grads.py",

@@ -196,6 +196,8 @@ def test_a_lease_of_a_dead_or_silent_run_is_taken_over_and_a_live_one_is_not(tmp
         "dead process on this host": ({"host": socket.gethostname(), "pid": gone.pid, "heartbeat": time.time()}, True),
         "silent other host": ({"host": "tpu-vm-7", "pid": 1, "heartbeat": time.time() - 600}, True),
         "live other host": ({"host": "tpu-vm-7", "pid": 1, "heartbeat": time.time() - 5}, False),
+        # No clock is 100000 s ahead: such a lease would never go stale, so it does not bind.
+        "heartbeat from the future": ({"host": "tpu-vm-7", "pid": 1, "heartbeat": time.time() + 99999}, True),
     }
     for name, (record, free) in held.items():
         run = tmp_path / name.replace(" ", "_")
@@ -214,3 +216,9 @@ def test_a_lease_of_a_dead_or_silent_run_is_taken_over_and_a_live_one_is_not(tmp
     (tmp_path / "file").write_text("")
     with pytest.raises(RunDirError, match="is a file, not a directory"):
         RunLease(RunDir(str(tmp_path / "file"))).acquire()
+    # A lease of the wrong shape is named with its field, never half-read into a traceback.
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "lease.json").write_text(json.dumps({"owner": "x", "host": "h", "pid": "12", "heartbeat": 1.0}))
+    with pytest.raises(RunDirError, match=r"lease.json: field 'pid' is '12', not an integer; if no run uses"):
+        RunLease(RunDir(str(bad))).acquire(settle=0)

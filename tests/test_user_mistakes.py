@@ -234,3 +234,21 @@ def test_a_config_that_yaml_would_read_wrongly_is_one_line(tmp_path, capsys, tex
     code = digpt_main(["pretrain", "--config", str(path), "run.progress=false"])
     line = _one_line_exit_2(code, capsys)
     assert str(path) in line and expected in line, line
+
+
+def test_an_image_folder_never_files_other_classes_or_special_files_under_a_class(tmp_path, caplog):
+    root = image_folder(tmp_path, per_class=5)
+    os.symlink("..", root / "2" / "up")  # up/0, up/1, up/2 ... would be filed under class 2
+    os.mkfifo(root / "1" / "x.png")  # open() of a FIFO blocks until a writer comes: never
+    os.symlink("/dev/zero", root / "0" / "zero.png")  # endless
+    samples, classes = scan_image_folder(str(root))
+    per_class = {c: sum(1 for _, label in samples if label == i) for c, i in classes.items()}
+    assert per_class == {"0": 5, "1": 5, "2": 5}, per_class
+    assert "leads back to" in caplog.text and "not a regular file" in caplog.text
+
+
+@pytest.mark.parametrize("seed", ["-1", "100000000000000000000"])
+def test_a_seed_no_generator_takes_is_one_line_at_load(tmp_path, capsys, seed):
+    # -1 failed on XLA only, and 1e20 overflowed into a traceback, both after the run had started.
+    code = digpt_main(["pretrain", *CPU, f"run.seed={seed}", f"run.out_dir={tmp_path}"])
+    assert f"run.seed={seed}: a seed from 0 to 2**63 - 1" in _one_line_exit_2(code, capsys)

@@ -251,6 +251,13 @@ class XlaSpmdBackend(XlaBackend):
         self.rank, self.world_size = self._xr.process_index(), self._xr.process_count()
         n = self._xr.global_runtime_device_count()
         self._check_fsdp(n, "devices of the slice")
+        if n > 1 and os.environ.get("PJRT_DEVICE", "").upper() == "CPU":
+            log.warning(
+                "xla-spmd on %d XLA:CPU devices (CPU_NUM_DEVICES): each takes data.batch_size images, so the global "
+                "batch and the learning rate scale with the device count, as they would on %d chips",
+                n,
+                n,
+            )
         self.mesh = self._xs.Mesh(np.arange(n), mesh_shape(n, self.fsdp), ("data", "fsdp"))
         self._xs.set_global_mesh(self.mesh)
         self._param_specs: dict[Tensor, tuple[str | None, ...]] = {}

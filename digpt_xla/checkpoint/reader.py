@@ -169,8 +169,8 @@ def _check_training_state(state: Any, url: str, sharded: bool) -> dict[str, Any]
             raise CheckpointError(f"{url}: not a digpt_xla {what} (no {key!r} entry)")
         if not isinstance(state[key], kind) or isinstance(state[key], bool):
             raise CheckpointError(f"{url}: entry {key!r} is a {type(state[key]).__name__}, expected {kind.__name__}")
-    if state["step"] < 0:
-        raise CheckpointError(f"{url}: entry 'step' is {state['step']}, not a step count (>= 0)")
+    if not 0 <= state["step"] < 2**53:  # past 2**53 a step no longer survives a float (TensorBoard, lr schedule)
+        raise CheckpointError(f"{url}: entry 'step' is {state['step']}, not a step count (0 to 2**53)")
     if not sharded and not {"state", "param_groups"} <= set(state["optimizer"]):
         raise CheckpointError(f"{url}: entry 'optimizer' is not an optimizer state dict (no 'state'/'param_groups')")
     return dict(state)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable
 
 import torch
@@ -38,18 +39,48 @@ def scan_image_folder(root: str) -> tuple[list[tuple[str, int]], dict[str, int]]
 
 def _image_files(class_dir: str) -> list[str]:
     """Image files under ``class_dir``, sorted, following symlinked folders but entering each real folder once:
-    a link back to a parent (a loop) would otherwise repeat the same images until the path length runs out."""
+    a link back to a parent (a loop) would otherwise repeat the same images until the path length runs out, and a
+    link up to the dataset's root (``ln -s .. up``) would file every other class under this one. Only regular files
+    of at most ``MAX_IMAGE_BYTES`` count: a FIFO named ``x.png`` would block its reader forever, ``/dev/zero``
+    would never end."""
     found, seen = [], set()
+    class_real = os.path.realpath(class_dir)
     for folder, subdirs, files in os.walk(class_dir, followlinks=True):
         real = os.path.realpath(folder)
-        if real in seen:
+        if real in seen or (folder != class_dir and _contains(real, class_real)):
             log.warning("%s: a symlinked folder leads back to %s; not followed again", folder, real)
             subdirs[:] = []
             continue
         seen.add(real)
         subdirs.sort()
-        found += [os.path.join(folder, f) for f in sorted(files) if f.lower().endswith(IMG_EXTENSIONS)]
+        found += [
+            path
+            for path in (os.path.join(folder, f) for f in sorted(files) if f.lower().endswith(IMG_EXTENSIONS))
+            if _readable_image_file(path)
+        ]
     return found
+
+
+MAX_IMAGE_BYTES = 256 * 2**20
+
+
+def _contains(folder: str, path: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _readable_image_file(path: str) -> bool:
+    try:
+        info = os.stat(path)
+    except OSError as e:  # a broken link, or a permission problem: named, not fatal
+        log.warning("%s: cannot be read (%s); left out", path, e.strerror)
+        return False
+    if not stat.S_ISREG(info.st_mode):
+        log.warning("%s: not a regular file (a FIFO, device or socket); left out", path)
+        return False
+    if info.st_size > MAX_IMAGE_BYTES:
+        log.warning("%s: %d bytes, more than any image here (%d); left out", path, info.st_size, MAX_IMAGE_BYTES)
+        return False
+    return True
 
 
 class ImageFolderDataset(Dataset):
