@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from digpt_xla.config import Config, ConfigError, load_config, load_dataclass
+from digpt_xla.errors import UserError
 from digpt_xla.precision import split_side
 from digpt_xla.repo import find_config, git_revision
 from digpt_xla.rundir import RunDir
@@ -109,6 +110,10 @@ def load_attribution_config(path: str, overrides: list[str] | tuple[str, ...] = 
     for side in study.sides():  # every factor's config loads now: a bad key or value fails before any run
         study.run_config(side, cfg.seeds[0])
     return cfg
+
+
+class StudyInterrupted(UserError, RuntimeError):
+    """A signal stopped a run of the study midway."""
 
 
 class Attribution:
@@ -242,8 +247,13 @@ class Attribution:
         # Steps 1 and 2: the first update (the warmup's first step has lr 0 and moves nothing).
         record_at = sorted({1, min(2, self.cfg.steps), self.cfg.steps, *every})
         trainer = _recording_pretrainer(cfg, self.backend(cfg), record_at, nudge=side.name == "one-ulp")
-        checkpoint = trainer.train().checkpoint
-        snapshots = trainer.snapshots
+        result = trainer.train()
+        checkpoint, snapshots = result.checkpoint, trainer.snapshots
+        if result.stopped == "preempted":  # SIGINT or SIGTERM: this run is not whole, and is not recorded
+            raise StudyInterrupted(
+                f"the study was interrupted in seed {seed}, side {side.name!r}, at step {result.step} of "
+                f"{self.cfg.steps}; the runs before it are kept in {self.results_url}: run the same command to go on"
+            )
         del trainer
         gc.collect()  # a ViT-B side's model, optimizer and teacher (5 GB) go before the next side builds its own
         if side is self.baseline or side.name == self.baseline.name:

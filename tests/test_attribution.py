@@ -2,7 +2,9 @@
 systematic shift with the right sign, and bad factor strings are one line."""
 
 import json
+import os
 import shutil
+import signal
 
 import pytest
 
@@ -105,6 +107,25 @@ def test_the_study_is_never_started_without_naming_it(capsys):
     with pytest.raises(SystemExit) as exit_:
         parity_main(["attribute"])
     assert exit_.value.code == 2 and "--config" in capsys.readouterr().err
+
+
+def test_ctrl_c_during_a_study_is_one_line_and_keeps_the_finished_runs(tmp_path, capsys, monkeypatch):
+    from digpt_xla.engine import Pretrainer
+
+    calls = {"n": 0}
+
+    def interrupt_in_the_second_run(self):  # after a step of the second run: as if Ctrl-C were pressed then
+        calls["n"] += 1
+        if calls["n"] == 13:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(Pretrainer, "after_step", interrupt_in_the_second_run)
+    argv = ["attribute", *STUDY, "factors=[optim.eps=1.0]", f"out_dir={tmp_path / 'out'}", f"run_dir={tmp_path}"]
+    assert parity_main(argv) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "the study was interrupted in seed 0" in errors[0], errors
+    rows = (tmp_path / "out" / "results.jsonl").read_text().splitlines()
+    assert len(rows) == 1 and json.loads(rows[0])["side"] == "cpu:fp32"  # the baseline's run, whole
 
 
 def test_a_factor_is_one_change_on_the_baseline():
