@@ -239,8 +239,6 @@ class Attribution:
         return torch.load(io.BytesIO(self.scratch.read_bytes(name)), weights_only=True)
 
     def run_one(self, side: Factor, seed: int, baseline: dict[int, torch.Tensor]) -> dict[str, Any]:
-        from digpt_xla.engine.metrics import read_metrics
-
         cfg = self.run_config(side, seed)
         t0 = time.perf_counter()
         every = range(self.cfg.record_every, self.cfg.steps + 1, self.cfg.record_every)
@@ -248,7 +246,7 @@ class Attribution:
         record_at = sorted({1, min(2, self.cfg.steps), self.cfg.steps, *every})
         trainer = _recording_pretrainer(cfg, self.backend(cfg), record_at, nudge=side.name == "one-ulp")
         result = trainer.train()
-        checkpoint, snapshots = result.checkpoint, trainer.snapshots
+        checkpoint, snapshots, trainer_losses = result.checkpoint, trainer.snapshots, trainer.step_losses
         if result.stopped == "preempted":  # SIGINT or SIGTERM: this run is not whole, and is not recorded
             raise StudyInterrupted(
                 f"the study was interrupted in seed {seed}, side {side.name!r}, at step {result.step} of "
@@ -262,7 +260,9 @@ class Attribution:
             buffer = io.BytesIO()
             torch.save(snapshots, buffer)
             self.scratch.write_bytes(_baseline_file(seed), buffer.getvalue())
-        losses = [r["loss"] for r in read_metrics(cfg.run.out_dir) if r.get("loss") is not None]
+        # Every step's own loss, whatever run.log_every logs: a factor that changes only the logging trains the
+        # same weights and must show the same losses.
+        losses = [float(t) for t in trainer_losses]
         start = baseline.get(0, snapshots[0])
         divergence, moved_by = {}, {}
         for step in record_at:
@@ -298,9 +298,15 @@ def _recording_pretrainer(cfg: Config, backend: Any, record_at: list[int], nudge
     from digpt_xla.engine import Pretrainer
 
     class RecordingPretrainer(Pretrainer):
-        """The trainer's own loop, keeping a CPU copy of the trainable parameters at the recorded steps."""
+        """The trainer's own loop, keeping a CPU copy of the trainable parameters at the recorded steps and every
+        step's loss (a detached scalar on the device: read once the run is over, so no step waits for the host)."""
 
         snapshots: dict[int, torch.Tensor]
+        step_losses: list[torch.Tensor]
+
+        def train_step(self, *inputs: Any) -> None:
+            super().train_step(*inputs)
+            self.step_losses.append(self.meter.last["loss"])
 
         def flat_parameters(self) -> torch.Tensor:
             # fp32, the master weights' own dtype (exact; distances are taken in fp64): a ViT-B snapshot is 0.67 GB,
@@ -320,6 +326,7 @@ def _recording_pretrainer(cfg: Config, backend: Any, record_at: list[int], nudge
                 with torch.no_grad():
                     weight.copy_(torch.nextafter(weight, torch.full_like(weight, math.inf)))
             self.snapshots = {0: self.flat_parameters()}
+            self.step_losses = []
             super().before_training()
 
         def after_step(self) -> None:

@@ -34,15 +34,18 @@ def _refuse(constant: str):
 
 def test_a_two_seed_study_tells_identical_from_chaos_from_a_real_shift(tmp_path, capsys):
     out = tmp_path / "report"
-    factors = "factors=[model.attention=sdpa,optim.eps=1.0]"  # the first is the default: a no-op
+    # The first is the default and the second changes only what is logged: both train identical weights.
+    factors = "factors=[model.attention=sdpa,run.log_every=3,optim.eps=1.0]"
     argv = ["attribute", *STUDY, factors, f"out_dir={out}", f"run_dir={tmp_path / 'runs'}"]
     assert parity_main(argv) == 0
     report = json.loads((out / "report.json").read_text(), parse_constant=_refuse)  # strict JSON: no NaN
     entries = {e["factor"]: e for e in report["factors"]}
-    assert report["seeds"] == [0, 1] and set(entries) == {"model.attention=sdpa", "optim.eps=1.0", *CONTROLS}
-    noop = entries["model.attention=sdpa"]
-    assert noop["verdict"] == "identical" and noop["divergence_at_end"] == 0.0
-    assert noop["shifts"]["final_loss"]["mean"] == 0.0
+    noops = ("model.attention=sdpa", "run.log_every=3")
+    assert report["seeds"] == [0, 1] and set(entries) == {*noops, "optim.eps=1.0", *CONTROLS}
+    for name in noops:  # every metric from the same steps, whatever the logging: exactly no shift
+        noop = entries[name]
+        assert noop["verdict"] == "identical" and noop["divergence_at_end"] == 0.0, noop
+        assert noop["shifts"]["final_loss"]["mean"] == 0.0 and noop["step1_loss_rel_error"] == 0.0, noop
     ulp = entries["one-ulp"]
     assert not ulp["identical"] and ulp["divergence_at_end"] > 0 and ulp["verdict"].startswith("control")
     # An eps of 1 all but stops Adam: the loss stays higher than the baseline's on every seed.
@@ -52,12 +55,12 @@ def test_a_two_seed_study_tells_identical_from_chaos_from_a_real_shift(tmp_path,
     md = (out / "report.md").read_text()
     assert "| `optim.eps=1.0` |" in md and "seeds" in md and (out / "divergence.png").stat().st_size > 1000
     ledger = [json.loads(line) for line in (out / "ledger.jsonl").read_text().splitlines()]
-    assert {r["metric"] for r in ledger} == {"final_loss"} and len(ledger) == 2 * (2 + 1 + len(CONTROLS))
+    assert {r["metric"] for r in ledger} == {"final_loss"} and len(ledger) == 2 * (3 + 1 + len(CONTROLS))
 
     # Rerun: everything is in results.jsonl, nothing runs again.
     results = out / "results.jsonl"
     assert parity_main(argv) == 0
-    assert len(results.read_text().splitlines()) == 2 * (2 + 1 + len(CONTROLS))
+    assert len(results.read_text().splitlines()) == 2 * (3 + 1 + len(CONTROLS))
     # Interrupted before the last run, with the scratch run directory gone: the baseline of that seed runs again
     # for its parameters (its row is kept, not repeated), then the missing run.
     lines = results.read_text().splitlines()

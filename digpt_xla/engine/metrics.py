@@ -34,6 +34,7 @@ class DeferredMeter:
         self.names, self.device = names, device
         # A 0/1 weight per name, so the count needs no indexing inside the step's graph.
         self.guard = torch.tensor([float(n in guard) for n in names]).to(device)
+        self.last: dict[str, Tensor] = {}
         self.reset()
 
     def reset(self) -> None:
@@ -42,6 +43,7 @@ class DeferredMeter:
         self.count = 0
 
     def add(self, **values: Tensor) -> None:
+        self.last = {n: values[n].detach() for n in self.names}  # this step's own values, still on the device
         step = torch.stack([values[n].detach().float().reshape(()) for n in self.names])
         nonfinite = ((~torch.isfinite(step)).float() * self.guard).sum().reshape(1)
         self.sums = self.sums + torch.cat([step, nonfinite])
