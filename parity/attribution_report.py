@@ -122,7 +122,7 @@ def build_report(cfg: AttributionConfig, baseline: Factor, factors: list[Factor]
             entry["verdict"] = "control" + (
                 f" (final loss shift 95% CI [{spread[0]:+.3g}, {spread[1]:+.3g}])" if math.isfinite(spread[0]) else ""
             )
-        elif entry["identical"]:
+        elif entry["identical"] and all(s["mean"] == 0 for s in entry["shifts"].values()):
             entry["verdict"] = "identical"
         elif systematic:
             entry["verdict"] = "systematic: " + "; ".join(systematic)
@@ -130,13 +130,8 @@ def build_report(cfg: AttributionConfig, baseline: Factor, factors: list[Factor]
             entry["verdict"] = "indistinguishable from one ulp"
         entries.append(entry)
 
-    def paired_spread(metric: str) -> float:
-        """The typical spread of a factor's paired differences over seeds (the median over the factors that
-        changed anything): the noise a paired comparison of two settings sees at this horizon."""
-        spreads = [_stdev(paired(e["factor"], metric)) for e in entries if not e["control"] and not e["identical"]]
-        spreads = [v for v in spreads if v > 0]
-        return statistics.median(spreads) if spreads else _stdev(paired("one-ulp", metric))
-
+    # Seeds to resolve a paper-sized shift: for the study, from its controls alone (so that no factor under test, a
+    # strong one least of all, moves the yardstick), and for each factor from its own paired spread.
     resolve = {}
     for metric in METRICS:
         base_values = [by[(baseline.name, s)][metric] for s in seeds if metric in by[(baseline.name, s)]]
@@ -145,11 +140,17 @@ def build_report(cfg: AttributionConfig, baseline: Factor, factors: list[Factor]
             shift = 0.3 / 86 * abs(statistics.fmean(base_values))
             resolve[metric] = {
                 "shift": shift,
-                # Paired runs (same seeds on both sides): the spread of the factors' paired differences.
-                "paired_seeds": seeds_needed(paired_spread(metric), shift, cfg.alpha),
+                # Paired runs (same seeds on both sides): the one-ulp control's spread of paired differences, the
+                # chaos any change meets at this horizon.
+                "paired_seeds": seeds_needed(_stdev(null), shift, cfg.alpha),
                 # Independent runs per side (what a GPU run and a TPU run are): the spread of a new init seed.
                 "independent_seeds": seeds_needed(_stdev(reinit) / math.sqrt(2), shift, cfg.alpha),
+                "basis": "controls: one-ulp (paired), init (independent)",
             }
+            for e in entries:
+                own = paired(e["factor"], metric)
+                if not e["control"] and len(own) > 1:
+                    e.setdefault("paired_seeds_needed", {})[metric] = seeds_needed(_stdev(own), shift, cfg.alpha)
     return {
         "config": dataclasses.asdict(cfg),
         "baseline": baseline.name,
@@ -212,9 +213,23 @@ def render_report(report: dict) -> str:
     for metric, r in report["seeds_to_resolve_paper_sized_shift"].items():
         lines.append(
             f"- {metric}: a shift of {r['shift']:.3g} needs about {_seeds(r['paired_seeds'])} paired seeds (same "
-            "seeds on both sides; the factors' own spread of paired differences), or "
+            "seeds on both sides; the one-ulp control's spread of paired differences), or "
             f"{_seeds(r['independent_seeds'])} independent runs per side (the init control's spread)"
         )
+    per_factor = [e for e in report["factors"] if e.get("paired_seeds_needed")]
+    if per_factor:
+        metrics = [m for m in METRICS if m in report["seeds_to_resolve_paper_sized_shift"]]
+        lines += [
+            "",
+            "The same shift against each factor's own spread of paired differences (paired seeds; a factor whose "
+            "effect varies from seed to seed needs more):",
+            "",
+            "| factor | " + " | ".join(metrics) + " |",
+            "|---|" + "---|" * len(metrics),
+        ]
+        for e in per_factor:
+            cells = [_seeds(e["paired_seeds_needed"].get(m, math.nan)) for m in metrics]
+            lines.append(f"| `{e['factor']}` | " + " | ".join(cells) + " |")
     lines += ["", "![divergence](divergence.png)", ""]
     return "\n".join(lines)
 

@@ -61,6 +61,19 @@ def test_a_two_seed_study_tells_identical_from_chaos_from_a_real_shift(tmp_path,
     results = out / "results.jsonl"
     assert parity_main(argv) == 0
     assert len(results.read_text().splitlines()) == 2 * (3 + 1 + len(CONTROLS))
+
+    # A strong factor added to the study (only its runs run) does not move the study's "seeds needed": those come
+    # from the controls; each factor's own figure is beside it.
+    def seeds_lines() -> list[str]:
+        return [line for line in (out / "report.md").read_text().splitlines() if line.startswith("- ")]
+
+    before = seeds_lines()
+    strong = "factors=[model.attention=sdpa,run.log_every=3,optim.eps=1.0,optim.eps=1e-2]"
+    assert parity_main(["attribute", *STUDY, strong, f"out_dir={out}", f"run_dir={tmp_path / 'runs'}"]) == 0
+    assert seeds_lines() == before and before, before
+    added = json.loads((out / "report.json").read_text())
+    assert "final_loss" in next(e for e in added["factors"] if e["factor"] == "optim.eps=1e-2")["paired_seeds_needed"]
+    results.write_text("".join(r + "\n" for r in results.read_text().splitlines() if '"optim.eps=1e-2"' not in r))
     # Interrupted before the last run, with the scratch run directory gone: the baseline of that seed runs again
     # for its parameters (its row is kept, not repeated), then the missing run.
     lines = results.read_text().splitlines()
