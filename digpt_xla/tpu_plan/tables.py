@@ -99,7 +99,7 @@ def _mib(value: float) -> str:
     return f"{value / 2**20:,.1f}"
 
 
-COLUMNS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all")
+COLUMNS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 
 
 def _collective_cell(c: dict[str, Any]) -> str:
@@ -111,8 +111,9 @@ def traffic_table(plans: list[dict[str, Any]]) -> str:
     """What each compiled step moves and computes per device, and the estimate's range."""
     rows = [
         "| student | topology | fsdp | batch/device | GFLOP/image (flops.py) | wire MiB/step | FSDP minimum | "
-        "wire / minimum | all-gather | reduce-scatter | all-reduce | all-to-all | est. img/s/chip | est. MFU |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "wire / minimum | all-gather | reduce-scatter | all-reduce | all-to-all | collective-permute | "
+        "est. img/s/chip | est. MFU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in sorted((p for p in plans if p.get("compiled", True)), key=_plan_order):
         analytic = p.get("analytic_flops_per_image")
@@ -141,7 +142,7 @@ def xla_cpu_memory(plan: dict[str, Any], bench_dir: Path) -> dict[str, Any] | No
 def memory_table(plans: list[dict[str, Any]], bench_dir: Path) -> str:
     """Pretraining plans, one row per student and fsdp, with XLA:CPU's total for the same step beside."""
     rows = [
-        "| student | fsdp | topology | batch/chip | arguments | temporaries | peak, TPU (GiB) | fits | "
+        "| student | fsdp | topology | batch/chip | arguments | temporaries | TPU need, max(sum, peak) (GiB) | fits | "
         "total, XLA:CPU (GiB) | TPU / XLA:CPU | compile |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
