@@ -188,13 +188,17 @@ ENTRY %main (p0: bf16[4,1024]) -> bf16[16,1024] {
   %ar = bf16[16,1024]{1,0} all-reduce(%ag), channel_id=2, replica_groups={{0,1,2,3}}, to_apply=%add
   %rs = bf16[4,1024]{1,0} reduce-scatter(%ar), channel_id=3, replica_groups={{0,1,2,3}}, dimensions={0}
   %a2a = bf16[16,1024]{1,0} all-to-all(%ag), channel_id=4, replica_groups={{0,1},{2,3}}, dimensions={0}
+  %both = (bf16[16,1024]{1,0:T(8,128)(2,1)}, bf16[4,1024]{1,0}) all-reduce(%ag, %p0), channel_id=5, replica_groups={}
+  %cp = (bf16[4,1024]{1,0:T(8,128)}, bf16[4,1024]{1,0}, u32[], u32[]) collective-permute-start(%p0), channel_id=6
   ROOT %dot = bf16[16,1024]{1,0} dot(%a2a, %a2a), lhs_contracting_dims={1}, rhs_contracting_dims={1}
 }
 """
     full = 16 * 1024 * 2
     totals = analyse(hlo, devices=4)["collectives"]["totals"]
     assert totals["all-gather"]["wire_bytes"] == 3 * full // 4
-    assert totals["all-reduce"]["wire_bytes"] == 2 * 3 * full // 4
+    # Two all-reduces, one of them combined over two arrays (all of its arrays count), groups of all 4 devices.
+    assert totals["all-reduce"]["wire_bytes"] == 2 * 3 * full // 4 + 2 * 3 * (full + full // 4) // 4
+    assert totals["collective-permute"]["wire_bytes"] == full // 4  # the start's result, not its operand too
     assert totals["reduce-scatter"]["wire_bytes"] == 3 * full // 4  # of the full array, not of its 1/4 result
     assert totals["all-to-all"]["wire_bytes"] == full // 2  # groups of two
 

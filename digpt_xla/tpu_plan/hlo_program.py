@@ -249,6 +249,31 @@ def executions(computations: dict[str, Computation]) -> Executions:
     return Executions(counts, loops)
 
 
+def _top_level(shape: str) -> list[str]:
+    """The elements of a tuple shape ``(a, (b, c), d)``; ``[shape]`` for an array."""
+    shape = shape.strip()
+    if not shape.startswith("("):
+        return [shape]
+    parts, depth, start = [], 0, 1
+    for i, ch in enumerate(shape):
+        depth += {"(": 1, ")": -1, "{": 1, "}": -1, "[": 1, "]": -1}.get(ch, 0)
+        if ch == "," and depth == 1:
+            parts.append(shape[start:i])
+            start = i + 1
+    parts.append(shape[start:-1])
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _result_shape(shape: str, started: bool, kind: str) -> str:
+    """What a collective delivers: the whole result of a synchronous one (every array of a combined collective);
+    of an async all-gather or collective-permute start, its second element (the first is its operand, then come
+    its sync flags); an async all-reduce start's shape is its result."""
+    if started and kind in ("all-gather", "collective-permute", "all-to-all", "reduce-scatter"):
+        parts = _top_level(shape)
+        return parts[1] if len(parts) > 1 else shape
+    return shape
+
+
 def _group_size(inst: Instruction, devices: int) -> int:
     groups = inst.attribute("replica_groups")
     if groups is None or groups in ("{}", "{{}}"):
@@ -336,8 +361,9 @@ def collectives(computations: dict[str, Computation], runs: Executions, devices:
             kind = match[1]
             channel = inst.attribute("channel_id")
             key = (kind, int(channel)) if channel is not None else (kind, comp.name, inst.name)
-            arrays = _arrays(inst.shape)
-            size = max((array_bytes(f"{t}[{','.join(map(str, d))}]") for t, d in arrays), default=0)
+            result = _result_shape(inst.shape, started=bool(match[2]), kind=kind)
+            arrays = _arrays(result)
+            size = array_bytes(result)
             entry = found.setdefault(key, {"kind": kind, "clones": 0, "executions": 0, "bytes": size})
             entry["clones"] += 1
             if runs.counts.get(comp.name, 0) >= entry["executions"]:

@@ -19,6 +19,7 @@ from typing import Any
 
 from ..backend.mesh import layout_problem
 from ..errors import UserError
+from ..precision import PRECISIONS
 from .chips import chips_in, estimate
 from .hlo_program import WIRE_FORMULA, analyse
 
@@ -186,8 +187,8 @@ def fsdp_minimum(traced: dict[str, Any]) -> dict[str, Any]:
     (nothing when it is replicated), the batch never."""
     f, n = traced["fsdp"], traced["devices"]
     d = n // f
-    compute = DTYPE_BYTES.get(traced["precision"], 4)
-    teacher = DTYPE_BYTES.get(traced.get("teacher_precision") or traced["precision"], 4)
+    compute = _compute_bytes(traced["precision"])
+    teacher = _compute_bytes(traced.get("teacher_precision") or traced["precision"])
     params, teacher_params = traced["trainable_params"], traced.get("teacher_params", 0)
     parts = {
         "student weights gathered, forward and backward": 2 * (f - 1) / f * params * compute,
@@ -198,7 +199,9 @@ def fsdp_minimum(traced: dict[str, Any]) -> dict[str, Any]:
     return {"bytes": int(sum(parts.values())), "parts": {k: int(v) for k, v in parts.items()}}
 
 
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "tpu-emulation": 4}
+def _compute_bytes(precision: str) -> int:
+    """Bytes of a value in a precision's compute dtype: 2 under bf16/fp16 autocast, else fp32's 4."""
+    return 2 if PRECISIONS.get(precision) else 4
 
 
 def assemble(workdir: Path, chip: dict[str, Any]) -> dict[str, Any]:
