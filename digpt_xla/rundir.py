@@ -79,6 +79,18 @@ class RunDir:
     def exists(self, name: str) -> bool:
         return self.fs.exists(self._path(name))
 
+    def check_layout(self, folders: tuple[str, ...] = (), files: tuple[str, ...] = ()) -> None:
+        """Refuse at start what a save would trip over at the end: a file where a run keeps a folder, or a folder
+        where it keeps a file (all the run's work would be lost at its first or final write)."""
+        for name, want_dir in [*((n, True) for n in folders), *((n, False) for n in files)]:
+            path = self._path(name)
+            if self.fs.exists(path) and self.fs.isdir(path) != want_dir:
+                what = "a file" if want_dir else "a directory"
+                raise RunDirError(
+                    f"{self.url_of(name)}: is {what}, where the run keeps its {'folder' if want_dir else 'file'} "
+                    f"{name}; move it out of run.out_dir"
+                )
+
     def write_bytes(self, name: str, data: bytes) -> str:
         path = self._path(name)
         parent = path.rsplit("/", 1)[0]

@@ -252,3 +252,13 @@ def test_a_seed_no_generator_takes_is_one_line_at_load(tmp_path, capsys, seed):
     # -1 failed on XLA only, and 1e20 overflowed into a traceback, both after the run had started.
     code = digpt_main(["pretrain", *CPU, f"run.seed={seed}", f"run.out_dir={tmp_path}"])
     assert f"run.seed={seed}: a seed from 0 to 2**63 - 1" in _one_line_exit_2(code, capsys)
+
+
+@pytest.mark.parametrize(("name", "make"), [("checkpoints", "file"), ("tb", "file"), ("metrics.jsonl", "dir")])
+def test_a_run_directory_whose_parts_are_the_wrong_kind_is_refused_at_start(tmp_path, capsys, name, make):
+    # Found before the first step, not by the final save after all the work.
+    (tmp_path / name).mkdir() if make == "dir" else (tmp_path / name).write_text("")
+    code = digpt_main(["pretrain", *CPU, f"run.out_dir={tmp_path}"])
+    line = _one_line_exit_2(code, capsys)
+    assert f"{tmp_path / name}: is a {'directory' if make == 'dir' else 'file'}" in line, line
+    assert not (tmp_path / "lease.json").exists()  # the lease is given back

@@ -60,6 +60,11 @@ class Trainer:
         self.lease = RunLease(self.run_dir)
         if b.is_main:  # before anything is read or written there: one run per directory
             self.lease.acquire()
+            try:
+                self.run_dir.check_layout(folders=("checkpoints", "tb"), files=("metrics.jsonl",))
+            except RunDirError:
+                self.lease.release()
+                raise
         self.checkpoints = CheckpointManager(self.run_dir.url_of("checkpoints"), cfg.run.keep_last)
         self.state = TrainingCheckpoint(self, self.checkpoints)
         opt = cfg.optim
