@@ -79,6 +79,19 @@ class RunDir:
     def exists(self, name: str) -> bool:
         return self.fs.exists(self._path(name))
 
+    def check_writable(self, key: str) -> None:
+        """Write and remove a small file now, so that a directory that cannot take the results (read-only, a file,
+        a missing bucket) is one line naming ``key`` before the work, not an error after it."""
+        if self.fs.exists(self.root) and not self.fs.isdir(self.root):
+            raise RunDirError(f"{key}={self.url}: is a file, not a directory")
+        name = f".digpt-write-check-{uuid.uuid4().hex[:8]}"
+        try:
+            self.fs.makedirs(self.root, exist_ok=True)
+            self.fs.pipe_file(self._path(name), b"")
+            self.fs.rm(self._path(name))
+        except OSError as e:
+            raise RunDirError(f"{key}={self.url}: cannot be written ({e.strerror or e})") from None
+
     def check_layout(self, folders: tuple[str, ...] = (), files: tuple[str, ...] = ()) -> None:
         """Refuse at start what a save would trip over at the end: a file where a run keeps a folder, or a folder
         where it keeps a file (all the run's work would be lost at its first or final write)."""

@@ -18,7 +18,7 @@ import fsspec
 
 from digpt_xla.cli import run_command
 from digpt_xla.repo import find_config
-from digpt_xla.rundir import RunDirError
+from digpt_xla.rundir import RunDir
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -37,9 +37,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         Side.parse(s)
     name = Path(args.config).stem
     out = args.out or os.path.join("runs", "parity", name)
-    fs, path = fsspec.core.url_to_fs(out)
-    if fs.exists(path) and not fs.isdir(path):  # found now, not after the sides have run
-        raise RunDirError(f"--out {out}: is a file; the report is a directory (report.json, report.md, plots)")
+    RunDir(out).check_writable("--out")  # found now, not after the sides have run
     report = run_parity(cfg)
     report["config"] = dataclasses.asdict(cfg)
     report["environment"] = environment()

@@ -262,3 +262,15 @@ def test_a_run_directory_whose_parts_are_the_wrong_kind_is_refused_at_start(tmp_
     line = _one_line_exit_2(code, capsys)
     assert f"{tmp_path / name}: is a {'directory' if make == 'dir' else 'file'}" in line, line
     assert not (tmp_path / "lease.json").exists()  # the lease is given back
+
+
+def test_results_that_could_not_be_written_are_refused_before_the_work(tmp_path, capsys):
+    # A file where a folder must go (as root, permissions alone would not stop a write): probe and parity check
+    # their output directory before minutes of features or sides, not after.
+    (tmp_path / "file").write_text("")
+    started = time.time()
+    out = tmp_path / "file" / "report"
+    code = parity_main(["run", "--config", "yaml/parity/tiny_fp32.yaml", "--out", str(out)])
+    assert f"--out={out}: cannot be written" in _one_line_exit_2(code, capsys) and time.time() - started < 10
+    code = digpt_main(["probe", "--config", "yaml/demo.yaml", f"run.out_dir={out}"])
+    assert f"run.out_dir={out}: cannot be written" in _one_line_exit_2(code, capsys) and time.time() - started < 20

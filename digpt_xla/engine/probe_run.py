@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 
 def run_probe(cfg: Config) -> dict[str, Any]:
     p = cfg.probe
+    out = RunDir(cfg.run.out_dir)
+    out.check_writable("run.out_dir")  # before minutes of features and probes
     torch.manual_seed(cfg.run.seed)  # without a checkpoint: the same initial encoder pretraining starts from
     model = build_student(cfg.model)
     if p.checkpoint:
@@ -41,5 +43,5 @@ def run_probe(cfg: Config) -> dict[str, Any]:
         result["linear_top1"] = linear_probe(
             train_x, train_y, val_x, val_y, epochs=p.epochs, lr=p.lr, weight_decay=p.weight_decay, seed=cfg.run.seed
         )
-    result["output"] = RunDir(cfg.run.out_dir).write_json("probe.json", result)
+    result["output"] = out.write_json("probe.json", result)
     return result
