@@ -42,6 +42,14 @@ def test_an_incomplete_sharded_checkpoint_is_never_committed(tmp_path):
         _sharded(manager, 6, {"model": {"w": torch.ones(4, 2)}}, expected)
     with pytest.raises(CheckpointError, match=r"'model.w' has shape \(4, 2\), the run's is \(8, 2\)"):
         _sharded(manager, 9, {"model": {"w": torch.ones(4, 2)}}, {"model.w": (8, 2)})
+
+    def lost_shard(url: str) -> None:  # a rank whose shard went to a disk the main rank does not see
+        dcp.save({"model": {"w": torch.ones(4, 2)}}, storage_writer=FsspecWriter(url), no_dist=True)
+        next(p for p in (tmp_path / url.rsplit("/", 1)[-1]).iterdir() if p.suffix == ".distcp").unlink()
+
+    meta = {"step": 12, "rng": {}, "optimizer_param_groups": [], "kind": "pretrain"}
+    with pytest.raises(CheckpointError, match=r"ckpt-00000012/__0_0.distcp: missing .*one shared run.out_dir"):
+        manager.save_sharded(12, meta, lost_shard, is_main=True, expected={"model.w": (4, 2)})
     assert manager.complete_steps() == [3], "nothing after the complete one is committed"
 
 
@@ -66,6 +74,31 @@ def test_a_damaged_sharded_checkpoint_is_named_set_aside_and_the_previous_one_us
     assert "ckpt-00000006/" in caplog.text, "the damaged file is named"
     assert (tmp_path / "ckpt-00000006.corrupt").is_dir() and (tmp_path / "ckpt-00000006.done.corrupt").exists()
     assert torch.equal(read_state_dict(url)["w"], torch.zeros(64))
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_an_uncommitted_sharded_checkpoint_names_its_missing_or_short_file(tmp_path, capsys, damage):
+    # A half-written or half-copied checkpoint has no commit record to check against: its own metadata says which
+    # files and bytes it needs. The converter used to print DCP's stack frames instead of the file.
+    url = tmp_path / "ckpt-00000006"
+    dcp.save({"model": {"w": torch.ones(64)}}, storage_writer=FsspecWriter(str(url)), no_dist=True)
+    torch.save({"step": 6, "rng": {}, "optimizer_param_groups": [], "kind": "pretrain"}, url / "meta.pt")
+    shard = url / "__0_0.distcp"
+    shard.unlink() if damage == "missing" else shard.write_bytes(shard.read_bytes()[:100])
+    expected = f"{shard}: missing" if damage == "missing" else f"{shard}: 100 bytes, the checkpoint's metadata reads"
+    with pytest.raises(CheckpointError, match=expected):
+        read_checkpoint(str(url))
+    proc = subprocess.run(
+        [PYTHON, "tools/convert_checkpoint.py", "--format", "release", str(url), str(tmp_path / "out.pth")],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert proc.returncode == 2 and len(errors) == 1 and expected in errors[0], proc.stderr[-2000:]
+    assert "FrameSummary" not in proc.stderr
 
 
 def test_the_marker_lists_every_file_with_size_and_sha256(tmp_path):

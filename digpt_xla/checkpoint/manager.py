@@ -31,7 +31,15 @@ from fsspec.implementations.local import LocalFileSystem
 from torch import Tensor
 
 from ..daemon_pool import in_background
-from .reader import SHARDED_META, CheckpointError, dcp_reader, digest, file_digest, read_checkpoint
+from .reader import (
+    SHARDED_META,
+    CheckpointError,
+    check_shard_files,
+    dcp_reader,
+    digest,
+    file_digest,
+    read_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"ckpt-(\d+)(\.pt)?$")
@@ -201,7 +209,12 @@ def check_sharded_complete(
     """Refuse (to commit, or to resume from: ``doing``) a DCP checkpoint whose metadata lacks a tensor of
     ``expected``, has it with another shape, or whose saved chunks do not cover all of it (replicas of one chunk
     count once)."""
-    entries = dcp_reader(url).read_metadata().state_dict_metadata
+    metadata = dcp_reader(url).read_metadata()
+    entries = metadata.state_dict_metadata
+    try:  # each shard file where this process can see it (ranks on node-local disks write where others cannot)
+        check_shard_files(url, metadata)
+    except CheckpointError as e:
+        raise CheckpointError(f"{doing} {url}: {e}; do all ranks write to one shared run.out_dir?") from None
     for key, shape in expected.items():
         meta = entries.get(key)
         if meta is None:

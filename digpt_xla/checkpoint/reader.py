@@ -185,7 +185,9 @@ def read_checkpoint(url: str, verify: bool = True) -> dict[str, Any]:
     if is_sharded(url):
         if verify:
             verify_files(url)
-        dcp_reader(url).read_metadata()  # unreadable or foreign DCP metadata fails here, before any tensor is read
+        # Unreadable or foreign DCP metadata fails here, and a missing or short shard file (a checkpoint never
+        # committed has no record to check against) is named, before any tensor is read.
+        check_shard_files(url, dcp_reader(url).read_metadata())
         meta_url = f"{url.rstrip('/')}/{SHARDED_META}"
         state = _check_training_state(load_torch_payload(read_bytes(meta_url), meta_url), meta_url, sharded=True)
         return state | {"sharded": url.rstrip("/")}
@@ -259,6 +261,25 @@ def dcp_reader(url: str):
     return _safe_dcp_reader()(url.rstrip("/"))
 
 
+def check_shard_files(url: str, metadata: Any) -> None:
+    """Every file the DCP metadata points into exists and reaches the last byte read from it: a half-written or
+    half-copied checkpoint names its first missing or short file instead of failing inside DCP."""
+    fs, root = fsspec.core.url_to_fs(url)
+    needed: dict[str, int] = {}
+    for item in (metadata.storage_data or {}).values():
+        name = getattr(item, "relative_path", None)
+        if name is not None:
+            needed[name] = max(needed.get(name, 0), int(item.offset) + int(item.length))
+    for name, end in sorted(needed.items()):
+        path = f"{root.rstrip('/')}/{name}"
+        try:
+            size = fs.size(path)
+        except FileNotFoundError:
+            raise CheckpointError(f"{url}/{name}: missing (the checkpoint's metadata reads from it)") from None
+        if size is None or size < end:
+            raise CheckpointError(f"{url}/{name}: {size} bytes, the checkpoint's metadata reads up to byte {end}")
+
+
 def read_sharded_tensors(url: str, prefix: str = "model") -> dict[str, Tensor]:
     """The ``prefix`` part (``model`` or ``optimizer``) of a sharded checkpoint, consolidated into whole CPU tensors
     in this process (as large as the full state: for tools, not for training)."""
@@ -275,6 +296,7 @@ def read_sharded_tensors(url: str, prefix: str = "model") -> dict[str, Tensor]:
     }
     if not wanted:
         raise CheckpointError(f"{url}: sharded checkpoint has no {prefix!r} entries")
+    check_shard_files(url, metadata)
     state = {prefix: wanted}
     try:
         with warnings.catch_warnings():
@@ -282,6 +304,8 @@ def read_sharded_tensors(url: str, prefix: str = "model") -> dict[str, Tensor]:
             dcp.load(state, storage_reader=dcp_reader(url), no_dist=True)
     except CheckpointException as e:
         cause = next(iter(getattr(e, "failures", {}).values()), e)  # DCP wraps each rank's own exception
+        if isinstance(cause, tuple) and cause and isinstance(cause[0], BaseException):
+            cause = cause[0]  # (exception, its stack frames) as DCP carries it between ranks
         first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
         raise CheckpointError(f"{url}: sharded checkpoint cannot be read ({type(cause).__name__}: {first})") from None
     return dict(state[prefix])
