@@ -245,6 +245,12 @@ def test_an_image_folder_never_files_other_classes_or_special_files_under_a_clas
     per_class = {c: sum(1 for _, label in samples if label == i) for c, i in classes.items()}
     assert per_class == {"0": 5, "1": 5, "2": 5}, per_class
     assert "leads back to" in caplog.text and "not a regular file" in caplog.text
+    os.symlink(".", root / "all")  # a "class" that is the root itself: every image again, under a new label
+    samples, classes = scan_image_folder(str(root))
+    assert set(classes) == {"0", "1", "2"} and len(samples) == 15, classes
+    os.symlink("loop", root / "loop")  # a link to itself at the root: one line, not an OSError traceback
+    with pytest.raises(DataError, match=r"data.root: .*loop: Too many levels of symbolic links"):
+        scan_image_folder(str(root))
 
 
 @pytest.mark.parametrize("seed", ["-1", "100000000000000000000"])

@@ -25,6 +25,15 @@ def scan_image_folder(root: str) -> tuple[list[tuple[str, int]], dict[str, int]]
         classes, class_to_idx = find_classes(root)
     except FileNotFoundError as e:
         raise DataError(f"data.root: no class folders under {root!r} (expected root/<class>/<image>)") from e
+    except OSError as e:  # a link to itself (ELOOP), an unreadable entry: named, not a traceback
+        raise DataError(f"data.root: {e.filename or root}: {e.strerror or e}") from None
+    root_real = os.path.realpath(root)
+    around = [name for name in classes if _contains(os.path.realpath(os.path.join(root, name)), root_real)]
+    for name in around:
+        log.warning("%s: class folder %r leads back to the root (a symlink); not a class", root, name)
+    if around:
+        classes = [name for name in classes if name not in around]
+        class_to_idx = {name: i for i, name in enumerate(classes)}
     samples = [(path, class_to_idx[name]) for name in classes for path in _image_files(os.path.join(root, name))]
     if not samples:
         raise DataError(
