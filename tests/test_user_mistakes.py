@@ -2,6 +2,7 @@
 and exit 2, or handled (a torn log line dropped, a symlink loop followed once), never a traceback, a hang or a
 wrong result without a word."""
 
+import importlib.util
 import json
 import os
 import re
@@ -280,3 +281,14 @@ def test_results_that_could_not_be_written_are_refused_before_the_work(tmp_path,
     assert f"--out={out}: cannot be written" in _one_line_exit_2(code, capsys) and time.time() - started < 10
     code = digpt_main(["probe", "--config", "yaml/demo.yaml", f"run.out_dir={out}"])
     assert f"run.out_dir={out}: cannot be written" in _one_line_exit_2(code, capsys) and time.time() - started < 20
+
+
+@pytest.mark.skipif(not HAS_XLA, reason="needs torch_xla")
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is not None, reason="libtpu is installed here")
+def test_pjrt_device_tpu_without_libtpu_is_one_line(tmp_path):
+    # In a process of its own: torch_xla's runtime starts once per process.
+    cmd = [PYTHON, "-m", "digpt_xla.cli", "pretrain", *CPU, "backend.name=xla", f"run.out_dir={tmp_path}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(PJRT_DEVICE="TPU"), capture_output=True, text=True)
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
+    assert "PJRT_DEVICE=TPU: torch_xla's runtime did not start (libtpu not found)" in errors[0]

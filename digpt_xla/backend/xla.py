@@ -50,9 +50,16 @@ class XlaBackend(Backend):
             raise BackendError(f"backend {self.name!r} needs torch_xla, which cannot be imported: {e}") from e
         self._torch_xla, self._xm, self._xr = torch_xla, xm, xr
         self._writer: DaemonPool | None = None  # background checkpoint writes, one at a time
-        self._setup_runtime()
-        self.local_rank = xr.local_ordinal()
-        self.device = torch_xla.device()
+        try:
+            self._setup_runtime()
+            self.local_rank = xr.local_ordinal()
+            self.device = torch_xla.device()
+        except OSError as e:  # torch_xla's "libtpu not found" and kin, raised from deep in its runtime start
+            device = os.environ.get("PJRT_DEVICE", "(unset)")
+            raise BackendError(
+                f"PJRT_DEVICE={device}: torch_xla's runtime did not start ({e}); on a TPU VM install torch_xla[tpu], "
+                "elsewhere set PJRT_DEVICE=CPU"
+            ) from None
         self._join_processes()
 
     def _join_processes(self) -> None:
