@@ -53,6 +53,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     log.info("stopped (%s) at step %d; checkpoint %s", result.stopped, result.step, result.checkpoint)
     for key, value in result.knn.items():
         print(f"{key}: {value:.2f}%")
+    if os.environ.get("RANK", "0") == "0":  # one writer under torchrun (every rank runs this command)
+        png = plot_losses(cfg.run.out_dir, f"D-iGPT {cfg.model.name} on {cfg.data.source}")
+        print(f"loss curve: {png}; live metrics: tensorboard --logdir {cfg.run.out_dir}/tb")
     return 0
 
 

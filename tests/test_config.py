@@ -201,3 +201,12 @@ def test_a_compile_cache_that_is_a_file_is_refused_at_load(tmp_path, capsys):
         ]
     )
     assert code == 2 and "backend.compile_cache=" in _one_error_line(capsys)
+
+
+def test_every_pretraining_run_draws_its_loss_curve_and_names_tensorboard(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert (
+        digpt_main(["pretrain", "--config", "yaml/demo.yaml", *CPU, "schedule.max_steps=3", f"run.out_dir={out}"]) == 0
+    )
+    assert (out / "loss_curve.png").stat().st_size > 1000
+    assert f"tensorboard --logdir {out}/tb" in capsys.readouterr().out
