@@ -122,6 +122,13 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    from .config_keys import render
+
+    print(render(load_config(find_config(args.config) if args.config else None, args.overrides)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="digpt", description="D-iGPT pretraining on CPU, CUDA and XLA")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -141,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--config", default="yaml/finetune/tiny_digits.yaml")
     ft.add_argument("overrides", nargs="*", help="e.g. finetune.checkpoint=runs/demo/checkpoints/ckpt-00000198.pt")
     ft.set_defaults(fn=cmd_finetune)
+    c = sub.add_parser("config", help="print the resolved config, every key with its value and what it means")
+    c.add_argument("--config", default="", help="YAML file (none: the defaults)")
+    c.add_argument("overrides", nargs="*", help="section.key=value overrides, applied as a run would")
+    c.set_defaults(fn=cmd_config)
     return parser
 
 

@@ -46,17 +46,17 @@ class ModelConfig:
 
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"attention": ("sdpa", "explicit", "flex")}
 
-    name: str = "digpt_tiny"
-    img_size: int | None = None
-    patch_size: int | None = None
-    embed_dim: int | None = None
-    depth: int | None = None
-    num_heads: int | None = None
-    decoder_dim: int | None = None
-    decoder_depth: int | None = None
-    decoder_heads: int | None = None
-    segments_per_side: int | None = None
-    feature_taps: list[int] | None = None
+    name: str = "digpt_tiny"  # a named size: digpt_tiny, digpt_vit_{small,base,large}_patch16_224, ..._huge_patch14_224
+    img_size: int | None = None  # input resolution in pixels (None: the size's)
+    patch_size: int | None = None  # pixels per patch side
+    embed_dim: int | None = None  # encoder width
+    depth: int | None = None  # encoder blocks
+    num_heads: int | None = None  # encoder attention heads
+    decoder_dim: int | None = None  # width of the AR and KD decoders
+    decoder_depth: int | None = None  # blocks of each decoder
+    decoder_heads: int | None = None  # attention heads of each decoder
+    segments_per_side: int | None = None  # the image is cut into segments_per_side^2 segments for the AR order
+    feature_taps: list[int] | None = None  # encoder blocks whose outputs the decoders read
     attention: str = "sdpa"  # sdpa | explicit | flex (BlockMask; cpu/cuda, best under backend.compile=true)
     fused_attention: bool | None = None  # deprecated: true = attention sdpa, false = explicit
 
@@ -81,7 +81,7 @@ class ModelConfig:
 class TeacherConfig:
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"kind": ("pixel", "clip"), "precision": ("auto", *PRECISIONS)}
     kind: str = "pixel"  # pixel | clip
-    clip_model: str = "ViT-H-14"
+    clip_model: str = "ViT-H-14"  # open_clip architecture of the clip teacher
     checkpoint: str = ""  # local path or fsspec URL (gs://...) of open_clip weights
     precision: str = "auto"  # auto (the training precision) | fp32 | bf16 | fp16
     fsdp: int = 0  # 0: split like the student (backend.fsdp); 1: a whole copy on every device
@@ -92,7 +92,7 @@ class DataConfig:
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"source": ("digits", "synthetic", "imagefolder", "webdataset")}
     source: str = "digits"  # digits | synthetic | imagefolder | webdataset
     batch_size: int = 64  # per device (per process on multi-process backends)
-    num_workers: int = 0
+    num_workers: int = 0  # data loader worker processes (0: in the training process)
     root: str = ""  # imagefolder: ImageNet-layout directory root/<class>/<image>
     urls: str = ""  # webdataset: brace-expanded shard URLs (local, gs://, memory://), several joined by "::"
     resampled: bool = True  # webdataset: draw shards with replacement; every rank runs the same steps per epoch
@@ -111,12 +111,12 @@ class OptimConfig:
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"implementation": ("auto", *ADAMW_KERNELS)}
     blr: float = 1.5e-4  # lr = blr * effective batch / 256
     lr: float | None = None  # absolute lr; overrides blr when set
-    min_lr: float = 0.0
-    weight_decay: float = 0.05
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    min_lr: float = 0.0  # the cosine schedule's floor
+    weight_decay: float = 0.05  # AdamW's, on weights only (not biases, norms, tokens)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW's moment decays
     eps: float = 1e-8  # AdamW's denominator term
-    clip_grad: float | None = None
-    accum_steps: int = 1
+    clip_grad: float | None = None  # max global gradient norm (None: no clipping)
+    accum_steps: int = 1  # micro-batches per optimizer step
     effective_batch: int | None = None  # when set, accum_steps = effective_batch / (batch_size x devices)
     # torch AdamW's kernel: auto (the backend's: fused on CUDA, the for-loop elsewhere) | for-loop | foreach | fused
     implementation: str = "auto"
@@ -124,8 +124,8 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    epochs: float = 300.0
-    warmup_epochs: float = 40.0
+    epochs: float = 300.0  # length of the schedule
+    warmup_epochs: float = 40.0  # linear lr warmup before the cosine decay
     steps_per_epoch: int | None = None  # None: the data source's length / global batch
     max_steps: int | None = None  # stop early (smoke tests); the schedule still spans `epochs`
 
@@ -148,14 +148,14 @@ class BackendConfig:
 
 @dataclass
 class RunConfig:
-    out_dir: str = "runs/default"
+    out_dir: str = "runs/default"  # run directory: local path or fsspec URL (gs://...)
     seed: int = 0  # initial weights (and, unless data_seed is set, the data)
     data_seed: int | None = None  # data order, augmentations and segment orders; None: seed
-    log_every: int = 10
+    log_every: int = 10  # steps per metrics.jsonl / TensorBoard record (the mean over them)
     ckpt_every: int = 500  # optimizer steps between checkpoints (0 = only at the end)
-    keep_last: int = 3
+    keep_last: int = 3  # checkpoints kept (older ones are removed)
     resume: str = "auto"  # auto | never | a checkpoint path
-    progress: bool = True
+    progress: bool = True  # a tqdm progress bar
     knn_eval: bool = False  # kNN accuracy of the encoder before and after (sources with labels)
 
     @property
@@ -172,12 +172,12 @@ class ProbeConfig:
 
     checkpoint: str = ""  # pretraining checkpoint (ours or the release's); "" = the randomly initialised encoder
     kind: str = "both"  # knn | linear | both
-    k: int = 20
-    temperature: float = 0.07
+    k: int = 20  # kNN neighbours
+    temperature: float = 0.07  # kNN vote weighting exp(cos / temperature)
     epochs: int = 100  # linear probe
-    lr: float = 0.1
-    weight_decay: float = 0.0
-    batch_size: int = 256
+    lr: float = 0.1  # linear probe
+    weight_decay: float = 0.0  # linear probe
+    batch_size: int = 256  # feature extraction and linear probe
     val_root: str = ""  # imagefolder: held-out folder (data.root is the training side)
 
 
@@ -186,18 +186,18 @@ class FinetuneConfig:
     """``digpt finetune``: the release's recipe (README, "Finetuning") on a timm ViT with the encoder's shape."""
 
     checkpoint: str = ""  # pretraining checkpoint (ours or the release's); "" = from scratch
-    num_classes: int = 1000
+    num_classes: int = 1000  # classifier outputs
     val_root: str = ""  # imagefolder: the evaluation folder
-    drop_path: float = 0.1
-    layer_decay: float = 0.65
-    mixup: float = 0.8
-    cutmix: float = 1.0
-    smoothing: float = 0.1
+    drop_path: float = 0.1  # stochastic depth rate
+    layer_decay: float = 0.65  # layer-wise lr decay
+    mixup: float = 0.8  # Mixup alpha (0: off)
+    cutmix: float = 1.0  # CutMix alpha (0: off)
+    smoothing: float = 0.1  # label smoothing
     auto_augment: str = "rand-m9-mstd0.5-inc1"  # imagefolder only ("" = off)
     reprob: float = 0.25  # random erasing, imagefolder only
-    ema: bool = False
-    ema_decay: float = 0.9999
-    eval_batch_size: int = 256
+    ema: bool = False  # keep an exponential moving average of the weights and evaluate it too
+    ema_decay: float = 0.9999  # the EMA's decay per step
+    eval_batch_size: int = 256  # evaluation batch
     eval_every_epochs: int = 1  # evaluate (top-1, top-5, EMA) every N epochs and at the end; 0 = at the end only
 
 

@@ -210,3 +210,16 @@ def test_every_pretraining_run_draws_its_loss_curve_and_names_tensorboard(tmp_pa
     )
     assert (out / "loss_curve.png").stat().st_size > 1000
     assert f"tensorboard --logdir {out}/tb" in capsys.readouterr().out
+
+
+def test_every_config_key_is_explained_and_the_docs_table_is_current(capsys):
+    from digpt_xla.config import Config
+    from digpt_xla.config_keys import DOC, keys, updated_doc
+
+    rows = keys(Config())
+    assert len(rows) > 60 and all(help_ for _, _, help_ in rows), [k for k, _, h in rows if not h]
+    assert DOC.read_text() == updated_doc(DOC.read_text()), "run: python -m digpt_xla.config_keys --update-docs"
+    assert digpt_main(["config", "--config", "yaml/demo.yaml", "schedule.max_steps=7"]) == 0
+    shown = capsys.readouterr().out.splitlines()
+    assert len(shown) == len(rows) and any(line.startswith("schedule.max_steps = 7 ") for line in shown), shown
+    assert digpt_main(["config", "schedule.max_stepz=7"]) == 2  # the same checks as a run
