@@ -293,6 +293,21 @@ class RunLease:
         self._thread = threading.Thread(target=self._renew, name="digpt-lease", daemon=True)
         self._thread.start()
 
+    def still_held(self) -> bool:
+        """Whether this run still holds the lease, read now (before a write that must not land in another run's
+        directory); once it is lost, ``lost`` names who holds it."""
+        if self.lost:
+            return False
+        try:
+            held = self._read()
+        except RunDirError:
+            return True  # garbage in place of the lease: the next heartbeat writes this run's record again
+        if held is not None and held.get("owner") != self.owner and not self._this_process(held):
+            self.lost = self._describe(held)
+            log.error("the lease of %s was taken over by %s", self.run_dir.url, self.lost)
+            return False
+        return True
+
     def _renew(self) -> None:
         while not self._stop.wait(self.heartbeat):
             try:

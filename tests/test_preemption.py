@@ -222,3 +222,25 @@ def test_a_lease_of_a_dead_or_silent_run_is_taken_over_and_a_live_one_is_not(tmp
     (bad / "lease.json").write_text(json.dumps({"owner": "x", "host": "h", "pid": "12", "heartbeat": 1.0}))
     with pytest.raises(RunDirError, match=r"lease.json: field 'pid' is '12', not an integer; if no run uses"):
         RunLease(RunDir(str(bad))).acquire(settle=0)
+
+
+def test_a_run_whose_directory_was_taken_over_writes_no_further_metric(tmp_path, monkeypatch):
+    # Paused past the takeover and resumed, the old holder must not append to the new run's log before it notices.
+    import json
+
+    from digpt_xla.config import load_config
+    from digpt_xla.engine import Pretrainer
+    from digpt_xla.rundir import RunDirError
+
+    cfg = load_config(TINY[1], [*TINY[2:], "schedule.max_steps=6", f"run.out_dir={tmp_path}"])
+
+    def taken_over_after_step_2(self):
+        if self.step == 2:
+            record = {"owner": "another run", "host": "tpu-vm-9", "pid": 1, "heartbeat": time.time()}
+            (tmp_path / "lease.json").write_text(json.dumps(record))
+
+    monkeypatch.setattr(Pretrainer, "after_step", taken_over_after_step_2)
+    with pytest.raises(RunDirError, match="taken over by host tpu-vm-9"):
+        Pretrainer(cfg).train()
+    assert [r["step"] for r in read_metrics(str(tmp_path))] == [1, 2]
+    assert json.loads((tmp_path / "lease.json").read_text())["owner"] == "another run"  # not released over it

@@ -73,8 +73,15 @@ class MetricsWriter:
     """Append-only ``metrics.jsonl`` plus TensorBoard events in the run directory, main rank only (others get a
     no-op). Both are written locally (staged, for a remote run directory) and reach the URL through ``sync``."""
 
-    def __init__(self, run_dir: RunDir, enabled: bool, resume_step: int | None = None) -> None:
-        self.run_dir, self.enabled = run_dir, enabled
+    def __init__(
+        self,
+        run_dir: RunDir,
+        enabled: bool,
+        resume_step: int | None = None,
+        still_held: Callable[[], bool] | None = None,
+    ) -> None:
+        # still_held: asked before every record; a run whose directory was taken over adds nothing to its new log.
+        self.run_dir, self.enabled, self.still_held = run_dir, enabled, still_held
         self._tb = None
         if not enabled:
             return
@@ -98,7 +105,7 @@ class MetricsWriter:
             f.writelines(json.dumps(r) + "\n" for r in keep)
 
     def write(self, step: int, values: dict[str, Any]) -> None:
-        if not self.enabled:
+        if not self.enabled or (self.still_held is not None and not self.still_held()):
             return
         record = {
             "step": step,

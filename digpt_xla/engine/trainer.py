@@ -94,7 +94,12 @@ class Trainer:
         self.warmup_steps, self.end_step = plan.warmup_steps, plan.end_step
         self.resumed_from = self.state.resume()
         b.mark_step()  # materialise the initial (or restored) state before the first step's graph
-        self.metrics = MetricsWriter(self.run_dir, b.is_main, resume_step=self.step if self.resumed_from else None)
+        self.metrics = MetricsWriter(
+            self.run_dir,
+            b.is_main,
+            resume_step=self.step if self.resumed_from else None,
+            still_held=self.lease.still_held if b.is_main else None,
+        )
         self.meter = DeferredMeter(self.metric_names, b.device)
 
     # ------------------------------------------------------------------ state
