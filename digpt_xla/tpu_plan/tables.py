@@ -165,7 +165,7 @@ def max_batch_table(plans: list[dict[str, Any]]) -> str:
     """The ``--max-batch`` results: the largest per-device batch that fits by peak, and chips for the release's
     4096 at it."""
     rows = [
-        "| student | chip | topology | fsdp | max batch/device | devices/chip | max batch/chip | peak GiB at max | "
+        "| student | chip | topology | fsdp | max batch/device | devices/chip | max batch/chip | GiB at max (peak) | "
         "HBM | MiB per image | chips for 4096 | compiles (batch: GiB needed) | search ended by | compile |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -180,7 +180,8 @@ def max_batch_table(plans: list[dict[str, Any]]) -> str:
         rows.append(
             f"| {SHORT_NAMES.get(p['model'], p['model'])} | {p['device_kind']} | {p['topology']} | {p['fsdp']} | "
             f"{mb['max_per_device_batch']} | {per_chip} | {mb['max_per_device_batch'] * per_chip} | "
-            f"{_gib(p['peak_bytes'])} | {_gib(p['hbm_bytes'])} | {mb['bytes_per_sample'] / 2**20:.0f} | "
+            f"{_gib(p['needed_bytes'])} ({_gib(p['peak_bytes'])}) | {_gib(p['hbm_bytes'])} | "
+            f"{mb['bytes_per_sample'] / 2**20:.0f} | "
             f"{mb['chips_for_global_batch_4096']} | {compiles} | {mb['settled_by']} | "
             f"{mb['compile_seconds_total']:.0f} s |"
         )
