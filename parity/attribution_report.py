@@ -211,10 +211,15 @@ def render_report(report: dict) -> str:
         "",
     ]
     for metric, r in report["seeds_to_resolve_paper_sized_shift"].items():
+        paired = (
+            f"about {_seeds(r['paired_seeds'])} paired seeds (same seeds on both sides; the one-ulp control's spread "
+            "of paired differences)"
+            if r["paired_seeds"] is not None and not math.isnan(r["paired_seeds"])
+            else "an unknown number of paired seeds (the one-ulp control did not move it on any seed)"
+        )
         lines.append(
-            f"- {metric}: a shift of {r['shift']:.3g} needs about {_seeds(r['paired_seeds'])} paired seeds (same "
-            "seeds on both sides; the one-ulp control's spread of paired differences), or "
-            f"{_seeds(r['independent_seeds'])} independent runs per side (the init control's spread)"
+            f"- {metric}: a shift of {r['shift']:.3g} needs {paired}, or {_seeds(r['independent_seeds'])} independent "
+            "runs per side (the init control's spread)"
         )
     per_factor = [e for e in report["factors"] if e.get("paired_seeds_needed")]
     if per_factor:
