@@ -32,7 +32,7 @@ def _shard_bytes(backend, tensors) -> int:
     return sum(math.prod(backend.shard_shapes(t)[0]) * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
-def _flops_per_image(trainer, inputs) -> int:
+def _flops_per_image(trainer) -> int:
     """Teacher forward + student forward and backward for one image, counted on the CPU (``digpt_xla.flops``)."""
     _, teacher = build_model_and_teacher(trainer.cfg.model, trainer.cfg.teacher)  # on the CPU, as counted
     size = trainer.model_cfg.img_size
@@ -85,7 +85,7 @@ def trace_step(out_dir: Path, kind: str, overrides: list[str]) -> dict:
         "teacher_param_bytes": max((p.element_size() for p in teacher_params), default=0),
         "teacher_sharded": teacher_bytes < sum(p.numel() * p.element_size() for p in teacher_params),
         "teacher_precision": getattr(trainer, "teacher_precision", None),
-        "analytic_flops_per_image": _flops_per_image(trainer, inputs) if kind == "pretrain" else None,
+        "analytic_flops_per_image": _flops_per_image(trainer) if kind == "pretrain" else None,
         "trace_seconds": round(time.perf_counter() - start, 1),
     }
     (out_dir / "trace.json").write_text(json.dumps(info, indent=1) + "\n")
