@@ -113,6 +113,24 @@ def test_sigterm_during_setup_stops_promptly(tmp_path):
     assert time.perf_counter() - t0 < 10 and proc.returncode != 0
 
 
+def test_sigterm_during_the_first_step_stops_at_once(tmp_path):
+    # A CLIP ViT-H/14 teacher makes the first step half a minute on the CPU (on XLA the first step compiles for
+    # minutes): a stop notice then has nothing new to save, and waiting for the step would only delay the stop.
+    cmd = [PYTHON, "-m", "digpt_xla.cli", "pretrain", "--config", "yaml/demo.yaml", *CPU, "teacher.kind=clip"]
+    cmd += [f"run.out_dir={tmp_path}"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    for line in proc.stderr:  # the trainer says what it runs once set-up is done; the first step follows
+        if "effective batch" in line:
+            break
+    time.sleep(1.0)
+    t0 = time.perf_counter()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert time.perf_counter() - t0 < 10 and proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "before the run's first step finished" in err and not (tmp_path / "checkpoints").exists()
+
+
 def _object_store(kind, tmp_path) -> str:
     return "memory://hostile/run" if kind == "memory" else f"file://{tmp_path}/store/run"
 

@@ -1,7 +1,8 @@
 """Preemption: SIGTERM (what a TPU VM or a scheduler sends before taking the machine) or SIGINT (Ctrl-C) sets a
 flag; the training loop agrees on it with every other rank at the next step boundary, checkpoints and exits
 cleanly. A second signal ends the process at once, without a checkpoint, even while it waits inside a collective
-or a stalled read.
+or a stalled read; so does the first, before the run's first step has finished (during set-up, or the first step's
+compilation, minutes on XLA): there is nothing new to save, and waiting for that step would only delay the stop.
 
 Python runs signal handlers only between bytecodes of the main thread, so a handler alone cannot stop a process
 blocked in C (a gloo all-reduce waiting for a rank that is gone). The signal is therefore also delivered through
@@ -24,6 +25,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 class PreemptionFlag:
     def __init__(self, signals: tuple[int, ...] = STOP_SIGNALS) -> None:
         self.requested = False
+        self.progress = False  # set by the trainer once a step of this run has finished: from then on, checkpoint
         self.signals = signals
         self._count = 0
         self._lock = threading.Lock()
@@ -63,9 +65,10 @@ class PreemptionFlag:
             again = self._count > 1
             self.requested = True
         name = signal.Signals(signum).name
-        if again:
+        if again or not self.progress:
+            why = "again" if again else "before the run's first step finished (nothing new to checkpoint)"
             # Straight to stderr: a logging handler's lock may be held by the blocked main thread.
-            os.write(2, f"received {name} again: stopping now, without a checkpoint\n".encode())
+            os.write(2, f"received {name} {why}: stopping now, without a checkpoint\n".encode())
             os._exit(128 + signum)  # from this thread, whatever the main thread is blocked in
         log.warning("received %s: will checkpoint and stop at the next step boundary (again to stop at once)", name)
 

@@ -256,6 +256,7 @@ class Trainer:
                     if now - t_last > 2.0:
                         self._show(progress, (self.step - step_last) * self.effective_batch / (now - t_last))
                         t_last, step_last = now, self.step
+                preempt.progress = True  # a stop from here on checkpoints this step first
                 if b.any_rank(preempt.requested):  # every rank stops at this boundary, whichever got the signal
                     stopped = "preempted"
                     break
