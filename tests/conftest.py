@@ -1,4 +1,5 @@
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -32,6 +33,17 @@ needs_xla = pytest.mark.skipif(not HAS_XLA, reason="torch_xla is not installed")
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _signal_dispositions():
+    # A trainer stopped by a signal inside this process ignores further stop signals for the rest of the process
+    # (its shutdown must not be cut short); here the process goes on, and a child started later would inherit the
+    # ignored SIGTERM and outlive the tests that signal it.
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
