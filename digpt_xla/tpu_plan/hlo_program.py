@@ -135,7 +135,6 @@ def collectives(computations: dict[str, Computation], runs: Executions, devices:
     """Each collective counted once per channel (its async clones share it), executed as often as its computation
     runs in a step; result and wire bytes per device per step; the largest by wire bytes."""
     found: dict[Any, dict[str, Any]] = {}
-    sites = call_sites(computations)
     pattern = "|".join(re.escape(k) for k in (*COLLECTIVES, *HOST_TRANSFERS))
     kinds = re.compile(rf"^({pattern})(-start)?$")
     for comp in computations.values():
@@ -161,9 +160,6 @@ def collectives(computations: dict[str, Computation], runs: Executions, devices:
                     "torch_op": (re.search(r'op_name="([^"]+)"', inst.rest) or [None, ""])[1],
                 }
                 entry["where"] = (comp.name, inst.name)
-    for entry in found.values():
-        if "where" in entry:
-            entry["consumer"] = consumer(computations, sites, *entry.pop("where"))
     totals: dict[str, dict[str, Any]] = {
         k: {"distinct": 0, "count": 0, "bytes": 0, "wire_bytes": 0} for k in (*COLLECTIVES, *HOST_TRANSFERS)
     }
@@ -193,6 +189,9 @@ def collectives(computations: dict[str, Computation], runs: Executions, devices:
     )
     totals["host-callback"] = {"distinct": host_callbacks, "count": host_callbacks, "bytes": 0, "wire_bytes": 0}
     largest = sorted(listed, key=lambda e: -e["wire_bytes_per_execution"] * e["executions"])[:top]
+    sites = call_sites(computations)
+    for entry in largest:  # the consumer is followed through fusions: only for the collectives that are shown
+        entry["consumer"] = consumer(computations, sites, *entry["where"]) if "where" in entry else ""
     return {
         "totals": totals,
         "largest": [
