@@ -17,7 +17,17 @@ log = logging.getLogger("digpt")
 def run_pretrain(cfg: Config):
     from .engine import Pretrainer
 
-    return Pretrainer(cfg).train()
+    return _exiting_after(Pretrainer(cfg).train())
+
+
+def _exiting_after(result):
+    """The command ends with this run: after a stop on a signal, further ones are ignored while it exits."""
+    from .engine.signals import ignore_stop_signals
+
+    stopped = result.stopped if hasattr(result, "stopped") else result.get("stopped")
+    if stopped == "preempted":
+        ignore_stop_signals()
+    return result
 
 
 def plot_losses(run_dir: str, title: str) -> str:
@@ -105,7 +115,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from .engine.finetune import Finetuner
 
     cfg = load_config(find_config(args.config), args.overrides)
-    result = Finetuner(cfg).train()
+    result = _exiting_after(Finetuner(cfg).train())
     if "top1" not in result:
         print(f"finetuning stopped ({result['stopped']}) at step {result['step']}; checkpoint {result['checkpoint']}")
         return 0

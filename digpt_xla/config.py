@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from .backend.mesh import layout_problem
+from .backend.mesh import TEACHER_PLACEMENTS, blocks_problem, layout_problem
 from .precision import ADAMW_KERNELS, BACKEND_NAMES, PRECISIONS, precision_problem, teacher_precision
 from .yaml_dataclass import ConfigError, load_dataclass, merge_values, parse_override
 
@@ -79,12 +79,18 @@ class ModelConfig:
 
 @dataclass
 class TeacherConfig:
-    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"kind": ("pixel", "clip"), "precision": ("auto", *PRECISIONS)}
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "kind": ("pixel", "clip"),
+        "precision": ("auto", *PRECISIONS),
+        "placement": TEACHER_PLACEMENTS,
+    }
     kind: str = "pixel"  # pixel | clip
     clip_model: str = "ViT-H-14"  # open_clip architecture of the clip teacher
     checkpoint: str = ""  # local path or fsspec URL (gs://...) of open_clip weights
     precision: str = "auto"  # auto (the training precision) | fp32 | bf16 | fp16
-    fsdp: int = 0  # 0: split like the student (backend.fsdp); 1: a whole copy on every device
+    # auto | replicated (a whole copy per device) | fsdp (split like the student); auto splits it only when a copy
+    # would take over 10% of a device's memory
+    placement: str = "auto"
 
 
 @dataclass
@@ -135,6 +141,8 @@ class BackendConfig:
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
         "name": ("auto", *BACKEND_NAMES),
         "precision": tuple(PRECISIONS),
+        "scan": ("auto", "always", "never"),
+        "remat": ("none", "blocks"),
     }
     name: str = "auto"  # auto | cpu | cuda | xla | xla-spmd
     precision: str = "fp32"  # fp32 | bf16 | fp16 (CUDA only, with a GradScaler) | tpu-emulation (cpu only)
@@ -144,6 +152,12 @@ class BackendConfig:
     # Size of the mesh axis that parameters and AdamW state are split over (FSDPv2 on xla-spmd, FSDP2 on
     # cuda/cpu under torchrun); the other devices replicate them. 1 = plain data parallelism.
     fsdp: int = 1
+    # auto (scanned on xla, xla-spmd) | always | never: the teacher's tower, and in fp32 training the student's
+    # encoder, run as XLA loops over their stacked weights (one block compiled, not each); eager backends run
+    # blocks one by one
+    scan: str = "auto"
+    # none | blocks: keep only each student block's input and recompute its activations in the backward pass
+    remat: str = "none"
 
 
 @dataclass
@@ -155,6 +169,9 @@ class RunConfig:
     ckpt_every: int = 500  # optimizer steps between checkpoints (0 = only at the end)
     keep_last: int = 3  # checkpoints kept (older ones are removed)
     resume: str = "auto"  # auto | never | a checkpoint path
+    # a new run in a directory that holds another run's logs or checkpoints: false refuses; true moves them to
+    # previous/<time>/ inside it first (nothing is deleted)
+    overwrite: bool = False
     progress: bool = True  # a tqdm progress bar
     knn_eval: bool = False  # kNN accuracy of the encoder before and after (sources with labels)
 
@@ -327,7 +344,6 @@ RULES: dict[tuple[type, str], Rule] = {
         lambda v: not (v and os.path.exists(v) and not os.path.isdir(v)),
         "a directory for XLA's compile cache (this path is a file)",
     ),
-    (TeacherConfig, "fsdp"): _num(0),
     (RunConfig, "log_every"): POSITIVE_INT,
     (RunConfig, "ckpt_every"): _num(0),
     (RunConfig, "keep_last"): _num(0),
@@ -388,7 +404,10 @@ def _check_combinations(cfg: Config) -> None:
         digpt_config(cfg.model.name, **cfg.model.shape_overrides())
     except ValueError as e:
         raise ConfigError(f"model ({cfg.model.name} with the model.* overrides): {e}") from None
-    problem = layout_problem(cfg.backend.name, cfg.backend.fsdp, cfg.teacher.fsdp)
+    problem = layout_problem(cfg.backend.name, cfg.backend.fsdp, cfg.teacher.placement)
+    if problem:
+        raise ConfigError(problem)
+    problem = blocks_problem(cfg.backend.name, cfg.backend.scan)
     if problem:
         raise ConfigError(problem)
     for key, seed in (("run.seed", cfg.run.seed), ("run.data_seed", cfg.run.data_seed)):

@@ -104,6 +104,45 @@ class RunDir:
                     f"{name}; move it out of run.out_dir"
                 )
 
+    # What a run leaves in its directory besides its lease: a new run there must not mix with them.
+    RUN_OUTPUTS = ("metrics.jsonl", "tb", "checkpoints", "run.json", "loss_curve.png")
+
+    def previous_run(self) -> str | None:
+        """What another run left here (its logs and checkpoints, in words), or None when nothing."""
+        held = []
+        if self.exists("metrics.jsonl") and not self.fs.isdir(self._path("metrics.jsonl")):
+            steps = []
+            with self.fs.open(self._path("metrics.jsonl"), "r") as f:
+                for line in f.read().splitlines():
+                    with contextlib.suppress(ValueError, AttributeError):  # a torn last line still counts the rest
+                        steps.append(int(json.loads(line).get("step", 0)))
+            if steps:
+                held.append(f"metrics.jsonl with {len(steps)} record{'s' * (len(steps) > 1)} to step {max(steps)}")
+        if self.exists("checkpoints") and self.fs.isdir(self._path("checkpoints")):
+            names = sorted(
+                p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self._path("checkpoints"), detail=False)
+            )
+            names = [n for n in names if not n.endswith(".done")]
+            if names:
+                held.append(
+                    "checkpoints " + ", ".join(names[-3:]) + (f" (+{len(names) - 3} more)" if len(names) > 3 else "")
+                )
+        # TensorBoard's events alone are no run: every start opens a file there before anything is logged.
+        if held and self.exists("tb") and self.fs.isdir(self._path("tb")):
+            held.append("TensorBoard events (tb/)")
+        return "; ".join(held) or None
+
+    def move_aside(self) -> str:
+        """Move another run's outputs into ``previous/<UTC time>/`` here; returns that folder's URL."""
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        target = f"previous/{stamp}"
+        self.fs.makedirs(self._path(target), exist_ok=True)
+        for name in self.RUN_OUTPUTS:
+            if self.exists(name):
+                self.fs.mv(self._path(name), self._path(f"{target}/{name}"), recursive=True)
+        self._uploaded.clear()
+        return self.url_of(target)
+
     def write_bytes(self, name: str, data: bytes) -> str:
         path = self._path(name)
         parent = path.rsplit("/", 1)[0]

@@ -244,3 +244,17 @@ def test_a_run_whose_directory_was_taken_over_writes_no_further_metric(tmp_path,
         Pretrainer(cfg).train()
     assert [r["step"] for r in read_metrics(str(tmp_path))] == [1, 2]
     assert json.loads((tmp_path / "lease.json").read_text())["owner"] == "another run"  # not released over it
+
+
+def test_after_a_stop_the_signals_are_ignored_only_until_the_run_has_cleaned_up():
+    # A study or a notebook goes on after a preempted run: Ctrl-C must work again there. Only a command that exits
+    # next keeps ignoring them (digpt pretrain / finetune).
+    from digpt_xla.engine.signals import PreemptionFlag
+
+    before = signal.getsignal(signal.SIGINT)
+    flag = PreemptionFlag()
+    assert signal.getsignal(signal.SIGINT) is not before
+    flag.ignore_further()
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN and signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    flag.restore()
+    assert signal.getsignal(signal.SIGINT) is before

@@ -16,6 +16,7 @@ from digpt_xla.config import load_config
 from digpt_xla.engine import Pretrainer
 from digpt_xla.engine.finetune import Finetuner
 from digpt_xla.engine.metrics import read_metrics
+from digpt_xla.rundir import RunDirError
 
 # The release's regularisers on the tiny model: mixup 0.8, cutmix 1.0, drop path 0.1, EMA.
 FINETUNE = [
@@ -209,3 +210,41 @@ def test_a_torn_last_line_of_the_metrics_log_is_dropped_on_resume(tmp_path, capl
     Pretrainer(load_config(REPO / "yaml/demo.yaml", [*overrides, "schedule.max_steps=4", "run.resume=auto"])).train()
     assert [r["step"] for r in read_metrics(str(tmp_path)) if "loss" in r] == [1, 2, 3, 4]
     assert "metrics.jsonl:3: dropping a line that is not a whole record" in caplog.text
+
+
+def test_a_new_run_in_a_used_directory_is_refused_or_moves_the_old_one_aside(tmp_path):
+    out = tmp_path / "run"
+    Pretrainer(_pretrain_cfg(out, "schedule.max_steps=2")).train()
+    before = (out / "metrics.jsonl").read_text()
+    with pytest.raises(RunDirError, match=r"holds another run \(metrics.jsonl with 2 records to step 2; checkpoints"):
+        Pretrainer(_pretrain_cfg(out, "schedule.max_steps=2", "run.resume=never", "run.overwrite=false"))
+    assert (out / "metrics.jsonl").read_text() == before, "a refused run leaves the directory as it was"
+    Pretrainer(_pretrain_cfg(out, "schedule.max_steps=1", "run.resume=never", "run.overwrite=true")).train()
+    (aside,) = (out / "previous").iterdir()
+    assert (aside / "metrics.jsonl").read_text() == before
+    assert [p.name for p in (aside / "checkpoints").iterdir() if p.suffix == ".pt"] == ["ckpt-00000002.pt"]
+    assert sorted(_losses(out)) == [1] and json.loads((out / "run.json").read_text())["kind"] == "pretrain"
+    assert [p.name for p in (out / "checkpoints").glob("*.pt")] == ["ckpt-00000001.pt"]  # the old one not pruned
+
+
+def test_a_damaged_only_checkpoint_is_refused_and_its_history_kept(tmp_path):
+    out = tmp_path / "run"
+    Pretrainer(_pretrain_cfg(out, "schedule.max_steps=2")).train()
+    ckpt = out / "checkpoints" / "ckpt-00000002.pt"
+    data = bytearray(ckpt.read_bytes())
+    data[len(data) // 2] ^= 1
+    ckpt.write_bytes(bytes(data))
+    before = (out / "metrics.jsonl").read_text()
+    with pytest.raises(RunDirError, match=r"ckpt-00000002.pt.corrupt.*no checkpoint of it can be loaded"):
+        Pretrainer(_pretrain_cfg(out, "schedule.max_steps=4", "run.resume=auto", "run.overwrite=false"))
+    assert (out / "metrics.jsonl").read_text() == before
+
+
+def test_a_resume_of_another_model_is_refused_by_the_run_record(tmp_path):
+    out = tmp_path / "run"
+    Pretrainer(_pretrain_cfg(out, "schedule.max_steps=2")).train()
+    record = json.loads((out / "run.json").read_text())
+    record["model"]["name"] = "digpt_vit_base_patch16_224"  # as if that run had been another model's
+    (out / "run.json").write_text(json.dumps(record))
+    with pytest.raises(RunDirError, match="holds a pretrain run of digpt_vit_base_patch16_224"):
+        Pretrainer(_pretrain_cfg(out, "schedule.max_steps=4", "run.resume=auto"))

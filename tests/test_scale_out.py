@@ -122,6 +122,56 @@ def test_xla_spmd_on_a_data_by_fsdp_mesh_matches_one_eager_device(spmd_run, tmp_
     assert_really_sharded(run, devices=8, fsdp=4)
 
 
+@pytest.fixture(scope="module")
+def eager_depth6(tmp_path_factory) -> dict:
+    """Three steps of a six-block encoder (taps 3, 4, 5, 6: blocks 1-3 form one scanned run) on one eager device."""
+    root = tmp_path_factory.mktemp("depth6")
+    return train(
+        root / "eager", "model.depth=6", "backend.name=cpu", f"data.batch_size={GLOBAL_BATCH}", "schedule.max_steps=3"
+    )
+
+
+@needs_xla
+@pytest.mark.parametrize(
+    "layout",
+    [
+        # PJRT, one device: the encoder's first three blocks one scanned loop, remat inside it
+        pytest.param(
+            ("backend.name=xla", f"data.batch_size={GLOBAL_BATCH}", "backend.scan=always", "backend.remat=blocks"),
+            marks=pytest.mark.slow,
+            id="xla-scan-remat",
+        ),
+        # FSDPv2 over 4 devices, the same loop partitioned
+        pytest.param(
+            ("backend.name=xla-spmd", "backend.fsdp=4", "data.batch_size=2", "backend.remat=blocks"),
+            id="xla-spmd-fsdp4-scan-remat",
+        ),
+        # block by block under torch_xla's checkpoint (how a bf16 student is rematerialised)
+        pytest.param(
+            (
+                "backend.name=xla-spmd",
+                "backend.fsdp=4",
+                "data.batch_size=2",
+                "backend.scan=never",
+                "backend.remat=blocks",
+            ),
+            id="xla-spmd-fsdp4-checkpoint",
+        ),
+    ],
+)
+def test_scanned_and_rematerialised_steps_match_one_eager_device(eager_depth6, tmp_path, layout):
+    run = train(
+        tmp_path / "run",
+        "model.depth=6",
+        "schedule.max_steps=3",
+        *layout,
+        devices=4 if "backend.fsdp=4" in layout else 0,
+    )
+    assert_same_training(run, eager_depth6)
+    compiles = run["compilations"]
+    assert compiles[1:] == [compiles[0]] * 2, f"the step compiles once, at step 1: {compiles}"
+
+
 @needs_xla
 def test_xla_spmd_data_parallel_compiles_the_step_once(tmp_path):
     """fsdp=1: parameters and moments are declared replicated, so step 2's inputs carry the same annotations as
@@ -333,10 +383,26 @@ def test_fsdp_settings_are_checked_at_load_time():
 
     with pytest.raises(ConfigError, match="backend.fsdp=4 with backend.name='xla'"):
         load_config(None, ["backend.name=xla", "backend.fsdp=4"])
-    with pytest.raises(ConfigError, match="teacher.fsdp=2"):
-        load_config(None, ["backend.name=xla-spmd", "backend.fsdp=4", "teacher.fsdp=2"])
+    with pytest.raises(ConfigError, match="teacher.placement=fsdp .* needs backend.fsdp > 1"):
+        load_config(None, ["backend.name=xla-spmd", "teacher.placement=fsdp"])
+    with pytest.raises(ConfigError, match="teacher.placement"):
+        load_config(None, ["teacher.placement=sharded"])
     with pytest.raises(ConfigError, match="backend.fsdp=0"):
         load_config(None, ["backend.fsdp=0"])
+
+
+def test_the_teacher_is_split_only_when_a_copy_would_crowd_a_device():
+    from digpt_xla.backend.mesh import teacher_placement
+
+    vit_h = 632_000_000
+    v5e = 16 * 2**30
+    assert teacher_placement("auto", 4, 2 * vit_h, v5e) == "replicated"  # bf16: 8% of the chip
+    assert teacher_placement("auto", 4, 4 * vit_h, v5e) == "fsdp"  # fp32: 16%
+    assert teacher_placement("auto", 1, 4 * vit_h, v5e) == "replicated"  # nothing to split over
+    assert teacher_placement("auto", 4, 4 * vit_h, None) == "replicated"  # memory unknown (XLA:CPU, the host's)
+    assert teacher_placement("fsdp", 4, 1, v5e) == "fsdp" and teacher_placement("replicated", 4, 4 * vit_h, 1) == (
+        "replicated"
+    )
 
 
 def test_fsdp_larger_than_the_process_count_is_refused():

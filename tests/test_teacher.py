@@ -105,3 +105,24 @@ def test_pixel_teacher_contract():
     torch.testing.assert_close(out[0, 2], expected)
     thumb = torch.nn.functional.adaptive_avg_pool2d(images[1:2], 4)[0].permute(1, 2, 0).reshape(-1)
     torch.testing.assert_close(out[1, 0], (thumb - thumb.mean()) / (thumb.var(unbiased=False) + 1e-6).sqrt())
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_a_teacher_stored_in_its_compute_dtype_gives_the_same_features(teacher, precision):
+    # Autocast casts every matmul weight at every use; storing them cast already must not change a single value.
+    import copy
+
+    from digpt_xla.precision import autocast_dtype, store_for_autocast, stored_bytes
+
+    dtype = autocast_dtype(precision)
+    stored = copy.deepcopy(teacher)
+    fp32_bytes = stored_bytes(stored, "fp32")
+    assert store_for_autocast(stored, precision) == len(stored.matmul_weights()) > 0
+    assert {w.dtype for w in stored.matmul_weights()} == {dtype}
+    assert stored.visual.ln_post.weight.dtype == torch.float32  # norms and embeddings stay as they were
+    assert stored.visual.positional_embedding.dtype == torch.float32
+    assert stored_bytes(stored, "fp32") == stored_bytes(teacher, precision) < 0.6 * fp32_bytes
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=dtype):
+        assert torch.equal(stored(x), teacher(x))
+    assert store_for_autocast(copy.deepcopy(teacher), "fp32") == 0  # an fp32 teacher is kept exactly

@@ -84,25 +84,82 @@ print(json.dumps({"hlo": executable.hlo_modules()[0].to_string(), "cost_flops": 
 """
 
 
-@needs_libtpu
-def test_flops_and_collectives_of_a_loop_count_every_iteration():
-    # libtpu's cost analysis counts a while body once; the plan multiplies it by the loop's trip count, which the
-    # compiled program carries only as its counter (start, bound, step).
-    from digpt_xla.tpu_plan.hlo_program import analyse
-
+def run_jax(script: str) -> dict:
+    """The JSON a jax script prints last, run under the TPU plan's interpreter with libtpu_compile importable."""
     proc = subprocess.run(
-        [JAX_PYTHON, "-c", JAX_LOOP, str(REPO / "digpt_xla/tpu_plan")],
+        [JAX_PYTHON, "-c", script, str(REPO / "digpt_xla/tpu_plan")],
         capture_output=True,
         text=True,
         timeout=300,
         env={**os.environ, "JAX_PLATFORMS": "cpu"},
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@needs_libtpu
+def test_flops_and_collectives_of_a_loop_count_every_iteration():
+    # libtpu's cost analysis counts a while body once; the plan multiplies it by the loop's trip count, which the
+    # compiled program carries only as its counter (start, bound, step).
+    from digpt_xla.tpu_plan.hlo_program import analyse
+
+    out = run_jax(JAX_LOOP)
     one = 2 * 256 * 512 * 512
     program = analyse(out["hlo"], devices=1)
     assert program["loops"] and program["loops"][0]["trip_count"] == 7, program["loops"]
     assert program["flops"] == 7 * one and out["cost_flops"] < 2 * one  # the cost analysis saw one iteration
+
+
+JAX_WEIGHT_GRADIENT = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import jax, jax.numpy as jnp, numpy as np
+import libtpu_compile as lc
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+mesh = Mesh(np.array(lc.topology("v5e:2x2").devices), ("fsdp",))
+split = NamedSharding(mesh, P("fsdp", None))
+# Two FSDP weight gradients: activations split on the batch, summed over it, each result split like its weight.
+grad = jax.jit(
+    lambda a, g, h: (jnp.einsum("bn,bm->nm", a, g), jnp.einsum("bn,bm->nm", a, h)), out_shardings=(split, split)
+)
+args = [jax.ShapeDtypeStruct((4096, n), jnp.bfloat16, sharding=split) for n in (1024, 256, 512)]
+print(json.dumps({"hlo": grad.lower(*args).compile().as_text()}))
+"""
+
+
+@needs_libtpu
+def test_a_reduce_scatter_fused_by_libtpu_is_read_as_one():
+    # libtpu compiles the partitioner's reduce-scatter as an all-reduce inside an `all-reduce-scatter` fusion that
+    # keeps each device's slice: on the wire it is a reduce-scatter, half an all-reduce's bytes.
+    from digpt_xla.tpu_plan.hlo_program import analyse
+
+    hlo = run_jax(JAX_WEIGHT_GRADIENT)["hlo"]
+    assert "calls=%all-reduce-scatter" in hlo and " all-reduce(" in hlo  # the form this reading is for
+    totals = analyse(hlo, devices=4)["collectives"]["totals"]
+    full = 1024 * (256 + 512) * 2  # the two bf16 gradients
+    # libtpu combines the two into one fused reduce-scatter of a tuple: one collective, both arrays' bytes
+    assert totals["reduce-scatter"]["count"] == 1 and totals["all-reduce"]["count"] == 0, totals
+    assert totals["reduce-scatter"]["wire_bytes"] == full * 3 // 4
+    assert totals["reduce-scatter"]["bytes"] == full // 4  # what each device keeps
+
+
+@needs_libtpu
+def test_a_clip_teacher_replicated_in_bf16_moves_nothing_and_keeps_the_batch_split(tmp_path):
+    # A real open_clip tower (ViT-B/16) behind the tiny student on 4 chips: stored in bf16 (half its fp32 bytes),
+    # replicated (no collective of its weights), its 12 blocks one scanned loop, and each chip computing only its
+    # own rows (FLOPs equal the analytic count; nn.MultiheadAttention's (L, B*heads, d) layout gathered the global
+    # batch in every block, 83 MiB a step).
+    request = PlanRequest(
+        "digpt_tiny", TINY_TOPOLOGY[4], fsdp=4, batch=8, teacher="clip", overrides=["teacher.clip_model=ViT-B-16"]
+    )
+    plan = plan_step(request, jax_python(), workdir=tmp_path)
+    assert plan["teacher_placement"] == "replicated" and not plan["teacher_sharded"]
+    assert plan["teacher_bytes"] < 0.55 * 4 * plan["teacher_params"]  # matmul weights in bf16, norms fp32
+    assert [loop["trip_count"] for loop in plan["loops"]] == [12]
+    assert plan["flops_vs_analytic"] == pytest.approx(1.0, abs=0.02)
+    assert plan["wire_bytes"] <= 1.25 * plan["fsdp_minimum"]["bytes"], (plan["wire_bytes"], plan["fsdp_minimum"])
+    assert plan["collectives"]["reduce-scatter"]["count"] >= 1
 
 
 @needs_libtpu
@@ -201,6 +258,84 @@ ENTRY %main (p0: bf16[4,1024]) -> bf16[16,1024] {
     assert totals["collective-permute"]["wire_bytes"] == full // 4  # the start's result, not its operand too
     assert totals["reduce-scatter"]["wire_bytes"] == 3 * full // 4  # of the full array, not of its 1/4 result
     assert totals["all-to-all"]["wire_bytes"] == full // 2  # groups of two
+
+
+def test_fused_reduce_scatters_sharing_a_channel_are_each_counted():
+    # libtpu numbers the all-reduce of every fused reduce-scatter channel 1 (ViT-B fsdp=4: 25 fusions on channel 1);
+    # unlike an async collective's clones, each fusion is a collective of its own.
+    from digpt_xla.tpu_plan.hlo_program import analyse
+
+    hlo = """HloModule m
+%all-reduce-scatter.1 (input_0: bf16[1024,256]) -> bf16[256,256] {
+  %input_0 = bf16[1024,256]{1,0} parameter(0)
+  %ar = bf16[1024,256]{1,0} all-reduce(%input_0), channel_id=1, replica_groups={{0,1,2,3}}, to_apply=%add
+  %i = s32[] constant(0)
+  ROOT %slice = bf16[256,256]{1,0} dynamic-slice(%ar, %i, %i), dynamic_slice_sizes={256,256}
+}
+%all-reduce-scatter.2 (input_0: bf16[2048,256]) -> bf16[512,256] {
+  %input_0 = bf16[2048,256]{1,0} parameter(0)
+  %ar = bf16[2048,256]{1,0} all-reduce(%input_0), channel_id=1, replica_groups={{0,1,2,3}}, to_apply=%add
+  %i = s32[] constant(0)
+  ROOT %slice = bf16[512,256]{1,0} dynamic-slice(%ar, %i, %i), dynamic_slice_sizes={512,256}
+}
+ENTRY %main (a: bf16[1024,256], b: bf16[2048,256]) -> (bf16[256,256], bf16[512,256]) {
+  %a = bf16[1024,256]{1,0} parameter(0)
+  %b = bf16[2048,256]{1,0} parameter(1)
+  %f1 = bf16[256,256]{1,0} fusion(%a), kind=kCustom, calls=%all-reduce-scatter.1
+  %f2 = bf16[512,256]{1,0} fusion(%b), kind=kCustom, calls=%all-reduce-scatter.2
+  ROOT %t = (bf16[256,256]{1,0}, bf16[512,256]{1,0}) tuple(%f1, %f2)
+}
+"""
+    totals = analyse(hlo, devices=4)["collectives"]["totals"]
+    assert totals["reduce-scatter"]["count"] == 2 and totals["all-reduce"]["count"] == 0, totals
+    assert totals["reduce-scatter"]["wire_bytes"] == 3 * (1024 + 2048) * 256 * 2 // 4
+
+
+def test_a_loop_whose_counter_libtpu_widened_into_two_words_is_counted():
+    # torch_xla's scan counts in 64 bits; libtpu splits the counter into a low and a high u32 word, tests
+    # "high < 0 or (high == 0 and low < N)" and passes the incremented low word through a copy.
+    from digpt_xla.tpu_plan.hlo_program import analyse
+
+    hlo = """HloModule m
+%cond (p: (u32[], u32[], bf16[8,64])) -> pred[] {
+  %p = (u32[], u32[], bf16[8,64]) parameter(0)
+  %zero = u32[] constant(0)
+  %n = u32[] constant(32)
+  %szero = s32[] constant(0)
+  %hi = u32[] get-tuple-element(%p), index=1
+  %hi_is_0 = pred[] compare(%hi, %zero), direction=EQ
+  %lo = u32[] get-tuple-element(%p), index=0
+  %lo_below = pred[] compare(%lo, %n), direction=LT
+  %low_word = pred[] and(%hi_is_0, %lo_below)
+  %hi_signed = s32[] bitcast-convert(%hi)
+  %negative = pred[] compare(%hi_signed, %szero), direction=LT
+  ROOT %go = pred[] or(%negative, %low_word)
+}
+%body (p: (u32[], u32[], bf16[8,64])) -> (u32[], u32[], bf16[8,64]) {
+  %p = (u32[], u32[], bf16[8,64]) parameter(0)
+  %one = u32[] constant(1)
+  %lo = u32[] get-tuple-element(%p), index=0
+  %next = u32[] add(%lo, %one)
+  %lo_out = u32[] copy(%next)
+  %hi = u32[] get-tuple-element(%p), index=1
+  %x = bf16[8,64] get-tuple-element(%p), index=2
+  %y = bf16[8,64] dot(%x, %x), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %g = bf16[32,64] all-gather(%y), channel_id=1, replica_groups={{0,1,2,3}}, dimensions={0}
+  ROOT %t = (u32[], u32[], bf16[8,64]) tuple(%lo_out, %hi, %y)
+}
+ENTRY %main (x: bf16[8,64]) -> bf16[8,64] {
+  %x = bf16[8,64] parameter(0)
+  %z0 = u32[] constant(0)
+  %z1 = u32[] constant(0)
+  %init = (u32[], u32[], bf16[8,64]) tuple(%z0, %z1, %x)
+  %w = (u32[], u32[], bf16[8,64]) while(%init), condition=%cond, body=%body
+  ROOT %out = bf16[8,64] get-tuple-element(%w), index=2
+}
+"""
+    program = analyse(hlo, devices=4)
+    assert [loop["trip_count"] for loop in program["loops"]] == [32]
+    assert program["flops"] == 32 * 2 * 8 * 64 * 64
+    assert program["collectives"]["totals"]["all-gather"]["count"] == 32
 
 
 def test_donation_is_by_identity_not_by_shape(tmp_path):

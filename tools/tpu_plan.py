@@ -97,7 +97,7 @@ def request_from_config(path: str, topology: str, overrides: list[str]) -> PlanR
 
     placeholders = ["teacher.checkpoint=", "data.source=synthetic", "data.urls=", "run.out_dir=memory://plan"]
     cfg = load_config(path, [*placeholders, *overrides])
-    keep = [f"teacher.precision={cfg.teacher.precision}", f"teacher.fsdp={cfg.teacher.fsdp}"]
+    keep = [f"teacher.precision={cfg.teacher.precision}", f"teacher.placement={cfg.teacher.placement}"]
     keep.append(f"teacher.clip_model={cfg.teacher.clip_model}")
     return PlanRequest(
         cfg.model.name,

@@ -7,6 +7,7 @@ subclass it; torch_xla is imported only there, so ``import digpt_xla`` works whe
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import random
@@ -21,8 +22,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..errors import UserError
-from ..precision import ADAMW_KERNELS, PRECISIONS, autocast_dtype, precision_problem
-from .mesh import layout_problem
+from ..models.layers import BlockRunner, run_in_order
+from ..precision import ADAMW_KERNELS, PRECISIONS, autocast_dtype, precision_problem, store_for_autocast
+from .mesh import SCANNING_BACKENDS, blocks_problem, layout_problem
 from .sharding import fsdp2_mesh, fully_shard_blocks, load_named_state
 
 log = logging.getLogger(__name__)
@@ -67,6 +69,7 @@ class Backend:
     def __init__(self, compile_cache: str = "", fsdp: int = 1) -> None:
         self.fsdp = fsdp
         self.compile_cache = compile_cache
+        self.scan_blocks, self.scan_trains, self.remat = False, False, "none"  # set by configure_blocks
         self._mesh: Any = None  # FSDP2's DeviceMesh, built at the first fully_shard
         self._gloo_group: Any = None  # DCP's coordination group, made at the first sharded checkpoint
         self._start_runtime()
@@ -129,9 +132,32 @@ class Backend:
         """True when parameters and optimizer state are split across devices: checkpoints are then sharded (DCP)."""
         return self.fsdp > 1
 
+    def configure_blocks(self, scan: str, remat: str, precision: str = "fp32") -> None:
+        """How stacks of blocks run (``backend.scan``, ``backend.remat``; ``precision``, the training one), for the
+        modules prepared from now on."""
+        problem = blocks_problem(self.name, scan)
+        if problem:
+            raise BackendError(problem)
+        self.scan_blocks = scan != "never" and self.name in SCANNING_BACKENDS
+        # torch_xla 2.9's scan traces its backward with AOTAutograd; under bf16 autocast that graph multiplies a
+        # bf16 by an f32 operand (the attention softmax's gradient), which XLA's verifier rejects: trainable blocks
+        # are scanned in fp32 training only, frozen ones (forward only) always.
+        self.scan_trains = self.scan_blocks and precision == "fp32"
+        self.remat = remat
+
+    def block_runner(self, trainable: bool) -> BlockRunner:
+        """What runs a module's stack of blocks (its ``block_runner``): one by one, rematerialised when asked (a
+        frozen module keeps nothing for a backward pass, so it never is)."""
+        return functools.partial(run_in_order, remat=trainable and self.remat == "blocks")
+
+    def _set_block_runner(self, module: nn.Module, trainable: bool) -> None:
+        if hasattr(module, "block_runner"):
+            setattr(module, "block_runner", self.block_runner(trainable))  # noqa: B010 (not an nn.Module field)
+
     def prepare_model(self, model: nn.Module, precision: str = "fp32") -> nn.Module:
         """Move to the device (before the optimizer is built) and wrap for data parallelism: DDP, or FSDP2 with a
         ``MixedPrecisionPolicy`` for ``precision`` when ``fsdp`` > 1. State-dict keys keep their names."""
+        self._set_block_runner(model, trainable=True)
         model = model.to(self.device)
         if self.shards_state:
             return self._fully_shard(model, precision)
@@ -143,10 +169,17 @@ class Backend:
     def prepare_frozen(self, module: nn.Module, shard: bool = False, precision: str = "fp32") -> nn.Module:
         """A frozen module (the teacher): on the device, outside any data-parallel wrapper; its weights split like
         the student's when ``shard`` (and ``fsdp`` > 1)."""
+        self._set_block_runner(module, trainable=False)
         module = module.to(self.device)
         if shard and self.shards_state and any(True for _ in module.parameters()):
-            return self._fully_shard(module, precision)
+            return self._fully_shard(module, precision)  # FSDP2 casts what it gathers to ``precision`` itself
+        store_for_autocast(module, precision)
         return module
+
+    def device_memory_bytes(self) -> int | None:
+        """Memory of one device, for placement choices (``teacher.placement=auto``); None when unknown (the host's
+        memory is shared with everything else)."""
+        return None
 
     def _fully_shard(self, module: nn.Module, precision: str) -> nn.Module:
         if self._mesh is None:
@@ -443,6 +476,9 @@ class CudaBackend(Backend):
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32; parity depends on it
         torch.backends.cudnn.allow_tf32 = False
         return torch.device("cuda", self.local_rank)
+
+    def device_memory_bytes(self) -> int | None:
+        return int(torch.cuda.get_device_properties(self.device).total_memory)
 
     def set_tf32(self, enabled: bool) -> None:
         # Process-wide switches, set by every run: one process (the parity harness) may run with and without.

@@ -9,7 +9,7 @@ import dataclasses
 import functools
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from typing import Any, cast
 
@@ -19,6 +19,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..daemon_pool import DaemonPool
+from ..models.layers import BlockRunner, tap_segments
+from ..precision import store_for_autocast
 from .base import Backend, BackendError, MappedIterable, tree_map_tensors
 from .measure import compiled_step_memory
 from .mesh import layout_problem, mesh_shape
@@ -86,15 +88,82 @@ class XlaBackend(Backend):
                 os.path.join(self.compile_cache, f"rank{self._xr.global_ordinal()}"), readonly=False
             )
 
+    def block_runner(self, trainable: bool) -> BlockRunner:
+        remat = trainable and self.remat == "blocks"
+        if self.scan_trains if trainable else self.scan_blocks:
+            return functools.partial(self._scan_blocks, remat=remat)
+        if remat:
+            return self._run_rematerialised
+        return super().block_runner(trainable)
+
+    @staticmethod
+    def _run_rematerialised(
+        blocks: Sequence[nn.Module], x: Tensor, extra: tuple = (), taps: Sequence[int] = ()
+    ) -> list[Tensor]:
+        """One block after another, each under torch_xla's checkpoint: its optimization barrier keeps XLA from
+        folding the recomputation back into the forward pass (torch's own checkpoint would be undone by CSE)."""
+        from torch_xla.utils.checkpoint import checkpoint
+
+        # Its backward puts the barrier on the block's inputs in place: handed the model's mask buffer itself, it
+        # made the buffer an output of step 1 and step 2 compiled a second graph. The blocks get a copy.
+        extra = tuple(e.clone() if isinstance(e, Tensor) else e for e in extra)
+        outputs, wanted = [], set(taps) or {len(blocks)}
+        for i, block in enumerate(blocks, start=1):
+            x = cast(Tensor, checkpoint(block, x, *extra, use_reentrant=True, preserve_rng_state=False))
+            if i in wanted:
+                outputs.append(x)
+        return outputs
+
+    @staticmethod
+    def _scan_blocks(
+        blocks: Sequence[nn.Module], x: Tensor, extra: tuple = (), taps: Sequence[int] = (), remat: bool = False
+    ) -> list[Tensor]:
+        """``run_in_order`` as XLA loops: the blocks between two taps become one ``while`` over their stacked
+        weights (torch_xla's ``scan``), so one block is traced and compiled however deep the stack is. The weights
+        are stacked inside the step, as torch_xla's ``scan_layers`` does: parameters and state-dict keys stay the
+        blocks' own. ``remat``: AOTAutograd's min-cut partition keeps the loop's inputs and recomputes the rest."""
+        from functorch.compile import default_partition, min_cut_rematerialization_partition
+        from torch.func import functional_call
+        from torch_xla.experimental.scan import scan
+
+        partition = min_cut_rematerialization_partition if remat else default_partition
+        outputs = []
+        for start, stop in tap_segments(len(blocks), taps):
+            run = list(blocks[start:stop])
+            if len(run) == 1:
+                x = run[0](x, *extra)
+            else:
+                template = run[0]  # traced once with each iteration's weights swapped in
+                names = [n for n, _ in template.named_parameters()]
+                weights = [dict(b.named_parameters()) for b in run]
+                stacked = {n: torch.stack([w[n] for w in weights]) for n in names}
+
+                def one_block(carry: tuple, layer_weights: dict, template: nn.Module = template) -> tuple:
+                    h, *rest = carry
+                    return (functional_call(template, layer_weights, (h, *rest), strict=False), *rest), None
+
+                (x, *_), _ = scan(one_block, (x, *extra), stacked, partition_fn=partition)
+            outputs.append(x)
+        return outputs
+
     def manual_seed(self, seed: int) -> None:
         super().manual_seed(seed)
         self._torch_xla.manual_seed(seed)
 
     def prepare_model(self, model: nn.Module, precision: str = "fp32") -> nn.Module:
+        self._set_block_runner(model, trainable=True)
         model = model.to(self.device)
         if self.world_size > 1:
             self._xm.broadcast_master_param(model)
         return model
+
+    def device_memory_bytes(self) -> int | None:
+        if os.environ.get("PJRT_DEVICE", "").upper() == "CPU":
+            return None  # XLA:CPU devices share the host's memory
+        try:
+            return int(self._xm.get_memory_info(self.device)["bytes_limit"])
+        except (RuntimeError, KeyError, TypeError):
+            return None
 
     def check_attention(self, mode: str) -> None:
         if mode == "flex":
@@ -248,7 +317,13 @@ class XlaSpmdBackend(XlaBackend):
 
     def _setup_runtime(self) -> None:
         import torch_xla.distributed.spmd as xs
+        import torch_xla.experimental.scan as xla_scan
 
+        # torch_xla 2.9's scan ties the sharding of each gradient of its loop to its input's with jax's shard_alike,
+        # and jax never shares a process with torch_xla here (each brings its own XLA). Without it the partitioner
+        # propagates the backward loop's shardings itself, from the annotations inside the block (its outputs
+        # split on the batch) and the parameters' own; the scanned step equals the unrolled one (tests).
+        xla_scan.shard_as = _propagated_sharding
         self._xr.use_spmd()
         super()._setup_runtime()
         self._xs = xs
@@ -286,12 +361,14 @@ class XlaSpmdBackend(XlaBackend):
         return (("data", "fsdp"),) + (None,) * (ndim - 1)
 
     def _parameter_spec(self, p: Tensor) -> tuple[str | None, ...] | None:
-        """Split the largest dimension the fsdp size divides; None (replicated) when none does."""
+        """Split the first dimension when the fsdp size divides it, else the largest it divides; None (replicated)
+        when none does. The first: libtpu fuses a gradient's all-reduce and slice into a reduce-scatter only for a
+        split of the major dimension (a [64, 256] weight split on its 256 columns was all-reduced whole)."""
         if self.fsdp == 1:
             # Declared replicated, not left unannotated: the first step's outputs come back annotated, and parameters
             # without it in step 1 but with it from step 2 on made step 2 compile a second graph.
             return (None,) * p.ndim
-        dims = [d for d in sorted(range(p.ndim), key=lambda d: -p.shape[d]) if p.shape[d] % self.fsdp == 0]
+        dims = [d for d in sorted(range(p.ndim), key=lambda d: (d > 0, -p.shape[d])) if p.shape[d] % self.fsdp == 0]
         if not dims:
             return None
         return tuple("fsdp" if d == dims[0] else None for d in range(p.ndim))
@@ -306,31 +383,43 @@ class XlaSpmdBackend(XlaBackend):
                 continue
             self._xs.mark_sharding(p, self.mesh, spec)
             self._param_specs[p] = spec
-        # Every module that owns weights (and the module itself) returns batch-sharded activations. Left to itself
-        # the partitioner follows a weight's fsdp split into its output and gathers the whole global batch instead
-        # of the weight (tensor parallelism): per-device activations then grow with the device count.
+        self._keep_batch_sharded(module)
+
+    def _keep_batch_sharded(self, module: nn.Module) -> None:
+        """Every module that owns weights (and the module itself) returns batch-sharded activations. Left to itself
+        the partitioner follows a weight's fsdp split into its output and gathers the whole global batch instead of
+        the weight (tensor parallelism): per-device activations then grow with the device count. A replicated
+        module needs it as much: unconstrained, ViT-H/14's attention gathered its activations of the global batch
+        in every block."""
         owners = {m for m in module.modules() if any(True for _ in m.parameters(recurse=False))}
         for m in owners | set(shard_units(module)) | {module}:
             m.register_forward_hook(self._shard_output_on_batch)
 
-    def _shard_output_on_batch(self, module: nn.Module, inputs: Any, output: Any) -> None:
+    def _shard_output_on_batch(self, module: nn.Module, inputs: Any, output: Any) -> Any:
+        # The gradient is declared batch-sharded too: left to itself the partitioner scatters the gradient of a
+        # gather (the visible tokens) into a zero tensor of the whole global batch, all-reduces it, and gathers the
+        # whole batch of images for the patch embedding's weight gradient.
         # nn.MultiheadAttention returns (activations, weights); structured outputs (the model's own) are left alone.
         first = output[0] if isinstance(output, tuple) and output else output
-        if isinstance(first, Tensor) and first.ndim > 0:
-            self._xs.mark_sharding(first, self.mesh, self._batch_spec(first.ndim))
+        if not (isinstance(first, Tensor) and first.ndim > 0):
+            return None
+        sharded = self._xs.mark_sharding_with_gradients(first, self.mesh, self._batch_spec(first.ndim))
+        return (sharded, *output[1:]) if isinstance(output, tuple) else sharded
 
     def prepare_model(self, model: nn.Module, precision: str = "fp32") -> nn.Module:
+        self._set_block_runner(model, trainable=True)
         model = model.to(self.device)  # unsharded tensors are copied to every device
         self._shard_parameters(model)
         return model
 
     def prepare_frozen(self, module: nn.Module, shard: bool = False, precision: str = "fp32") -> nn.Module:
+        store_for_autocast(module, precision)  # split or whole, the teacher is stored in the dtype it computes in
+        self._set_block_runner(module, trainable=False)
         module = module.to(self.device)
         if shard and self.shards_state:
             self._shard_parameters(module)
-        elif self.shards_state:
-            # Its targets meet the sharded student's predictions in the loss: keep them split on the batch too.
-            module.register_forward_hook(self._shard_output_on_batch)
+        elif self.global_devices > 1:
+            self._keep_batch_sharded(module)  # its targets meet the student's predictions split on the batch
         return module
 
     def place_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
@@ -397,6 +486,10 @@ class XlaSpmdBackend(XlaBackend):
 
     def shutdown(self) -> None:
         Backend.shutdown(self)  # the gloo group of a multi-host run (XlaBackend has none to close)
+
+
+def _propagated_sharding(a: Any, b: Any) -> tuple[Any, Any]:
+    return a, b
 
 
 def _spmd_save_planner():

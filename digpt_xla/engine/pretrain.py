@@ -17,10 +17,11 @@ from timm.optim import param_groups_weight_decay
 from torch import Tensor, nn
 
 from ..backend import Backend
+from ..backend.mesh import teacher_placement
 from ..config import Config
 from ..data import build_eval_datasets, build_train_dataset
 from ..models import DiGPT
-from ..precision import teacher_precision
+from ..precision import stored_bytes, teacher_precision
 from .build import build_model_and_teacher, build_student, distill_forward, segment_orders
 from .knn import knn_accuracy
 from .trainer import NonFiniteLossError, Trainer
@@ -54,17 +55,24 @@ class Pretrainer(Trainer):
         if cfg.backend.compile:
             model, teacher = b.compile_module(model), b.compile_module(teacher)
         self.model = b.prepare_model(model, self.precision)  # on the device before the optimizer is built
-        shard_teacher = (cfg.teacher.fsdp or cfg.backend.fsdp) > 1
-        self.teacher = b.prepare_frozen(teacher, shard=shard_teacher, precision=self.teacher_precision)
+        self.teacher_placement = teacher_placement(
+            cfg.teacher.placement, b.fsdp, stored_bytes(teacher, self.teacher_precision), b.device_memory_bytes()
+        )
+        self.teacher = b.prepare_frozen(
+            teacher, shard=self.teacher_placement == "fsdp", precision=self.teacher_precision
+        )
         self.setup_optimizer(param_groups_weight_decay(b.unwrap(self.model), cfg.optim.weight_decay))
         self.dataset = build_train_dataset(cfg.data, self.model_cfg.img_size)
         self.setup_run(len(cast(Sized, self.dataset)))
         self.knn: dict[str, float] = {}
         log.info(
-            "backend %s | model %s (%.1fM trainable) | effective batch %d | lr %.3g | steps %d..%d of %d",
+            "backend %s | model %s (%.1fM trainable) | teacher %s, %s | effective batch %d | lr %.3g | steps %d..%d "
+            "of %d",
             b.describe(),
             cfg.model.name,
             cast(DiGPT, b.unwrap(self.model)).num_trainable_params() / 1e6,
+            self.teacher_precision,
+            self.teacher_placement,
             self.effective_batch,
             self.base_lr,
             self.step,

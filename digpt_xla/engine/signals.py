@@ -73,13 +73,13 @@ class PreemptionFlag:
         log.warning("received %s: will checkpoint and stop at the next step boundary (again to stop at once)", name)
 
     def ignore_further(self) -> None:
-        """After a stop that has been carried out: ignore these signals for the rest of the process (its shutdown;
-        an ignored signal stays ignored even while the interpreter finalizes, unlike a Python handler)."""
+        """After a stop that has been carried out: ignore these signals while the run cleans up (``restore`` ends
+        that); a command that exits next keeps ignoring them with ``ignore_stop_signals``."""
         self.restore()
-        for sig in self.signals:
-            signal.signal(sig, signal.SIG_IGN)
+        ignore_stop_signals(self.signals)
 
     def restore(self) -> None:
+        """The dispositions from before: a process that goes on (a study, a notebook) stops on them again."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         if self._wakeup is not None:
@@ -88,3 +88,11 @@ class PreemptionFlag:
             signal.set_wakeup_fd(self._previous_fd)
             os.write(write_fd, b"\0")  # the watcher stops and closes its end
             os.close(write_fd)
+
+
+def ignore_stop_signals(signals: tuple[int, ...] = STOP_SIGNALS) -> None:
+    """Ignore stop signals for the rest of this process: a command whose run has stopped on one and only exits now.
+    The notice reaches other ranks' processes late; one arriving during the shutdown must not turn a clean stop
+    into a failed one (an ignored signal stays ignored while the interpreter finalizes, unlike a Python handler)."""
+    for sig in signals:
+        signal.signal(sig, signal.SIG_IGN)

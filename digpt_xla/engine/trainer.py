@@ -9,6 +9,8 @@ one resume path are ``digpt_xla.checkpoint.training_state``; a subclass adds its
 from __future__ import annotations
 
 import collections
+import dataclasses
+import json
 import logging
 import time
 from collections.abc import Iterator
@@ -55,6 +57,7 @@ class Trainer:
         self.precision = cfg.backend.precision
         b.check_precision(self.precision)
         b.set_tf32(cfg.backend.tf32)
+        b.configure_blocks(cfg.backend.scan, cfg.backend.remat, self.precision)
         b.manual_seed(cfg.run.seed)
         self.run_dir = RunDir(cfg.run.out_dir)
         self.lease = RunLease(self.run_dir)
@@ -93,6 +96,8 @@ class Trainer:
         self.steps_per_epoch, self.total_steps = plan.steps_per_epoch, plan.total_steps
         self.warmup_steps, self.end_step = plan.warmup_steps, plan.end_step
         self.resumed_from = self.state.resume()
+        if b.is_main:
+            self._claim_run_directory()
         b.mark_step()  # materialise the initial (or restored) state before the first step's graph
         self.metrics = MetricsWriter(
             self.run_dir,
@@ -101,6 +106,44 @@ class Trainer:
             still_held=self.lease.still_held if b.is_main else None,
         )
         self.meter = DeferredMeter(self.metric_names, b.device)
+
+    def _claim_run_directory(self) -> None:
+        """A new run never mixes with another in its directory (its logs cut, its checkpoints pruned beside this
+        run's, the next resume continuing either): refused, or the other run moved aside with ``run.overwrite``.
+        ``run.json`` records what runs here; a resume checks it."""
+        run = self.cfg.run
+        # The model as its weights see it (name and shape); its attention kernel may change between resumes.
+        identity = {"kind": self.kind, "model": {"name": self.cfg.model.name, **self.cfg.model.shape_overrides()}}
+        if self.resumed_from:
+            if self.run_dir.exists("run.json"):
+                recorded = json.loads(self.run_dir.read_text("run.json"))
+                for key in ("kind", "model"):
+                    if recorded.get(key) != identity[key]:
+                        raise RunDirError(
+                            f"{self.run_dir.url_of('run.json')}: this directory holds a {recorded.get('kind')} run "
+                            f"of {recorded.get('model', {}).get('name')}; resuming it as {self.kind} of "
+                            f"{self.cfg.model.name} ({key} differs) would mix two runs: use another run.out_dir"
+                        )
+            return
+        previous = self.run_dir.previous_run()
+        if previous and not run.overwrite:
+            if run.resume == "auto":  # there was something to resume, and none of it loads
+                why = "no checkpoint of it can be loaded (a damaged one is renamed *.corrupt)"
+                ways = ""
+            else:
+                why = f"run.resume={run.resume} starts a new one"
+                ways = "run.resume=auto continues it, "
+            raise RunDirError(
+                f"{self.run_dir.url}: holds another run ({previous}) and {why}; {ways}run.overwrite=true moves it "
+                "to previous/ inside the directory and starts anew, or choose another run.out_dir"
+            )
+        if previous:
+            log.warning("run.overwrite: moved the previous run (%s) to %s", previous, self.run_dir.move_aside())
+        record = identity | {
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "config": dataclasses.asdict(self.cfg),
+        }
+        self.run_dir.write_text("run.json", json.dumps(record, indent=1, default=str) + "\n")
 
     # ------------------------------------------------------------------ state
     def extra_state(self) -> dict[str, Any]:
@@ -230,7 +273,11 @@ class Trainer:
             stream = self.data_stream()
             self.model.train()
             if self.step < self.end_step and b.compiles_step:
-                log.info("step %d: tracing and compiling the step (a minute or more on XLA:CPU; once)", self.step + 1)
+                log.info(
+                    "step %d: tracing and compiling the step (a minute or more on XLA:CPU; once; XLA's 'Very slow "
+                    "compile?' banner during it is its timer, not an error)",
+                    self.step + 1,
+                )
             t_last, step_last = time.perf_counter(), self.step
             while self.step < self.end_step:
                 self.train_step(*self.next_step_inputs(stream))
@@ -282,6 +329,7 @@ class Trainer:
             self.checkpoints.commit_pending()  # a background write that finished is committed; never lost silently
             self.metrics.close()
             self.lease.release()
+            preempt.restore()  # ignoring them (after a stop) was for the clean-up; a caller that exits re-ignores
 
     def _show(self, progress, img_s: float | None) -> None:
         shown = {} if img_s is None else {"img_s": f"{img_s:.0f}"}

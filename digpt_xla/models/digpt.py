@@ -17,8 +17,10 @@ from torch import Tensor, nn
 
 from .layers import (
     Block,
+    BlockRunner,
     DecoderBlock,
     default_feature_taps,
+    run_in_order,
     segment_causal_block_mask,
     segment_causal_mask,
     segment_raster_index,
@@ -116,6 +118,7 @@ def random_segment_order(batch: int, num_segments: int, device: torch.device | s
 class DiGPT(nn.Module):
     chooses_attention_masks = True  # set_attention sets ``mode`` here too: the mask's form follows it
     mode: str = "sdpa"
+    block_runner: BlockRunner = staticmethod(run_in_order)  # the encoder's; a backend may swap in its own
     # Buffers (registered in __init__), typed for the checker.
     mask: Tensor
     student_segments: Tensor
@@ -209,13 +212,7 @@ class DiGPT(nn.Module):
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(B, -1, -1)
         x = torch.cat([x, cls], dim=1)  # (B, L, D)
 
-        mask = self.attention_mask()
-        features = []
-        for i, block in enumerate(self.blocks, start=1):
-            x = block(x, mask)
-            if i in self.cfg.feature_taps:
-                features.append(x)
-        return features
+        return self.block_runner(list(self.blocks), x, (self.attention_mask(),), self.cfg.feature_taps)
 
     def project_latents(self, features: list[Tensor], norms: nn.ModuleList, proj: nn.Linear) -> Tensor:
         """Norm each tap, concat on channels, project: (B, L, decoder_dim, decoder_depth), channels interleaved."""

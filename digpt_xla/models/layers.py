@@ -6,6 +6,7 @@ checkpoints load with ``strict=True``. The MLP and patch embedding come from tim
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import torch
@@ -116,6 +117,34 @@ class DecoderBlock(nn.Module):
         x = x + self.attn1(self.norm1(x), mask)
         x = x + self.attn2(self.norm2_1(x), self.norm2_2(latent), mask)
         return x + self.mlp(self.norm2(x))
+
+
+# Runs a stack of same-shaped blocks: (blocks, x, extra inputs every block takes after x, taps) -> the outputs after
+# the blocks listed in taps (1-based, ascending; empty: the last block's). A backend may swap in its own (XLA's
+# scan over the stacked weights, or rematerialisation); every runner computes what ``run_in_order`` computes.
+BlockRunner = Callable[[Sequence[nn.Module], Tensor, tuple, Sequence[int]], list[Tensor]]
+
+
+def run_in_order(
+    blocks: Sequence[nn.Module], x: Tensor, extra: tuple = (), taps: Sequence[int] = (), remat: bool = False
+) -> list[Tensor]:
+    """The blocks one after another; ``remat``: each block's activations recomputed in the backward pass
+    (``torch.utils.checkpoint``), only its input kept."""
+    outputs, wanted = [], set(taps) or {len(blocks)}
+    for i, block in enumerate(blocks, start=1):
+        if remat and torch.is_grad_enabled():
+            x = cast(Tensor, torch.utils.checkpoint.checkpoint(block, x, *extra, use_reentrant=False))
+        else:
+            x = block(x, *extra)
+        if i in wanted:
+            outputs.append(x)
+    return outputs
+
+
+def tap_segments(depth: int, taps: Sequence[int]) -> list[tuple[int, int]]:
+    """(start, stop) of the runs of blocks between consecutive taps: each ends at a tap."""
+    ends = list(taps) or [depth]
+    return list(zip([0, *ends[:-1]], ends, strict=True))
 
 
 def set_attention(model: nn.Module, mode: str) -> None:

@@ -10,6 +10,12 @@ and FLOPs are those of every ``dot`` and ``convolution`` times their computation
 Bytes on the wire per device, for a group of n devices and the collective's full array A (Patarasuk and Yuan's
 bandwidth-optimal ring algorithms): all-gather and reduce-scatter (n-1)/n * A, all-reduce 2(n-1)/n * A,
 all-to-all (n-1)/n * A, collective-permute A (each device sends its buffer once).
+
+libtpu compiles the SPMD partitioner's reduce-scatter (a weight gradient summed over the batch and kept split like
+its weight) as an ``all-reduce`` of the full array inside a ``kind=kCustom`` fusion whose computation is named
+``all-reduce-scatter``, with the slice of each device in the same fusion: it is counted as the reduce-scatter it
+runs as. (jax's ``psum_scatter`` keeps the ``reduce-scatter`` op; a dot whose output sharding splits the summed
+gradient, in jax as in torch_xla, compiles to the fusion.)
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from .hlo_text import (
 
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 HOST_TRANSFERS = ("send", "recv", "infeed", "outfeed")
+FUSED_REDUCE_SCATTER = "all-reduce-scatter"  # libtpu's name for the computation of a fused reduce-scatter
 WIRE_FORMULA = {
     "all-gather": "(n-1)/n x full array",
     "reduce-scatter": "(n-1)/n x full array",
@@ -143,11 +150,17 @@ def collectives(computations: dict[str, Computation], runs: Executions, devices:
             if match is None:
                 continue
             kind = match[1]
+            if kind == "all-reduce" and comp.name.startswith(FUSED_REDUCE_SCATTER):
+                kind = "reduce-scatter"
             channel = inst.attribute("channel_id")
-            key = (kind, int(channel)) if channel is not None else (kind, comp.name, inst.name)
-            result = _result_shape(inst.shape, started=bool(match[2]), kind=kind)
+            key: tuple = (kind, int(channel)) if channel is not None else (kind, comp.name, inst.name)
+            if kind != match[1]:  # libtpu numbers every fused reduce-scatter's all-reduce channel 1: one per fusion
+                key = (kind, channel, comp.name.split(".clone")[0])
+            result = _result_shape(inst.shape, started=bool(match[2]), kind=match[1])
             parts = arrays(result)
             size = array_bytes(result)
+            if kind != match[1]:  # the fused reduce-scatter's all-reduce holds the whole array; each device keeps 1/n
+                size //= _group_size(inst, devices)
             entry = found.setdefault(key, {"kind": kind, "clones": 0, "executions": 0, "bytes": size})
             entry["clones"] += 1
             if runs.counts.get(comp.name, 0) >= entry["executions"]:

@@ -115,8 +115,12 @@ def _constant(comp: Computation, name: str, seen: int = 0) -> int | None:
 
 
 def _tuple_index(comp: Computation, name: str) -> int | None:
-    """k when ``name`` is ``get-tuple-element(param), index=k`` of the computation's parameter."""
+    """k when ``name`` is ``get-tuple-element(param), index=k`` of the computation's parameter (or a copy of it)."""
     inst = comp.instructions.get(name)
+    for _ in range(8):  # layout copies between the element and its use
+        if inst is None or inst.op not in ("copy", "bitcast") or not inst.operands():
+            break
+        inst = comp.instructions.get(inst.operands()[0])
     if inst is None or inst.op != "get-tuple-element":
         return None
     source = comp.instructions.get(inst.operands()[0]) if inst.operands() else None
@@ -132,6 +136,20 @@ def trip_count(computations: dict[str, Computation], caller: Computation, loop: 
     if cond is None or body is None or cond.root is None or body.root is None:
         return None
     compare = cond.root
+    if compare.op in ("or", "and"):
+        # A counter widened by libtpu into two u32 words (torch_xla counts in 64 bits): "high < 0 or (high == 0
+        # and low < N)". The one comparison of a counter against a non-zero bound is the loop's.
+        bounded = [
+            i
+            for i in cond.instructions.values()
+            if i.op == "compare"
+            and i.attribute("direction") in ("LT", "LE", "GT", "GE")
+            and any(_constant(cond, o) for o in i.operands())
+            and any(_tuple_index(cond, o) is not None for o in i.operands())
+        ]
+        if len(bounded) != 1:
+            return None
+        compare = bounded[0]
     if compare.op == "fusion":  # the comparison fused: read it inside, its operands are the fusion's parameters
         fused = computations.get((compare.attribute("calls") or "").lstrip("%"))
         if fused is None or fused.root is None or fused.root.op != "compare":
@@ -164,6 +182,8 @@ def trip_count(computations: dict[str, Computation], caller: Computation, loop: 
     if start is None or body_root.op != "tuple" or k >= len(body_root.operands()):
         return None
     update = body.instructions.get(body_root.operands()[k])
+    while update is not None and update.op in ("copy", "bitcast") and update.operands():  # layout plumbing
+        update = body.instructions.get(update.operands()[0])
     if update is None or update.op not in ("add", "subtract") or len(update.operands()) != 2:
         return None
     a, b = update.operands()

@@ -120,8 +120,10 @@ def teacher_kind(request: PlanRequest) -> str:
     return "clip" if digpt_config(request.model).teacher_dim == 1024 else "pixel"
 
 
-def trace(request: PlanRequest, devices: int, workdir: Path, progress=None) -> dict[str, Any]:
-    """The step for ``devices`` XLA:CPU devices, traced (not compiled) into ``workdir/step.hlo.pb``."""
+def trace(request: PlanRequest, chip: dict[str, Any], workdir: Path, progress=None) -> dict[str, Any]:
+    """The step for the chip's topology, traced (not compiled) on as many XLA:CPU devices into
+    ``workdir/step.hlo.pb``; layout choices that depend on memory are made for the chip's HBM."""
+    devices = chip["devices"]
     if request.step not in ("pretrain", "finetune"):
         raise PlanError(f"step {request.step!r}: plan pretrain or finetune")
     overrides = [
@@ -139,7 +141,8 @@ def trace(request: PlanRequest, devices: int, workdir: Path, progress=None) -> d
     env = dict(os.environ, PJRT_DEVICE="CPU", CPU_NUM_DEVICES=str(devices))
     env.pop("XLA_FLAGS", None)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, "-m", "digpt_xla.tpu_plan.trace", str(workdir), request.step, *overrides]
+    hbm = str(chip["hbm_bytes"])
+    cmd = [sys.executable, "-m", "digpt_xla.tpu_plan.trace", str(workdir), request.step, hbm, *overrides]
     hint = "tracing holds a copy of the unsharded state per virtual device: plan fsdp=1 on one chip, e.g. v5e:1x1"
     what = f"tracing {request.model} for {devices} devices"
     return _run_json(cmd, what, env=env, out_of_memory_hint=hint, progress=progress)
@@ -175,16 +178,17 @@ def plan_step(
         where = workdir or Path(tmp)
         where.mkdir(parents=True, exist_ok=True)
         (where / "request.json").write_text(json.dumps(request.__dict__) + "\n")
-        trace(request, devices, where, progress)
+        trace(request, chip, where, progress)
         compile_for(request.topology, where, python, progress)
         return assemble(where, chip)
 
 
 def fsdp_minimum(traced: dict[str, Any]) -> dict[str, Any]:
     """The wire bytes per device per step that the layout itself needs: the student's weights gathered for forward
-    and for backward in the compute dtype and its fp32 gradients reduce-scattered over the fsdp group, each shard's
-    gradient all-reduced over the data-parallel replicas, the teacher's weights gathered once when it is sharded
-    (nothing when it is replicated), the batch never."""
+    and for backward in the compute dtype and its gradients reduce-scattered over the fsdp group in the compute
+    dtype (autocast's weight-gradient matmul yields them so; torch_xla sums them across devices before they meet
+    the fp32 parameter), each shard's gradient all-reduced over the data-parallel replicas, the teacher's weights
+    gathered once in its compute dtype when it is sharded (nothing when it is replicated), the batch never."""
     f, n = traced["fsdp"], traced["devices"]
     d = n // f
     compute = _compute_bytes(traced["precision"])
@@ -192,8 +196,8 @@ def fsdp_minimum(traced: dict[str, Any]) -> dict[str, Any]:
     params, teacher_params = traced["trainable_params"], traced.get("teacher_params", 0)
     parts = {
         "student weights gathered, forward and backward": 2 * (f - 1) / f * params * compute,
-        "student gradients reduce-scattered (fp32)": (f - 1) / f * params * 4,
-        "gradient shards all-reduced over data replicas (fp32)": 2 * (d - 1) / d * params / f * 4,
+        "student gradients reduce-scattered": (f - 1) / f * params * compute,
+        "gradient shards all-reduced over data replicas": 2 * (d - 1) / d * params / f * compute,
         "teacher weights gathered once": (f - 1) / f * teacher_params * teacher if traced.get("teacher_sharded") else 0,
     }
     return {"bytes": int(sum(parts.values())), "parts": {k: int(v) for k, v in parts.items()}}

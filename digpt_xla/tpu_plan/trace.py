@@ -1,12 +1,13 @@
 """Trace one training step on XLA:CPU devices and write it as an HloModuleProto, without compiling it.
 
-    python -m digpt_xla.tpu_plan.trace OUT_DIR pretrain|finetune model.name=... backend.fsdp=... data.batch_size=...
+    python -m digpt_xla.tpu_plan.trace OUT_DIR pretrain|finetune HBM_BYTES model.name=... backend.fsdp=... ...
 
 Run with ``PJRT_DEVICE=CPU CPU_NUM_DEVICES=<the topology's devices>`` (``tools/tpu_plan.py`` does): the step is
 the real one (student, teacher, AdamW, the shipped FSDPv2 sharding) on a mesh of that many virtual devices. Writes
 ``step.hlo.pb``, ``donors.json`` (which parameters torch_xla would donate to which results: the state the step
 writes back, by tensor identity) and ``trace.json`` (what one device holds: the sharded training state, the
 teacher, the batch; the parameter counts behind the FSDP minimum; FLOPs per image counted by ``digpt_xla.flops``).
+``teacher.placement=auto`` is decided for a chip of HBM_BYTES (XLA:CPU devices have no memory of their own).
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ from pathlib import Path
 
 import torch
 
+from ..backend.mesh import teacher_placement
 from ..config import load_config
 from ..engine import Pretrainer
 from ..engine.build import build_model_and_teacher, segment_orders
 from ..engine.finetune import Finetuner
 from ..flops import sample_flops
+from ..precision import stored_bytes, teacher_precision
 
 SOURCES = {"pretrain": "synthetic", "finetune": "digits"}  # made by the code: nothing to download
 
@@ -32,18 +35,23 @@ def _shard_bytes(backend, tensors) -> int:
     return sum(math.prod(backend.shard_shapes(t)[0]) * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
-def _flops_per_image(trainer) -> int:
+def _flops_per_image(trainer, teacher) -> int:
     """Teacher forward + student forward and backward for one image, counted on the CPU (``digpt_xla.flops``)."""
-    _, teacher = build_model_and_teacher(trainer.cfg.model, trainer.cfg.teacher)  # on the CPU, as counted
     size = trainer.model_cfg.img_size
     order = segment_orders(0, 0, 0, 1, trainer.model_cfg.num_segments)
     return sample_flops(trainer.model_cfg, teacher, torch.randn(1, 3, size, size), order)
 
 
-def trace_step(out_dir: Path, kind: str, overrides: list[str]) -> dict:
+def trace_step(out_dir: Path, kind: str, hbm_bytes: int, overrides: list[str]) -> dict:
     start = time.perf_counter()
     common = ["backend.name=xla-spmd", f"data.source={SOURCES[kind]}", "run.resume=never", "run.progress=false"]
     cfg = load_config(None, [*common, "run.knn_eval=false", f"run.out_dir={out_dir / 'run'}", *overrides])
+    cpu_teacher = None
+    if kind == "pretrain":
+        _, cpu_teacher = build_model_and_teacher(cfg.model, cfg.teacher)  # on the CPU: FLOPs, stored bytes
+        precision = teacher_precision(cfg.teacher.precision, cfg.backend.precision)
+        stored = stored_bytes(cpu_teacher, precision)
+        cfg.teacher.placement = teacher_placement(cfg.teacher.placement, cfg.backend.fsdp, stored, hbm_bytes)
     trainer = Pretrainer(cfg) if kind == "pretrain" else Finetuner(cfg)
     b = trainer.backend
     b.mark_step()  # setup's own small programs run now; what follows is the step alone
@@ -82,10 +90,10 @@ def trace_step(out_dir: Path, kind: str, overrides: list[str]) -> dict:
         "donated_buffers": len(donors),
         # The FSDP minimum's inputs: what the layout must move, whatever the compiler makes of it.
         "teacher_params": sum(p.numel() for p in teacher_params),
-        "teacher_param_bytes": max((p.element_size() for p in teacher_params), default=0),
         "teacher_sharded": teacher_bytes < sum(p.numel() * p.element_size() for p in teacher_params),
         "teacher_precision": getattr(trainer, "teacher_precision", None),
-        "analytic_flops_per_image": _flops_per_image(trainer) if kind == "pretrain" else None,
+        "teacher_placement": getattr(trainer, "teacher_placement", None),
+        "analytic_flops_per_image": _flops_per_image(trainer, cpu_teacher) if kind == "pretrain" else None,
         "trace_seconds": round(time.perf_counter() - start, 1),
     }
     (out_dir / "trace.json").write_text(json.dumps(info, indent=1) + "\n")
@@ -93,4 +101,4 @@ def trace_step(out_dir: Path, kind: str, overrides: list[str]) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(trace_step(Path(sys.argv[1]), sys.argv[2], sys.argv[3:])))
+    print(json.dumps(trace_step(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4:])))

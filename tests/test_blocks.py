@@ -1,0 +1,56 @@
+"""Stacks of blocks (the student's encoder, the teacher's tower) run by the backends' runners: XLA's scanned loop,
+with or without remat, and remat block by block, each equal to running the blocks one by one; and the settings
+that choose them, checked where they are set."""
+
+import json
+import subprocess
+
+import pytest
+import torch
+
+from conftest import PYTHON, REPO, needs_xla, subprocess_env
+from digpt_xla.config import ConfigError, load_config
+from digpt_xla.models.layers import Block, run_in_order, segment_causal_mask, tap_segments
+
+
+def test_taps_cut_the_stack_into_runs_that_end_at_each_tap():
+    assert tap_segments(12, (6, 8, 10, 12)) == [(0, 6), (6, 8), (8, 10), (10, 12)]
+    assert tap_segments(32, ()) == [(0, 32)]
+
+
+def test_eager_remat_recomputes_the_same_values_and_gradients():
+    torch.manual_seed(0)
+    blocks = [Block(32, 2) for _ in range(4)]
+    mask = segment_causal_mask(3, 4)
+    grads = []
+    for remat in (False, True):
+        x = torch.randn(2, 13, 32, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        outs = run_in_order(blocks, x, (mask,), (2, 4), remat=remat)
+        sum(o.square().mean() for o in outs).backward()
+        grads.append([x.grad.clone()] + [p.grad.clone() for b in blocks for p in b.parameters()])
+        for b in blocks:
+            b.zero_grad(set_to_none=True)
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+
+
+@needs_xla
+def test_scanned_and_rematerialised_blocks_equal_the_loop_on_xla():
+    proc = subprocess.run(
+        [PYTHON, "tests/workers/scanned_blocks.py"],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    differences = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert all(d < 1e-5 for d in differences.values()), differences
+
+
+def test_scan_and_remat_settings_are_checked_at_load():
+    with pytest.raises(ConfigError, match="backend.scan=always with backend.name='cpu'"):
+        load_config(None, ["backend.name=cpu", "backend.scan=always"])
+    with pytest.raises(ConfigError, match="backend.remat"):
+        load_config(None, ["backend.remat=layers"])
+    assert load_config(None, ["backend.name=cpu", "backend.remat=blocks"]).backend.remat == "blocks"
