@@ -273,6 +273,17 @@ class RunLease:
                 )
         return record
 
+    def check_seen_by(self, owner: str | None, rank: int) -> None:
+        """On a rank other than the main one: the lease that the main rank (``owner``) holds must be visible here,
+        or the ranks write their parts of a checkpoint to different places (node-local disks, ``memory://``)."""
+        held = self._read()
+        if owner is not None and (held is None or held.get("owner") != owner):
+            raise RunDirError(
+                f"run.out_dir={self.run_dir.url}: rank {rank} does not see the lease.json that the main rank holds "
+                "there; every rank must write to the same storage (gs://, a shared filesystem), not a disk or memory "
+                "of its own"
+            )
+
     @staticmethod
     def _this_process(held: dict[str, Any]) -> bool:
         """Whether the lease was written by this very process (an earlier or later trainer of it)."""

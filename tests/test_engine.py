@@ -191,6 +191,20 @@ def test_torchrun_two_processes_match_one_process_on_the_concatenated_batch(tmp_
         torch.testing.assert_close(ddp["grads"][name], g, rtol=1e-4, atol=1e-7, msg=name)
 
 
+def test_a_run_directory_that_not_every_rank_sees_is_refused_at_start(tmp_path):
+    # memory:// is one store per process, as node-local disks are one per node: rank 1 would write its part of
+    # every checkpoint where nobody reads it.
+    cmd = [*torchrun(2), "-m", "digpt_xla.cli", "pretrain", *_pretrain_cmd("memory://not-shared/run")[4:]]
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode != 0
+    assert "rank 1 does not see the lease.json that the main rank holds" in proc.stderr, proc.stderr[-3000:]
+    # Both ranks stop at the check, each with one line: none is left in a collective to die with a traceback.
+    assert "another rank does not see the lease.json this rank holds" in proc.stderr, proc.stderr[-3000:]
+    assert "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr
+
+
 @needs_xla
 def test_xla_spmd_four_devices_match_one_device(tmp_path):
     common = [*SMALLER, f"run.out_dir={tmp_path / 'unused'}"]

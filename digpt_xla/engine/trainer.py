@@ -98,6 +98,19 @@ class Trainer:
         self.resumed_from = self.state.resume()
         if b.is_main:
             self._claim_run_directory()
+        if b.world_size > 1:  # processes that write their parts of each checkpoint: all must see one directory
+            owner = b.from_main(self.lease.owner if b.is_main else None)
+            problem = None
+            if not b.is_main:
+                try:
+                    self.lease.check_seen_by(owner, b.rank)
+                except RunDirError as e:
+                    problem = e
+            if b.any_rank(problem is not None):  # every rank stops here, none left waiting in a collective
+                raise problem or RunDirError(
+                    f"run.out_dir={self.run_dir.url}: another rank does not see the lease.json this rank holds "
+                    "there; every rank must write to the same storage (gs://, a shared filesystem)"
+                )
         b.mark_step()  # materialise the initial (or restored) state before the first step's graph
         self.metrics = MetricsWriter(
             self.run_dir,
