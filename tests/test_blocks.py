@@ -10,7 +10,7 @@ import torch
 
 from conftest import PYTHON, REPO, needs_xla, subprocess_env
 from digpt_xla.config import ConfigError, load_config
-from digpt_xla.models.layers import Block, run_in_order, segment_causal_mask, tap_segments
+from digpt_xla.models.layers import Block, run_in_order, segment_causal_mask, tap_segments, torch_checkpoint
 
 
 def test_taps_cut_the_stack_into_runs_that_end_at_each_tap():
@@ -25,7 +25,7 @@ def test_eager_remat_recomputes_the_same_values_and_gradients():
     grads = []
     for remat in (False, True):
         x = torch.randn(2, 13, 32, generator=torch.Generator().manual_seed(1), requires_grad=True)
-        outs = run_in_order(blocks, x, (mask,), (2, 4), remat=remat)
+        outs = run_in_order(blocks, x, (mask,), (2, 4), checkpoint=torch_checkpoint if remat else None)
         sum(o.square().mean() for o in outs).backward()
         grads.append([x.grad.clone()] + [p.grad.clone() for b in blocks for p in b.parameters()])
         for b in blocks:

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..errors import UserError
-from ..models.layers import BlockRunner, run_in_order
+from ..models.layers import BlockRunner, run_in_order, torch_checkpoint
 from ..precision import ADAMW_KERNELS, PRECISIONS, autocast_dtype, precision_problem, store_for_autocast
 from .mesh import SCANNING_BACKENDS, blocks_problem, layout_problem
 from .sharding import fsdp2_mesh, fully_shard_blocks, load_named_state
@@ -148,7 +148,8 @@ class Backend:
     def block_runner(self, trainable: bool) -> BlockRunner:
         """What runs a module's stack of blocks (its ``block_runner``): one by one, rematerialised when asked (a
         frozen module keeps nothing for a backward pass, so it never is)."""
-        return functools.partial(run_in_order, remat=trainable and self.remat == "blocks")
+        remat = trainable and self.remat == "blocks"
+        return functools.partial(run_in_order, checkpoint=torch_checkpoint if remat else None)
 
     def _set_block_runner(self, module: nn.Module, trainable: bool) -> None:
         if hasattr(module, "block_runner"):

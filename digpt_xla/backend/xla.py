@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..daemon_pool import DaemonPool
-from ..models.layers import BlockRunner, tap_segments
+from ..models.layers import BlockRunner, run_in_order, tap_segments
 from ..precision import store_for_autocast
 from .base import Backend, BackendError, MappedIterable, tree_map_tensors
 from .measure import compiled_step_memory
@@ -100,19 +100,17 @@ class XlaBackend(Backend):
     def _run_rematerialised(
         blocks: Sequence[nn.Module], x: Tensor, extra: tuple = (), taps: Sequence[int] = ()
     ) -> list[Tensor]:
-        """One block after another, each under torch_xla's checkpoint: its optimization barrier keeps XLA from
+        """``run_in_order`` with each block under torch_xla's checkpoint: its optimization barrier keeps XLA from
         folding the recomputation back into the forward pass (torch's own checkpoint would be undone by CSE)."""
         from torch_xla.utils.checkpoint import checkpoint
+
+        def rematerialised(block: nn.Module, *args: Tensor) -> Tensor:
+            return cast(Tensor, checkpoint(block, *args, use_reentrant=True, preserve_rng_state=False))
 
         # Its backward puts the barrier on the block's inputs in place: handed the model's mask buffer itself, it
         # made the buffer an output of step 1 and step 2 compiled a second graph. The blocks get a copy.
         extra = tuple(e.clone() if isinstance(e, Tensor) else e for e in extra)
-        outputs, wanted = [], set(taps) or {len(blocks)}
-        for i, block in enumerate(blocks, start=1):
-            x = cast(Tensor, checkpoint(block, x, *extra, use_reentrant=True, preserve_rng_state=False))
-            if i in wanted:
-                outputs.append(x)
-        return outputs
+        return run_in_order(blocks, x, extra, taps, checkpoint=rematerialised)
 
     @staticmethod
     def _scan_blocks(

@@ -332,7 +332,7 @@ class Trainer:
             return self.finish(stopped, checkpoint)
         finally:
             if stopped == "preempted":
-                # The notice reaches other ranks' processes late; one arriving while this process shuts down (its
+                # The notice reaches other ranks' processes late; one arriving while this process cleans up (its
                 # checkpoint committed) must not kill it and turn a clean stop into a failed one.
                 preempt.ignore_further()
             else:
@@ -342,7 +342,8 @@ class Trainer:
             self.checkpoints.commit_pending()  # a background write that finished is committed; never lost silently
             self.metrics.close()
             self.lease.release()
-            preempt.restore()  # ignoring them (after a stop) was for the clean-up; a caller that exits re-ignores
+            if stopped == "preempted":
+                preempt.restore()  # ignoring them was for the clean-up; a caller that exits next re-ignores them
 
     def _show(self, progress, img_s: float | None) -> None:
         shown = {} if img_s is None else {"img_s": f"{img_s:.0f}"}

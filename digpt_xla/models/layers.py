@@ -126,19 +126,27 @@ BlockRunner = Callable[[Sequence[nn.Module], Tensor, tuple, Sequence[int]], list
 
 
 def run_in_order(
-    blocks: Sequence[nn.Module], x: Tensor, extra: tuple = (), taps: Sequence[int] = (), remat: bool = False
+    blocks: Sequence[nn.Module],
+    x: Tensor,
+    extra: tuple = (),
+    taps: Sequence[int] = (),
+    checkpoint: Callable[..., Tensor] | None = None,
 ) -> list[Tensor]:
-    """The blocks one after another; ``remat``: each block's activations recomputed in the backward pass
-    (``torch.utils.checkpoint``), only its input kept."""
+    """The blocks one after another; ``checkpoint(block, x, *extra)``, when given, runs each block so that only its
+    input is kept and its activations are recomputed in the backward pass (``torch_checkpoint``, or a backend's)."""
     outputs, wanted = [], set(taps) or {len(blocks)}
     for i, block in enumerate(blocks, start=1):
-        if remat and torch.is_grad_enabled():
-            x = cast(Tensor, torch.utils.checkpoint.checkpoint(block, x, *extra, use_reentrant=False))
-        else:
-            x = block(x, *extra)
+        x = checkpoint(block, x, *extra) if checkpoint is not None else block(x, *extra)
         if i in wanted:
             outputs.append(x)
     return outputs
+
+
+def torch_checkpoint(block: nn.Module, *args: Tensor) -> Tensor:
+    """``torch.utils.checkpoint`` of one block when gradients are recorded; a plain call otherwise."""
+    if not torch.is_grad_enabled():
+        return block(*args)
+    return cast(Tensor, torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False))
 
 
 def tap_segments(depth: int, taps: Sequence[int]) -> list[tuple[int, int]]:

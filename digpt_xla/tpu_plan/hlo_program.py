@@ -149,17 +149,16 @@ def collectives(computations: dict[str, Computation], runs: Executions, devices:
             match = kinds.match(inst.op)
             if match is None:
                 continue
-            kind = match[1]
-            if kind == "all-reduce" and comp.name.startswith(FUSED_REDUCE_SCATTER):
-                kind = "reduce-scatter"
+            fused = match[1] == "all-reduce" and comp.name.startswith(FUSED_REDUCE_SCATTER)
+            kind = "reduce-scatter" if fused else match[1]
             channel = inst.attribute("channel_id")
             key: tuple = (kind, int(channel)) if channel is not None else (kind, comp.name, inst.name)
-            if kind != match[1]:  # libtpu numbers every fused reduce-scatter's all-reduce channel 1: one per fusion
+            if fused:  # libtpu numbers every fused reduce-scatter's all-reduce channel 1: one per fusion
                 key = (kind, channel, comp.name.split(".clone")[0])
             result = _result_shape(inst.shape, started=bool(match[2]), kind=match[1])
             parts = arrays(result)
             size = array_bytes(result)
-            if kind != match[1]:  # the fused reduce-scatter's all-reduce holds the whole array; each device keeps 1/n
+            if fused:  # its all-reduce holds the whole array; each device keeps 1/n
                 size //= _group_size(inst, devices)
             entry = found.setdefault(key, {"kind": kind, "clones": 0, "executions": 0, "bytes": size})
             entry["clones"] += 1
