@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import threading
 from collections.abc import Callable
 
 from .config import Config, load_config
@@ -171,6 +172,7 @@ def run_command(
     """Parse, run the chosen subcommand; expected input errors (the classes ``errors()`` names, imported only
     after parsing so that ``--help`` does not wait for torch) print one line and exit 2, not a traceback."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    threading.excepthook = _thread_failure
     args = parser.parse_args(argv)
     from .engine.trainer import NonFiniteLossError
 
@@ -185,6 +187,16 @@ def run_command(
     except KeyboardInterrupt:  # Ctrl-C before training started (inside the loop it checkpoints and stops)
         print(f"{parser.prog}: interrupted", file=sys.stderr)
         return 130
+
+
+def _thread_failure(args: threading.ExceptHookArgs) -> None:
+    """A library's background writer that fails for the disk (TensorBoard's event writer on a full disk) is one
+    warning line: the step that next writes reports the error that stops the run."""
+    if args.exc_type is not None and issubclass(args.exc_type, OSError):
+        name = args.thread.name if args.thread is not None else "a thread"
+        log.warning("background writer %s stopped: %s", name, args.exc_value)
+        return
+    threading.__excepthook__(args)
 
 
 def one_line(error: Exception) -> str:

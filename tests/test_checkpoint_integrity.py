@@ -234,3 +234,88 @@ def test_the_converter_names_what_it_was_handed(tmp_path):
         ]
         proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and expected in proc.stderr and len(proc.stderr.splitlines()) == 1, proc.stderr
+
+
+def _under_a_file_size_limit(limit: int):
+    """A child's files may not grow past ``limit`` bytes (RLIMIT_FSIZE): a write beyond it fails with EFBIG, as
+    one on a full disk fails with ENOSPC (Python ignores SIGXFSZ, so the write raises instead of killing)."""
+    import resource
+
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    return apply
+
+
+TINY_RUN = ["--config", "yaml/demo.yaml", *FAST_CPU, "model.embed_dim=32", "model.num_heads=2", "run.ckpt_every=2"]
+
+
+def test_a_save_that_fails_for_space_is_one_line_and_keeps_the_previous_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    common = [PYTHON, "-m", "digpt_xla.cli", "pretrain", *TINY_RUN, f"run.out_dir={out}"]
+    first = subprocess.run([*common, "schedule.max_steps=4"], cwd=REPO, env=subprocess_env(), capture_output=True)
+    assert first.returncode == 0, first.stderr.decode()[-2000:]
+    records = (out / "metrics.jsonl").read_bytes()
+    size = (out / "checkpoints" / "ckpt-00000004.pt").stat().st_size
+    # Room for the logs, not for another checkpoint.
+    proc = subprocess.run(
+        [*common, "schedule.max_steps=8", "run.resume=auto"],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        preexec_fn=_under_a_file_size_limit(size // 2),
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert (
+        f"could not write {out}/checkpoints/ckpt-00000006.pt (OSError: [Errno 27] File too large); the newest "
+        f"complete checkpoint, {out}/checkpoints/ckpt-00000004.pt, is kept" in proc.stderr
+    ), proc.stderr[-3000:]
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == [f"ckpt-0000000{s}{x}" for s in (2, 4) for x in (".done", ".pt")], "no partial file left"
+    assert read_checkpoint(str(out / "checkpoints" / "ckpt-00000004.pt"))["step"] == 4
+    assert (out / "metrics.jsonl").read_bytes().startswith(records), "the log is appended to, never cut"
+    assert not (out / "lease.json").exists(), "the lease is given back"
+
+
+@pytest.mark.multiprocess
+def test_a_sharded_save_that_fails_for_space_stops_every_rank_with_one_line(tmp_path):
+    from conftest import torchrun
+
+    # FSDP2 writes in the background: the failure surfaces on every rank at the next save, none left in DCP's
+    # collectives or the step's.
+    out = tmp_path / "run"
+    cmd = [*torchrun(2), "-m", "digpt_xla.cli", "pretrain", *TINY_RUN, "backend.fsdp=2", "data.batch_size=8"]
+    proc = subprocess.run(
+        [*cmd, "schedule.max_steps=6", f"run.out_dir={out}"],
+        cwd=REPO,
+        env=subprocess_env(OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        preexec_fn=_under_a_file_size_limit(100 * 1024),
+    )
+    assert proc.returncode != 0
+    line = f"digpt: error: could not write {out}/checkpoints/ckpt-00000002 (OSError: [Errno 27] File too large)"
+    assert proc.stderr.count(line) == 2, proc.stderr[-3000:]
+    assert "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [], "the partial checkpoint is removed"
+
+
+def test_logs_that_cannot_grow_stop_the_run_with_one_line(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [PYTHON, "-m", "digpt_xla.cli", "pretrain", *TINY_RUN, "run.ckpt_every=0", f"run.out_dir={out}"],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        preexec_fn=_under_a_file_size_limit(8 * 1024),
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "digpt: error: could not log step " in proc.stderr and f"in {out}: File too large" in proc.stderr
+    assert not (out / "lease.json").exists(), "the lease is given back"

@@ -15,13 +15,14 @@ The marker then records each file's size and SHA-256, which every reader checks.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import io
 import json
 import logging
 import math
 import re
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from concurrent.futures import Future
 from typing import Any
 
@@ -35,8 +36,10 @@ from .reader import (
     SHARDED_META,
     CheckpointError,
     check_shard_files,
+    dcp_cause,
     dcp_reader,
     digest,
+    error_summary,
     file_digest,
     read_checkpoint,
 )
@@ -96,16 +99,42 @@ class CheckpointManager:
         self._refuse_nonfinite(self._url(step, ".pt"), [k for k, ok in zip(parameters, finite, strict=True) if not ok])
         buffer = io.BytesIO()
         torch.save(state, buffer)
-        self.fs.makedirs(self.root, exist_ok=True)
         final = self._path(step, ".pt")
-        if isinstance(self.fs, LocalFileSystem):
-            tmp = self._path(step, ".pt.tmp")
+        local = isinstance(self.fs, LocalFileSystem)
+        tmp = self._path(step, ".pt.tmp") if local else final
+        with self._writing(step, ".pt", leftovers=(tmp, final)):
+            self.fs.makedirs(self.root, exist_ok=True)
             self.fs.pipe_file(tmp, buffer.getvalue())
-            self.fs.mv(tmp, final)
-        else:
-            self.fs.pipe_file(final, buffer.getvalue())
-        self._commit(step, {f"ckpt-{step:08d}.pt": digest(buffer.getvalue())})
+            if local:
+                self.fs.mv(tmp, final)
+            self._commit(step, {f"ckpt-{step:08d}.pt": digest(buffer.getvalue())})
         return self.url(step)
+
+    @contextlib.contextmanager
+    def _writing(
+        self, step: int, suffix: str, leftovers: Collection[str] = (), running: Collection[Future] = ()
+    ) -> Iterator[None]:
+        """A write that fails (a full disk, a file-size limit, a bucket that refuses it) becomes one CheckpointError
+        naming the checkpoint; the ``leftovers`` of the uncommitted checkpoint are removed once the ``running``
+        background writes into them have ended (readers ignore an uncommitted checkpoint, but a partial file of
+        gigabytes would keep the disk full). Committed checkpoints are never touched."""
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        try:
+            yield
+        except (OSError, CheckpointException) as e:
+            concurrent.futures.wait(running)
+            if not self.fs.exists(self._path(step, ".done")):
+                for path in leftovers:
+                    with contextlib.suppress(OSError):  # another rank was first, or the store refuses this too
+                        if self.fs.exists(path):
+                            self.fs.rm(path, recursive=True)
+            newest = self.latest()
+            kept = f"the newest complete checkpoint, {newest}, is kept" if newest else "no earlier checkpoint exists"
+            raise CheckpointError(
+                f"could not write {self._url(step, suffix)} ({error_summary(dcp_cause(e))}); {kept}. Free space (or "
+                "raise the limit) and continue with run.resume=auto"
+            ) from None
 
     def _commit(self, step: int, files: dict[str, Any]) -> None:
         """Write the marker (the commit), listing every file of the checkpoint with its size and SHA-256."""
@@ -130,12 +159,17 @@ class CheckpointManager:
         path, url = self._path(step, ""), self._url(step, "")
         self._refuse_nonfinite(url, nonfinite)
         self.commit_pending()
-        if is_main:
-            self.fs.makedirs(path, exist_ok=True)
-            buffer = io.BytesIO()
-            torch.save(meta, buffer)
-            self.fs.pipe_file(f"{path}/{SHARDED_META}", buffer.getvalue())
-        written = write(url)
+        # DCP's write first: it fails on every rank together (DCP gathers each rank's outcome), so a failure of the
+        # main rank's own file after it cannot leave another rank inside DCP's collectives.
+        running: list[Future] = []
+        with self._writing(step, "", leftovers=(path,), running=running):
+            written = write(url)
+            running += [written] if written is not None else []
+            if is_main:
+                self.fs.makedirs(path, exist_ok=True)
+                buffer = io.BytesIO()
+                torch.save(meta, buffer)
+                self.fs.pipe_file(f"{path}/{SHARDED_META}", buffer.getvalue())
 
         def check() -> dict[str, Any] | None:
             if written is not None:
@@ -161,9 +195,11 @@ class CheckpointManager:
             return
         step, future = self._pending
         self._pending = None
-        files = future.result() if future is not None else None
+        with self._writing(step, "", leftovers=(self._path(step, ""),)):
+            files = future.result() if future is not None else None
+            if files is not None:
+                self._commit(step, files)
         if files is not None:
-            self._commit(step, files)
             log.info("committed %s", self.url(step))
 
     def load_latest(self) -> tuple[str, dict[str, Any]] | None:

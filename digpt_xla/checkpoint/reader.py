@@ -303,12 +303,22 @@ def read_sharded_tensors(url: str, prefix: str = "model") -> dict[str, Tensor]:
             warnings.filterwarnings("ignore", message=".*torch.distributed.*")
             dcp.load(state, storage_reader=dcp_reader(url), no_dist=True)
     except CheckpointException as e:
-        cause = next(iter(getattr(e, "failures", {}).values()), e)  # DCP wraps each rank's own exception
-        if isinstance(cause, tuple) and cause and isinstance(cause[0], BaseException):
-            cause = cause[0]  # (exception, its stack frames) as DCP carries it between ranks
-        first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
-        raise CheckpointError(f"{url}: sharded checkpoint cannot be read ({type(cause).__name__}: {first})") from None
+        raise CheckpointError(f"{url}: sharded checkpoint cannot be read ({error_summary(dcp_cause(e))})") from None
     return dict(state[prefix])
+
+
+def dcp_cause(e: BaseException) -> BaseException:
+    """The first rank's own exception inside DCP's ``CheckpointException`` (which carries each failed rank's
+    exception with its stack frames, and prints them all); ``e`` itself otherwise."""
+    cause = next(iter(getattr(e, "failures", {}).values()), e)
+    if isinstance(cause, tuple) and cause and isinstance(cause[0], BaseException):
+        cause = cause[0]
+    return cause if isinstance(cause, BaseException) else e
+
+
+def error_summary(e: BaseException) -> str:
+    """``Type: first line of the message`` of an exception, for a one-line report."""
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or ['(no message)'])[0]}"
 
 
 def read_state_dict(url: str) -> dict[str, Tensor]:

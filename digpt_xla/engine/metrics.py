@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ..rundir import RunDir
+from ..rundir import RunDir, RunDirError
 
 if TYPE_CHECKING:
     from ..backend import Backend
@@ -111,11 +111,14 @@ class MetricsWriter:
             "step": step,
             **{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()},
         }
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        for key, value in values.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and self._tb is not None:
-                self._tb.add_scalar(key, value, step)
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and self._tb is not None:
+                    self._tb.add_scalar(key, value, step)
+        except OSError as e:  # a full disk or a file-size limit: the records before this one are whole
+            raise RunDirError(f"could not log step {step} in {self.run_dir.url}: {e.strerror or e}") from None
         self.sync()
 
     def sync(self, force: bool = False) -> None:
@@ -129,8 +132,11 @@ class MetricsWriter:
 
     def close(self) -> None:
         if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+            tb, self._tb = self._tb, None
+            try:
+                tb.close()
+            except OSError as e:  # the events it could write are kept; the error that stopped the run was reported
+                log.warning("TensorBoard events in %s not all written: %s", self.run_dir.url, e.strerror or e)
         if self.enabled:
             self.run_dir.close()
 

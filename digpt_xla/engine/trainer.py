@@ -13,13 +13,14 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from torch import nn
 
 from ..backend import Backend, create_backend
 from ..checkpoint.manager import CheckpointManager
+from ..checkpoint.reader import CheckpointError
 from ..checkpoint.training_state import TrainingCheckpoint
 from ..config import Config, ConfigError
 from ..data import build_train_loader
@@ -172,10 +173,27 @@ class Trainer:
         self._check_finite()
         if self.nonfinite_seen:
             return None
-        url = self.state.save(final)
+        # A background write that failed stops every rank here, before the next write's collectives begin.
+        self._on_every_rank(self.checkpoints.commit_pending)
+        url = self._on_every_rank(lambda: self.state.save(final))
         self.metrics.sync(force=True)
         self.backend.barrier()
         return url
+
+    def _on_every_rank(self, save: Callable[[], Any]) -> Any:
+        """Run a part of a save on every rank; when it fails on any rank (a full disk, a file-size limit: one line
+        naming the file), every rank stops here, none left waiting in a collective for the one that stopped."""
+        failure, result = None, None
+        try:
+            result = save()
+        except CheckpointError as e:
+            failure = e
+        if self.backend.any_rank(failure is not None):
+            raise failure or CheckpointError(
+                f"the checkpoint of step {self.step} in {self.checkpoints.directory} could not be written by another "
+                "rank (its own line names the file)"
+            )
+        return result
 
     def data_position(self) -> dict[str, Any]:
         """Where this rank's data stream stands; a resume restarts the loader at ``consumed_batches``."""
