@@ -8,14 +8,13 @@ against its allowed range (``RULES``), so a bad value fails at load time naming 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 from .backend.mesh import TEACHER_PLACEMENTS, blocks_problem, layout_problem
+from .config_rules import Rule, balanced_braces, check_fields, number_rule, two_betas
 from .precision import ADAMW_KERNELS, BACKEND_NAMES, PRECISIONS, precision_problem, teacher_precision
 from .yaml_dataclass import ConfigError, load_dataclass, merge_values, parse_override
 
@@ -242,49 +241,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 # ---------------------------------------------------------------------------------------------- range checks
-Rule = tuple[Callable[[Any], bool], str | Callable[[], str]]  # (check, what is allowed)
-
-
-def _num(
-    lo: float | None = None,
-    hi: float | None = None,
-    lo_open: bool = False,
-    hi_open: bool = False,
-    optional: bool = False,
-) -> Rule:
-    def ok(v: Any) -> bool:
-        if v is None:
-            return optional
-        if not math.isfinite(v):
-            return False
-        if lo is not None and (v <= lo if lo_open else v < lo):
-            return False
-        return not (hi is not None and (v >= hi if hi_open else v > hi))
-
-    bounds = [
-        f">{'' if lo_open else '='} {lo}" if lo is not None else "",
-        f"<{'' if hi_open else '='} {hi}" if hi is not None else "",
-    ]
-    desc = "a finite number " + " and ".join(b for b in bounds if b)
-    return ok, desc.rstrip() + (" (or null)" if optional else "")
-
-
-def _betas(v: Any) -> bool:
-    return len(v) == 2 and all(math.isfinite(b) and 0 <= b < 1 for b in v)
-
-
-def _balanced_braces(spec: str) -> bool:
-    for part in spec.split("::"):
-        depth = 0
-        for ch in part:
-            depth += {"{": 1, "}": -1}.get(ch, 0)
-            if depth < 0:
-                return False
-        if depth:
-            return False
-    return True
-
-
 def _model_name(v: Any) -> bool:
     from .models import MODEL_SIZES
 
@@ -297,9 +253,9 @@ def _model_names() -> str:
     return "one of " + ", ".join(MODEL_SIZES)
 
 
-POSITIVE_INT = _num(1)
-POSITIVE_INT_OR_NONE = _num(1, optional=True)
-FRACTION_OPEN = _num(0, 1, lo_open=True, hi_open=True)
+POSITIVE_INT = number_rule(1)
+POSITIVE_INT_OR_NONE = number_rule(1, optional=True)
+FRACTION_OPEN = number_rule(0, 1, lo_open=True, hi_open=True)
 RULES: dict[tuple[type, str], Rule] = {
     (ModelConfig, "name"): (_model_name, _model_names),
     **{
@@ -317,26 +273,26 @@ RULES: dict[tuple[type, str], Rule] = {
         )
     },
     (DataConfig, "batch_size"): POSITIVE_INT,
-    (DataConfig, "num_workers"): _num(0),
-    (DataConfig, "urls"): (_balanced_braces, "shard URLs with balanced braces, e.g. shard-{000000..000127}.tar"),
-    (DataConfig, "shuffle_buffer"): _num(0),
+    (DataConfig, "num_workers"): number_rule(0),
+    (DataConfig, "urls"): (balanced_braces, "shard URLs with balanced braces, e.g. shard-{000000..000127}.tar"),
+    (DataConfig, "shuffle_buffer"): number_rule(0),
     (DataConfig, "samples_per_epoch"): POSITIVE_INT_OR_NONE,
     (DataConfig, "num_classes"): POSITIVE_INT_OR_NONE,
-    (DataConfig, "read_timeout"): _num(0, lo_open=True),
+    (DataConfig, "read_timeout"): number_rule(0, lo_open=True),
     (DataConfig, "synthetic_size"): POSITIVE_INT,
     (DataConfig, "train_fraction"): FRACTION_OPEN,
-    (DataConfig, "min_scale"): _num(0, 1, lo_open=True, optional=True),
-    (OptimConfig, "blr"): _num(0, lo_open=True),
-    (OptimConfig, "lr"): _num(0, lo_open=True, optional=True),
-    (OptimConfig, "min_lr"): _num(0),
-    (OptimConfig, "weight_decay"): _num(0),
-    (OptimConfig, "betas"): (_betas, "two numbers [beta1, beta2], each with 0 <= value < 1"),
-    (OptimConfig, "eps"): _num(0, lo_open=True),
-    (OptimConfig, "clip_grad"): _num(0, lo_open=True, optional=True),
+    (DataConfig, "min_scale"): number_rule(0, 1, lo_open=True, optional=True),
+    (OptimConfig, "blr"): number_rule(0, lo_open=True),
+    (OptimConfig, "lr"): number_rule(0, lo_open=True, optional=True),
+    (OptimConfig, "min_lr"): number_rule(0),
+    (OptimConfig, "weight_decay"): number_rule(0),
+    (OptimConfig, "betas"): (two_betas, "two numbers [beta1, beta2], each with 0 <= value < 1"),
+    (OptimConfig, "eps"): number_rule(0, lo_open=True),
+    (OptimConfig, "clip_grad"): number_rule(0, lo_open=True, optional=True),
     (OptimConfig, "accum_steps"): POSITIVE_INT,
     (OptimConfig, "effective_batch"): POSITIVE_INT_OR_NONE,
-    (ScheduleConfig, "epochs"): _num(0, lo_open=True),
-    (ScheduleConfig, "warmup_epochs"): _num(0),
+    (ScheduleConfig, "epochs"): number_rule(0, lo_open=True),
+    (ScheduleConfig, "warmup_epochs"): number_rule(0),
     (ScheduleConfig, "steps_per_epoch"): POSITIVE_INT_OR_NONE,
     (ScheduleConfig, "max_steps"): POSITIVE_INT_OR_NONE,
     (BackendConfig, "fsdp"): POSITIVE_INT,
@@ -345,55 +301,35 @@ RULES: dict[tuple[type, str], Rule] = {
         "a directory for XLA's compile cache (this path is a file)",
     ),
     (RunConfig, "log_every"): POSITIVE_INT,
-    (RunConfig, "ckpt_every"): _num(0),
-    (RunConfig, "keep_last"): _num(0),
+    (RunConfig, "ckpt_every"): number_rule(0),
+    (RunConfig, "keep_last"): number_rule(0),
     (RunConfig, "resume"): (lambda v: bool(v.strip()), "auto, never or a checkpoint path"),
     (RunConfig, "out_dir"): (lambda v: bool(v.strip()), "a directory or URL"),
     (ProbeConfig, "k"): POSITIVE_INT,
-    (ProbeConfig, "temperature"): _num(0, lo_open=True),
+    (ProbeConfig, "temperature"): number_rule(0, lo_open=True),
     (ProbeConfig, "epochs"): POSITIVE_INT,
-    (ProbeConfig, "lr"): _num(0, lo_open=True),
-    (ProbeConfig, "weight_decay"): _num(0),
+    (ProbeConfig, "lr"): number_rule(0, lo_open=True),
+    (ProbeConfig, "weight_decay"): number_rule(0),
     (ProbeConfig, "batch_size"): POSITIVE_INT,
     (FinetuneConfig, "num_classes"): POSITIVE_INT,
-    (FinetuneConfig, "drop_path"): _num(0, 1, hi_open=True),
-    (FinetuneConfig, "layer_decay"): _num(0, 1, lo_open=True),
-    (FinetuneConfig, "mixup"): _num(0),
-    (FinetuneConfig, "cutmix"): _num(0),
-    (FinetuneConfig, "smoothing"): _num(0, 1, hi_open=True),
-    (FinetuneConfig, "reprob"): _num(0, 1),
+    (FinetuneConfig, "drop_path"): number_rule(0, 1, hi_open=True),
+    (FinetuneConfig, "layer_decay"): number_rule(0, 1, lo_open=True),
+    (FinetuneConfig, "mixup"): number_rule(0),
+    (FinetuneConfig, "cutmix"): number_rule(0),
+    (FinetuneConfig, "smoothing"): number_rule(0, 1, hi_open=True),
+    (FinetuneConfig, "reprob"): number_rule(0, 1),
     (FinetuneConfig, "ema_decay"): FRACTION_OPEN,
     (FinetuneConfig, "eval_batch_size"): POSITIVE_INT,
-    (FinetuneConfig, "eval_every_epochs"): _num(0),
+    (FinetuneConfig, "eval_every_epochs"): number_rule(0),
 }
 
 
 def validate(obj: Any, prefix: str = "") -> None:
     """Check every field of a (nested) config dataclass against ``RULES``; the first failure is a ConfigError
     naming the key, the value and what is allowed. A ``Config`` also gets its cross-field checks."""
-    for f in dataclasses.fields(obj):
-        value, key = getattr(obj, f.name), f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(value):
-            validate(value, f"{key}.")
-            continue
-        rule = RULES.get((type(obj), f.name))
-        if rule is not None and not rule[0](value):
-            allowed = rule[1]() if callable(rule[1]) else rule[1]
-            raise ConfigError(f"{key}={value!r} is out of range: expected {allowed}")
-        if isinstance(value, str) and "://" in value:
-            _check_url_protocols(key, value)
+    check_fields(obj, RULES, prefix)
     if isinstance(obj, Config):
         _check_combinations(obj)
-
-
-def _check_url_protocols(key: str, value: str) -> None:
-    """A URL whose filesystem cannot be opened here (gs:// without gcsfs) fails at load, naming the key."""
-    from .filesystems import protocol_problem
-
-    for part in value.split("::"):  # data.urls joins several specs with "::"
-        problem = protocol_problem(part) if "://" in part else None
-        if problem:
-            raise ConfigError(f"{key}={value!r}: {problem}")
 
 
 def _check_combinations(cfg: Config) -> None:

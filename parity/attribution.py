@@ -26,72 +26,23 @@ import math
 import os
 import statistics
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from digpt_xla.config import Config, ConfigError, load_config, load_dataclass
 from digpt_xla.errors import UserError
-from digpt_xla.precision import split_side
 from digpt_xla.repo import find_config, git_revision
 from digpt_xla.rundir import RunDir
 
 from .attribution_report import CONTROLS, METRICS, build_report, write_report
+from .config import AttributionConfig
 from .gap import GapResult, append_result, config_hash
+from .sides import Factor, parse_factor
 
 log = logging.getLogger(__name__)
 
 OTHER_SEED = 10_000  # the controls' other data / init seed is seed + this
-
-
-@dataclass
-class AttributionConfig:
-    pretrain_config: str = "yaml/demo.yaml"
-    overrides: list[str] = field(default_factory=list)  # applied to every side
-    baseline: str = "cpu:fp32"
-    factors: list[str] = field(default_factory=lambda: ["cpu:tpu-emulation", "cpu:bf16", "model.attention=explicit"])
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4, 5])
-    steps: int = 100
-    window: int = 10  # the final loss is the mean of the last `window` steps
-    record_every: int = 10  # parameters compared at step 1, every `record_every` steps and at the end
-    probe: bool = True
-    out_dir: str = "parity/reports/attribution_tiny"  # results.jsonl, report.md, report.json, divergence.png
-    run_dir: str = "runs/attribution_tiny"
-    ledger: str = ""  # the gap ledger every result also goes to ("" = out_dir/ledger.jsonl)
-    alpha: float = 0.05
-
-
-@dataclass(frozen=True)
-class Factor:
-    """One change to the baseline: a backend and precision, and config overrides."""
-
-    name: str
-    backend: str
-    precision: str
-    overrides: tuple[str, ...] = ()
-
-
-def parse_factor(text: str, baseline: Factor | None = None) -> Factor:
-    """``backend:precision [teacher=P] [section.key=value ...]`` or only overrides (then on the baseline's side)."""
-    tokens = text.split()
-    if not tokens:
-        raise ConfigError("an empty factor: give a side (cpu:bf16) or overrides (optim.eps=1e-6)")
-    backend, precision = (baseline.backend, baseline.precision) if baseline else ("cpu", "fp32")
-    if "=" not in tokens[0]:
-        try:
-            backend, precision = split_side(tokens.pop(0))
-        except ValueError as e:
-            raise ConfigError(f"factor {text!r}: {e} (nor section.key=value)") from None
-    overrides = []
-    for token in tokens:
-        key, sep, value = token.partition("=")
-        if key == "teacher" and sep:
-            token = f"teacher.precision={value}"
-        elif not sep or "." not in key:
-            raise ConfigError(f"factor {text!r}: {token!r} is neither backend:precision nor section.key=value")
-        overrides.append(token)
-    return Factor(text, backend, precision, (*(baseline.overrides if baseline else ()), *overrides))
 
 
 def load_attribution_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> AttributionConfig:

@@ -16,7 +16,8 @@ from .gap import welch_p
 from .report import environment
 
 if TYPE_CHECKING:
-    from .attribution import AttributionConfig, Factor
+    from .config import AttributionConfig
+    from .sides import Factor
 
 log = logging.getLogger(__name__)
 CONTROLS = ("one-ulp", "data order", "init")

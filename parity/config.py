@@ -101,3 +101,20 @@ def side_sections(cfg: ParityConfig, perturb: bool) -> tuple[OptimConfig, Schedu
         merge_values(sections, parse_override(cfg.perturb), "perturb: ")
         validate_config(sections, "perturb: ")
     return sections.optim, sections.schedule
+
+
+@dataclass
+class AttributionConfig:
+    pretrain_config: str = "yaml/demo.yaml"
+    overrides: list[str] = field(default_factory=list)  # applied to every side
+    baseline: str = "cpu:fp32"
+    factors: list[str] = field(default_factory=lambda: ["cpu:tpu-emulation", "cpu:bf16", "model.attention=explicit"])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4, 5])
+    steps: int = 100
+    window: int = 10  # the final loss is the mean of the last `window` steps
+    record_every: int = 10  # parameters compared at step 1, every `record_every` steps and at the end
+    probe: bool = True
+    out_dir: str = "parity/reports/attribution_tiny"  # results.jsonl, report.md, report.json, divergence.png
+    run_dir: str = "runs/attribution_tiny"
+    ledger: str = ""  # the gap ledger every result also goes to ("" = out_dir/ledger.jsonl)
+    alpha: float = 0.05

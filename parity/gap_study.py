@@ -22,7 +22,6 @@ from typing import Any
 from digpt_xla.backend import Backend, create_backend
 from digpt_xla.config import Config, ConfigError, load_config, load_dataclass
 from digpt_xla.engine.metrics import read_metrics
-from digpt_xla.precision import split_side
 from digpt_xla.repo import find_config, git_revision
 from digpt_xla.rundir import RunDir
 
@@ -38,6 +37,7 @@ from .gap import (
     summarize,
 )
 from .report import environment
+from .sides import parse_factor
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +80,11 @@ def load_study_config(path: str, overrides: list[str] | tuple[str, ...] = ()) ->
 
 
 def parse_side(text: str) -> tuple[str, str]:
-    try:
-        return split_side(text)
-    except ValueError as e:
-        raise ConfigError(f"study side {e}") from None
+    """A study side is a factor's side alone (``backend:precision``): its runs take no other overrides."""
+    factor = parse_factor(text, what="study side")
+    if factor.overrides or "=" in text:
+        raise ConfigError(f"study side {text!r}: backend:precision only (overrides go to pretrain_overrides)")
+    return factor.backend, factor.precision
 
 
 @dataclass

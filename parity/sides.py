@@ -14,8 +14,9 @@ import contextlib
 from dataclasses import dataclass
 
 from digpt_xla.backend import Backend, create_backend
+from digpt_xla.config import ConfigError
 from digpt_xla.errors import UserError
-from digpt_xla.precision import BACKEND_NAMES, PRECISIONS, precision_problem, teacher_precision
+from digpt_xla.precision import BACKEND_NAMES, PRECISIONS, precision_problem, split_side, teacher_precision
 
 XLA_MATMUL_SETTINGS = ("xla-default", "xla-high", "xla-highest")
 SETTINGS = (*PRECISIONS, *XLA_MATMUL_SETTINGS)
@@ -84,3 +85,35 @@ class Side:
             if self.setting in XLA_MATMUL_SETTINGS:
                 stack.enter_context(backend.matmul_precision(self.setting.removeprefix("xla-")))
             yield
+
+
+@dataclass(frozen=True)
+class Factor:
+    """One change to the baseline: a backend and precision, and config overrides."""
+
+    name: str
+    backend: str
+    precision: str
+    overrides: tuple[str, ...] = ()
+
+
+def parse_factor(text: str, baseline: Factor | None = None, what: str = "factor") -> Factor:
+    """``backend:precision [teacher=P] [section.key=value ...]`` or only overrides (then on the baseline's side)."""
+    tokens = text.split()
+    if not tokens:
+        raise ConfigError("an empty factor: give a side (cpu:bf16) or overrides (optim.eps=1e-6)")
+    backend, precision = (baseline.backend, baseline.precision) if baseline else ("cpu", "fp32")
+    if "=" not in tokens[0]:
+        try:
+            backend, precision = split_side(tokens.pop(0))
+        except ValueError as e:
+            raise ConfigError(f"{what} {text!r}: {e} (nor section.key=value)") from None
+    overrides = []
+    for token in tokens:
+        key, sep, value = token.partition("=")
+        if key == "teacher" and sep:
+            token = f"teacher.precision={value}"
+        elif not sep or "." not in key:
+            raise ConfigError(f"{what} {text!r}: {token!r} is neither backend:precision nor section.key=value")
+        overrides.append(token)
+    return Factor(text, backend, precision, (*(baseline.overrides if baseline else ()), *overrides))

@@ -10,7 +10,8 @@ import pytest
 
 from conftest import REPO
 from parity.__main__ import main as parity_main
-from parity.attribution import Factor, load_attribution_config, parse_factor
+from parity.attribution import load_attribution_config
+from parity.sides import Factor, parse_factor
 
 STUDY = [
     "--config",

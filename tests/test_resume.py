@@ -195,7 +195,7 @@ def test_corrupt_newest_checkpoint_is_set_aside_and_the_previous_one_used(tmp_pa
 def test_optimizer_groups_of_another_model_are_refused_by_name():
     import torch
 
-    from digpt_xla.engine.step import with_backend_options
+    from digpt_xla.checkpoint.training_state import with_backend_options
 
     optimizer = torch.optim.AdamW([{"params": [torch.nn.Parameter(torch.zeros(2))]}, {"params": []}])
     with pytest.raises(CheckpointError, match="has 1 parameter groups, this run builds 2"):

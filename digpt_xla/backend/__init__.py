@@ -25,11 +25,11 @@ BACKEND_CLASSES: dict[str, tuple[str, str]] = {
 }
 _EXPORTS = {
     "Backend": "base",
-    "BackendError": "base",
+    "BackendError": "errors",
     "CudaBackend": "base",
     "launched_by_torchrun": "base",
     "shard_units": "sharding",
-    "tree_map_tensors": "base",
+    "tree_map_tensors": "state_io",
 }
 
 
@@ -48,7 +48,7 @@ def resolve_backend_name(name: str) -> str:
     """``auto``: xla on a TPU host (PJRT_DEVICE=TPU or /dev/accel*), else cuda if present, else cpu."""
     if name != "auto":
         if name not in BACKEND_CLASSES:
-            from .base import BackendError
+            from .errors import BackendError
 
             raise BackendError(f"unknown backend {name!r}; choose one of auto, {', '.join(BACKEND_CLASSES)}")
         return name

@@ -6,26 +6,23 @@ subclass it; torch_xla is imported only there, so ``import digpt_xla`` works whe
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import logging
 import os
 import random
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 
-from ..errors import UserError
-from ..models.layers import BlockRunner, run_in_order, torch_checkpoint
-from ..precision import ADAMW_KERNELS, PRECISIONS, autocast_dtype, precision_problem, store_for_autocast
-from .mesh import SCANNING_BACKENDS, blocks_problem, layout_problem
-from .sharding import fsdp2_mesh, fully_shard_blocks, load_named_state
+from .errors import BackendError
+from .mesh import layout_problem
+from .numerics import Numerics
+from .parallelize import Parallelize
+from .state_io import StateIO, tree_map_tensors
 
 log = logging.getLogger(__name__)
 
@@ -39,28 +36,17 @@ for _message in _KNOWN_WARNINGS:
     warnings.filterwarnings("ignore", message=_message)
 
 
-class BackendError(UserError, RuntimeError):
-    """A backend that cannot run here, or a setting it does not support."""
-
-
-def tree_map_tensors(fn: Callable[[Tensor], Any], tree: Any) -> Any:
-    """Apply ``fn`` to every tensor in nested dicts, lists and tuples."""
-    if isinstance(tree, Tensor):
-        return fn(tree)
-    if isinstance(tree, dict):
-        return {k: tree_map_tensors(fn, v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(tree_map_tensors(fn, v) for v in tree)
-    return tree
-
-
 def launched_by_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
 
 
-class Backend:
+class Backend(Parallelize, Numerics, StateIO):
     """Eager PyTorch on one device; with torchrun, DDP over a process group, or FSDP2 (``fully_shard`` per block)
-    when ``fsdp`` > 1. Subclasses change the device."""
+    when ``fsdp`` > 1. Subclasses change the device.
+
+    By concern: this class is the runtime (processes, device, identity, device I/O, collectives); ``Parallelize``
+    wraps and places modules, ``Numerics`` holds the precision, attention and optimizer rules, ``StateIO`` moves
+    training state to and from the host and checkpoints."""
 
     name = "cpu"
     process_group_backend = "gloo"
@@ -127,160 +113,12 @@ class Backend:
         np.random.seed(seed % 2**32)
         torch.manual_seed(seed)
 
-    @property
-    def shards_state(self) -> bool:
-        """True when parameters and optimizer state are split across devices: checkpoints are then sharded (DCP)."""
-        return self.fsdp > 1
-
-    def configure_blocks(self, scan: str, remat: str, precision: str = "fp32") -> None:
-        """How stacks of blocks run (``backend.scan``, ``backend.remat``; ``precision``, the training one), for the
-        modules prepared from now on."""
-        problem = blocks_problem(self.name, scan)
-        if problem:
-            raise BackendError(problem)
-        self.scan_blocks = scan != "never" and self.name in SCANNING_BACKENDS
-        # torch_xla 2.9's scan traces its backward with AOTAutograd; under bf16 autocast that graph multiplies a
-        # bf16 by an f32 operand (the attention softmax's gradient), which XLA's verifier rejects: trainable blocks
-        # are scanned in fp32 training only, frozen ones (forward only) always.
-        self.scan_trains = self.scan_blocks and precision == "fp32"
-        self.remat = remat
-
-    def block_runner(self, trainable: bool) -> BlockRunner:
-        """What runs a module's stack of blocks (its ``block_runner``): one by one, rematerialised when asked (a
-        frozen module keeps nothing for a backward pass, so it never is)."""
-        remat = trainable and self.remat == "blocks"
-        return functools.partial(run_in_order, checkpoint=torch_checkpoint if remat else None)
-
-    def _set_block_runner(self, module: nn.Module, trainable: bool) -> None:
-        if hasattr(module, "block_runner"):
-            setattr(module, "block_runner", self.block_runner(trainable))  # noqa: B010 (not an nn.Module field)
-
-    def prepare_model(self, model: nn.Module, precision: str = "fp32") -> nn.Module:
-        """Move to the device (before the optimizer is built) and wrap for data parallelism: DDP, or FSDP2 with a
-        ``MixedPrecisionPolicy`` for ``precision`` when ``fsdp`` > 1. State-dict keys keep their names."""
-        self._set_block_runner(model, trainable=True)
-        model = model.to(self.device)
-        if self.shards_state:
-            return self._fully_shard(model, precision)
-        if self.distributed:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-        return model
-
-    def prepare_frozen(self, module: nn.Module, shard: bool = False, precision: str = "fp32") -> nn.Module:
-        """A frozen module (the teacher): on the device, outside any data-parallel wrapper; its weights split like
-        the student's when ``shard`` (and ``fsdp`` > 1)."""
-        self._set_block_runner(module, trainable=False)
-        module = module.to(self.device)
-        if shard and self.shards_state and any(True for _ in module.parameters()):
-            return self._fully_shard(module, precision)  # FSDP2 casts what it gathers to ``precision`` itself
-        store_for_autocast(module, precision)
-        return module
-
     def device_memory_bytes(self) -> int | None:
         """Memory of one device, for placement choices (``teacher.placement=auto``); None when unknown (the host's
         memory is shared with everything else)."""
         return None
 
-    def _fully_shard(self, module: nn.Module, precision: str) -> nn.Module:
-        if self._mesh is None:
-            self._mesh = fsdp2_mesh(self.device.type, self.world_size, self.fsdp)
-        return fully_shard_blocks(module, self._mesh, precision)
-
-    def place_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
-        """Give the optimizer's state the placement of its parameters (after it is created or loaded)."""
-
-    def shard_shapes(self, t: Tensor) -> list[tuple[int, ...]]:
-        """The shape of the part of ``t`` that each of this process's devices holds."""
-        from torch.distributed.tensor import DTensor
-
-        if isinstance(t, DTensor):
-            return [tuple(t.to_local().shape)]
-        return [tuple(t.shape)]
-
-    def model_state_cpu(self, model: nn.Module) -> dict[str, Tensor]:
-        """The whole state dict of ``model`` as CPU tensors, gathered from its shards (every rank calls this)."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        if self.shards_state:
-            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            # On the CPU the gathered tensors can share storage with FSDP's buffers, which the next step reuses.
-            gathered = cast(dict[str, Tensor], get_model_state_dict(model, options=options))
-            return {k: v.clone() for k, v in gathered.items()}
-        return self.to_cpu(self.unwrap(model).state_dict())
-
-    def nonfinite_parameters(self, named: list[tuple[str, Tensor]]) -> list[str]:
-        """Names of the parameters holding a NaN or inf on any device (one host read; for checkpoint time)."""
-        from torch.distributed.tensor import DTensor
-
-        flags = torch.stack([(~torch.isfinite(p.to_local() if isinstance(p, DTensor) else p)).any() for _, p in named])
-        flags = flags.float()
-        if self.distributed and self.shards_state:
-            dist.all_reduce(flags)
-        return [n for (n, _), bad in zip(named, self.to_cpu(flags).tolist(), strict=True) if bad]
-
-    def full_value(self, t: Tensor) -> Tensor:
-        """A value computed from sharded tensors (a DTensor under FSDP2), as one ordinary tensor."""
-        from torch.distributed.tensor import DTensor
-
-        return t.full_tensor() if isinstance(t, DTensor) else t
-
-    # ------------------------------------------------------------------ sharded checkpoints (DCP)
-    def training_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-        """(model, optimizer) state dicts keyed by parameter names, each tensor as it is placed (a local shard under
-        FSDP2, a sharded XLA tensor under SPMD): what DCP writes and reads in place, resharding on load."""
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
-        return get_state_dict(model, optimizer)
-
-    def load_training_state(
-        self,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        model_state: dict,
-        optimizer_state: dict,
-        full: bool = False,
-    ) -> None:
-        """Load name-keyed states: as placed (``training_state``'s form), or whole tensors when ``full``."""
-        load_named_state(model, optimizer, model_state, optimizer_state, full)
-        self.place_optimizer_state(optimizer)
-
-    def write_sharded(self, state: dict[str, Any], url: str, asynchronous: bool) -> Future | None:
-        """Every rank writes its shards of ``state`` to the DCP checkpoint at ``url``; in the background (returning
-        a Future) when ``asynchronous``: the state is copied to host memory before this returns."""
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
-
-        writer, group = FsspecWriter(url), self._checkpoint_group()
-        if asynchronous:
-            return cast(Future, dcp.async_save(state, storage_writer=writer, process_group=group))
-        dcp.save(state, storage_writer=writer, process_group=group)
-        return None
-
-    def _checkpoint_group(self) -> Any:
-        """The process group DCP coordinates through: a gloo group of its own, so that a background write never
-        interleaves its collectives with the training step's (FSDP2's all-gathers on the default group would
-        then meet DCP's in a different order on each rank: a deadlock). Every rank creates it, in the same order."""
-        if not self.distributed:
-            return None
-        if self._gloo_group is None:
-            self._gloo_group = dist.new_group(backend="gloo")
-        return self._gloo_group
-
-    def read_sharded(self, state: dict[str, Any], url: str) -> None:
-        """Fill ``state`` (tensors placed as this run places them) in place from the DCP checkpoint at ``url``."""
-        import torch.distributed.checkpoint as dcp
-
-        from ..checkpoint.reader import dcp_reader
-
-        dcp.load(state, storage_reader=dcp_reader(url), process_group=self._checkpoint_group())
-
-    def compile_module(self, module: nn.Module) -> nn.Module:
-        """``torch.compile`` the module's forward in place (``nn.Module.compile``), so state-dict keys keep their
-        names; call before ``prepare_model`` wraps it for data parallelism."""
-        module.compile()
-        return module
-
+    # ------------------------------------------------------------------ device I/O
     def move(self, batch: Any) -> Any:
         """This process's part of a batch (dimension 0 = samples) onto the device."""
         return tree_map_tensors(lambda t: t.to(self.device, non_blocking=True), batch)
@@ -292,33 +130,6 @@ class Backend:
     def prepare_loader(self, loader: Iterable) -> Iterable:
         """An iterable of device batches."""
         return MappedIterable(loader, self.move)
-
-    def check_precision(self, precision: str, role: str = "training") -> None:
-        """Refuse a precision this backend cannot run as ``role`` ("training" or "teacher"), naming the ones it can."""
-        problem = precision_problem(self.name, precision, role)
-        if problem:
-            raise BackendError(problem)
-
-    def set_tf32(self, enabled: bool) -> None:
-        """TF32 tensor-core math for fp32 matmuls and convolutions (``backend.tf32``): an NVIDIA mode."""
-        if enabled:
-            raise BackendError(f"backend.tf32=true is an NVIDIA tensor-core mode; the {self.name} backend has none")
-
-    def check_attention(self, mode: str) -> None:
-        """Refuse an attention mode (``model.attention``) this backend cannot run."""
-
-    def autocast(self, precision: str) -> contextlib.AbstractContextManager:
-        """The numeric context of a forward pass; callers check the precision for their role first."""
-        if precision not in PRECISIONS:
-            raise BackendError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
-        if precision == "tpu-emulation":
-            from ..tpu_emulation import tpu_matmul_emulation
-
-            return tpu_matmul_emulation()
-        dtype = autocast_dtype(precision)
-        if dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=dtype)
 
     def data_identities(self, tensors: list[Tensor]) -> list[int]:
         """What identifies each tensor's present device data in a traced program (read before tracing a step, for
@@ -332,52 +143,7 @@ class Backend:
         write that output into, as torch_xla donates it. Only XLA traces programs."""
         raise BackendError(f"the {self.name} backend runs eagerly: it has no program to export; use xla-spmd")
 
-    def matmul_precision(self, level: str) -> contextlib.AbstractContextManager:
-        """torch_xla's matmul precision (``default``, ``high``, ``highest``) for a block; only XLA has it."""
-        raise BackendError(f"matmul precision {level!r} is a torch_xla setting; the {self.name} backend has none")
-
-    def grad_scaler(self, precision: str) -> torch.amp.GradScaler | None:
-        self.check_precision(precision)
-        return None
-
-    # torch AdamW's kernels a run may ask for (``optim.implementation``); "auto" is the backend's own choice.
-    optimizer_implementations: tuple[str, ...] = ("auto", *ADAMW_KERNELS)
-
-    def optimizer_options(self, implementation: str = "auto") -> dict[str, Any]:
-        """Keyword arguments of torch's AdamW here: the backend's own (``auto``), or the kernel asked for."""
-        options = self._optimizer_defaults()
-        if implementation == "auto":
-            return options
-        if implementation not in self.optimizer_implementations:
-            raise BackendError(
-                f"optim.implementation={implementation!r} cannot run on {self.name}; choose one of "
-                f"{', '.join(self.optimizer_implementations)}"
-            )
-        kept = {k: v for k, v in options.items() if k not in ("foreach", "fused")}
-        return kept | ADAMW_KERNELS[implementation]
-
-    def _optimizer_defaults(self) -> dict[str, Any]:
-        return {}  # torch's own choice: the for-loop kernel for CPU tensors
-
-    def learning_rate(self, value: float) -> float | Tensor:
-        """The learning rate in the form this backend's optimizer takes it."""
-        return value
-
-    def unwrap(self, model: nn.Module) -> nn.Module:
-        return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-    # ------------------------------------------------------------------ step
-    def no_sync(self, model: nn.Module, skip: bool) -> contextlib.AbstractContextManager:
-        """Skip the gradient all-reduce of a micro-batch that is not the last of an accumulation."""
-        if skip and isinstance(model, nn.parallel.DistributedDataParallel):
-            return model.no_sync()
-        if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter on the last micro-batch only
-            cast(Any, model).set_requires_gradient_sync(not skip)
-        return contextlib.nullcontext()
-
-    def reduce_gradients(self, optimizer: torch.optim.Optimizer) -> None:
-        """All-reduce gradients where the wrapper does not already (DDP does it during backward)."""
-
+    # ------------------------------------------------------------------ step and collectives
     def mark_step(self) -> None:
         """End of a step: cut and run the lazy graph on XLA; nothing to do in eager mode."""
 
@@ -432,34 +198,6 @@ class Backend:
     def on_host(self, fn: Callable[..., None], *tensors: Tensor) -> None:
         """Call ``fn`` with ``tensors`` readable on the host (deferred until after the step on XLA)."""
         fn(*tensors)
-
-    # ------------------------------------------------------------------ state
-    def to_cpu(self, tree: Any) -> Any:
-        return tree_map_tensors(lambda t: t.detach().cpu(), tree)
-
-    def rng_state(self) -> dict[str, Any]:
-        """Every random generator a step may draw from, as tensors and tuples (loadable with weights_only=True)."""
-        name, keys, pos, has_gauss, cached = cast(tuple, np.random.get_state())
-        return {
-            "python": random.getstate(),
-            "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
-            "torch": torch.get_rng_state(),
-            "device": self._device_rng_state(),
-        }
-
-    def set_rng_state(self, state: dict[str, Any]) -> None:
-        random.setstate(state["python"])
-        name, keys, pos, has_gauss, cached = state["numpy"]
-        np.random.set_state((name, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, cached))
-        torch.set_rng_state(state["torch"])
-        if state.get("device") is not None:
-            self._set_device_rng_state(state["device"])
-
-    def _device_rng_state(self) -> Any:
-        return None
-
-    def _set_device_rng_state(self, state: Any) -> None:
-        pass
 
     def shutdown(self) -> None:
         if self.distributed and dist.is_initialized():

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import BackendError
+from .errors import BackendError
 
 
 def cuda_step_memory(device: torch.device, run_step: Callable[[], list[Tensor]]) -> dict[str, Any]:

@@ -21,10 +21,12 @@ from torch import Tensor, nn
 from ..daemon_pool import DaemonPool
 from ..models.layers import BlockRunner, run_in_order, tap_segments
 from ..precision import store_for_autocast
-from .base import Backend, BackendError, MappedIterable, tree_map_tensors
+from .base import Backend, MappedIterable
+from .errors import BackendError
 from .measure import compiled_step_memory
 from .mesh import layout_problem, mesh_shape
 from .sharding import shard_units
+from .state_io import tree_map_tensors
 
 log = logging.getLogger(__name__)
 

@@ -9,19 +9,43 @@ trainer: ``auto`` (the newest readable committed checkpoint of ``run.out_dir``),
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
-from ..engine.step import optimizer_state_by_name, with_backend_options
 from ..repo import git_revision
 from .manager import CheckpointManager, check_sharded_complete
 from .reader import CheckpointError, check_state_dict, load_model_state, read_checkpoint
 
-if TYPE_CHECKING:
-    from ..engine.trainer import Trainer
-
 log = logging.getLogger(__name__)
+
+
+class ScalerState(Protocol):
+    def scaler_state(self) -> dict[str, Any] | None: ...
+
+    def load_scaler_state(self, state: dict[str, Any] | None) -> None: ...
+
+
+class Checkpointable(Protocol):
+    """What a checkpoint holds of a trainer and what restores it. Every trainer provides it; this package never
+    imports the engine (the checkpoint layer sits below it)."""
+
+    kind: str  # "pretrain" or "finetune": a checkpoint resumes only its own kind
+    step: int
+    cfg: Any  # the run's Config: its run.resume and to_dict() (config sits above this package)
+    backend: Any  # a Backend: its placement, state I/O and RNG
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    opt_step: ScalerState
+
+    def data_position(self) -> dict[str, Any]: ...
+
+    def restore_data_position(self, saved: dict[str, Any]) -> None: ...
+
+    def extra_state(self) -> dict[str, Any]: ...
+
+    def load_extra_state(self, state: dict[str, Any], url: str) -> None: ...
 
 
 def resume_checkpoint(resume: str, manager: CheckpointManager) -> tuple[str, dict[str, Any]] | None:
@@ -50,7 +74,7 @@ class TrainingCheckpoint:
     """Saves and restores a ``Trainer`` through its ``CheckpointManager``: single-file and DCP layouts, and
     single-file checkpoints into sharded runs."""
 
-    def __init__(self, trainer: Trainer, manager: CheckpointManager) -> None:
+    def __init__(self, trainer: Checkpointable, manager: CheckpointManager) -> None:
         self.trainer, self.manager = trainer, manager
 
     def run_state(self) -> dict[str, Any]:
@@ -120,7 +144,7 @@ class TrainingCheckpoint:
                 f"{url}: entry 'rng' is not a random-generator state this run can restore ({e})"
             ) from None
         t.step = int(state["step"])
-        t._check_resumed_data_position(state.get("data", {}))
+        t.restore_data_position(state.get("data", {}))
         t.load_extra_state(state, url)
 
     def resume(self) -> str | None:
@@ -169,3 +193,36 @@ class TrainingCheckpoint:
             wait=final,
             nonfinite=nonfinite,
         )
+
+
+BACKEND_OPTIONS = ("capturable", "fused", "foreach", "differentiable")  # how a backend runs AdamW, not its state
+
+
+def with_backend_options(optimizer: torch.optim.Optimizer, saved_groups: list[dict[str, Any]]) -> list[dict]:
+    """Saved param groups with this run's backend options: a checkpoint written on XLA (capturable) or CUDA (fused)
+    resumes on any backend."""
+    if len(saved_groups) != len(optimizer.param_groups):
+        raise CheckpointError(
+            f"the checkpoint's optimizer has {len(saved_groups)} parameter groups, this run builds "
+            f"{len(optimizer.param_groups)} (another model or weight-decay rule)"
+        )
+    return [
+        {**saved, **{k: group[k] for k in BACKEND_OPTIONS if k in group}}
+        for group, saved in zip(optimizer.param_groups, saved_groups, strict=True)
+    ]
+
+
+def optimizer_state_by_name(optimizer: torch.optim.Optimizer, model: nn.Module, saved: dict[str, Any]) -> dict:
+    """A ``torch.optim`` state dict (per-parameter state keyed by position) re-keyed by parameter name, as
+    ``torch.distributed.checkpoint.state_dict`` takes it. Positions follow ``optimizer``'s param groups, which
+    the same model and weight-decay rule build in the same order."""
+    names = {p: n for n, p in model.named_parameters()}
+    index_to_name = {}
+    for group, saved_group in zip(optimizer.param_groups, saved["param_groups"], strict=True):
+        for p, index in zip(group["params"], saved_group["params"], strict=True):
+            index_to_name[index] = names[p]
+    groups = [
+        {**g, "params": [index_to_name[i] for i in g["params"]]}
+        for g in with_backend_options(optimizer, saved["param_groups"])
+    ]
+    return {"state": {index_to_name[i]: v for i, v in saved["state"].items()}, "param_groups": groups}

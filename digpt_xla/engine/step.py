@@ -15,7 +15,6 @@ import torch
 from torch import Tensor, nn
 
 from ..backend import Backend
-from ..checkpoint.reader import CheckpointError
 from ..config import OptimConfig
 
 
@@ -121,36 +120,3 @@ class OptimizerStep:
     def load_scaler_state(self, state: dict[str, Any] | None) -> None:
         if self.scaler is not None and state:
             self.scaler.load_state_dict(state)
-
-
-BACKEND_OPTIONS = ("capturable", "fused", "foreach", "differentiable")  # how a backend runs AdamW, not its state
-
-
-def with_backend_options(optimizer: torch.optim.Optimizer, saved_groups: list[dict[str, Any]]) -> list[dict]:
-    """Saved param groups with this run's backend options: a checkpoint written on XLA (capturable) or CUDA (fused)
-    resumes on any backend."""
-    if len(saved_groups) != len(optimizer.param_groups):
-        raise CheckpointError(
-            f"the checkpoint's optimizer has {len(saved_groups)} parameter groups, this run builds "
-            f"{len(optimizer.param_groups)} (another model or weight-decay rule)"
-        )
-    return [
-        {**saved, **{k: group[k] for k in BACKEND_OPTIONS if k in group}}
-        for group, saved in zip(optimizer.param_groups, saved_groups, strict=True)
-    ]
-
-
-def optimizer_state_by_name(optimizer: torch.optim.Optimizer, model: nn.Module, saved: dict[str, Any]) -> dict:
-    """A ``torch.optim`` state dict (per-parameter state keyed by position) re-keyed by parameter name, as
-    ``torch.distributed.checkpoint.state_dict`` takes it. Positions follow ``optimizer``'s param groups, which
-    the same model and weight-decay rule build in the same order."""
-    names = {p: n for n, p in model.named_parameters()}
-    index_to_name = {}
-    for group, saved_group in zip(optimizer.param_groups, saved["param_groups"], strict=True):
-        for p, index in zip(group["params"], saved_group["params"], strict=True):
-            index_to_name[index] = names[p]
-    groups = [
-        {**g, "params": [index_to_name[i] for i in g["params"]]}
-        for g in with_backend_options(optimizer, saved["param_groups"])
-    ]
-    return {"state": {index_to_name[i]: v for i, v in saved["state"].items()}, "param_groups": groups}

@@ -209,7 +209,7 @@ class Trainer:
             "skipped_samples": self.data_skipped,
         }
 
-    def _check_resumed_data_position(self, saved: dict[str, Any]) -> None:
+    def restore_data_position(self, saved: dict[str, Any]) -> None:
         now = self.data_position()
         for key in ("source", "process_batch", "world_size", "num_workers"):
             if key in saved and saved[key] != now[key]:
