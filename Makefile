@@ -10,7 +10,7 @@ TPU_STAMP := $(TPU_VENV)/.installed
 JAX_TPU := jax[tpu]==0.10.2
 PYTEST_ARGS ?=
 
-.PHONY: install tpu-env tpu-tables demo test test-quick test-slow bench gap-study lint format clean
+.PHONY: install tpu-env tpu-tables demo test test-quick test-slow test-slow-ci bench gap-study lint format clean
 
 install: $(STAMP)
 
@@ -39,12 +39,17 @@ demo: install
 test: install tpu-env
 	PJRT_DEVICE=CPU $(PY) -m pytest $(PYTEST_ARGS)
 
-# The inner loop: no slow tests and none that launch torchrun or multi-device XLA processes.
+# The inner loop: no second process (no command-line run, torchrun, multi-device XLA or libtpu compile), no XLA
+# compile in this process, nothing slow. The markers follow what a test does (tests/conftest.py enforces it).
 test-quick: install
-	PJRT_DEVICE=CPU $(PY) -m pytest -m "not slow and not multiprocess" -x -q $(PYTEST_ARGS)
+	PJRT_DEVICE=CPU $(PY) -m pytest -m "not slow and not multiprocess and not xla" -x -q $(PYTEST_ARGS)
 
 test-slow: install tpu-env
 	PJRT_DEVICE=CPU $(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+# What CI runs after `make test`: the slow tests short of the full ViT programs.
+test-slow-ci: install tpu-env
+	PJRT_DEVICE=CPU $(PY) -m pytest -m "slow and not vit" $(PYTEST_ARGS)
 
 bench: install
 	PJRT_DEVICE=CPU $(PY) tools/bench.py train --model digpt_tiny --backend cpu --batch 32 --out runs/bench

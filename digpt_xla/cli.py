@@ -6,10 +6,9 @@ import argparse
 import logging
 import os
 import sys
-import threading
-from collections.abc import Callable
 
 from .config import Config, load_config
+from .entry import run_entry
 from .repo import find_config
 
 log = logging.getLogger("digpt")
@@ -167,61 +166,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_command(
-    parser: argparse.ArgumentParser, argv: list[str] | None, errors: Callable[[], tuple[type[Exception], ...]]
+    parser: argparse.ArgumentParser, argv: list[str] | None, more_user_errors: tuple[type[Exception], ...] = ()
 ) -> int:
-    """Parse, run the chosen subcommand; expected input errors (the classes ``errors()`` names, imported only
-    after parsing so that ``--help`` does not wait for torch) print one line and exit 2, not a traceback."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    threading.excepthook = _thread_failure
+    """Parse, then run the chosen subcommand through the one entry wrapper (``digpt_xla.entry``)."""
     args = parser.parse_args(argv)
-    from .engine.trainer import NonFiniteLossError
-
-    try:
-        return args.fn(args)
-    except errors() as e:
-        print(f"{parser.prog}: error: {one_line(e)}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as e:  # not the user's mistake, but a clean stop all the same
-        print(f"{parser.prog}: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:  # Ctrl-C before training started (inside the loop it checkpoints and stops)
-        print(f"{parser.prog}: interrupted", file=sys.stderr)
-        return 130
-
-
-def _thread_failure(args: threading.ExceptHookArgs) -> None:
-    """A library's background writer that fails for the disk (TensorBoard's event writer on a full disk) is one
-    warning line: the step that next writes reports the error that stops the run."""
-    if args.exc_type is not None and issubclass(args.exc_type, OSError):
-        name = args.thread.name if args.thread is not None else "a thread"
-        log.warning("background writer %s stopped: %s", name, args.exc_value)
-        return
-    threading.__excepthook__(args)
-
-
-def one_line(error: Exception) -> str:
-    """The message of ``error`` as one line. An error raised in a DataLoader worker arrives wrapped in the worker's
-    whole traceback ("Caught DataError in DataLoader worker process 0. Original Traceback ..."), with the original
-    message last: that line is the one to show."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    if len(lines) > 1 and lines[0].startswith("Caught "):
-        where = lines[0].removeprefix(f"Caught {type(error).__name__} ").rstrip(".")
-        original = (
-            lines[-1].split(": ", 1)[-1] if lines[-1].split(": ", 1)[0].endswith(type(error).__name__) else lines[-1]
-        )
-        return f"{original} ({where})"
-    return lines[0] if lines else type(error).__name__
-
-
-def user_errors() -> tuple[type[Exception], ...]:
-    """The exceptions that mean a mistake in what the user handed us: one line and exit 2, no traceback."""
-    from .errors import UserError
-
-    return (UserError,)
+    return run_entry(parser.prog, lambda: args.fn(args), more_user_errors)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_command(build_parser(), argv, user_errors)
+    return run_command(build_parser(), argv)
 
 
 if __name__ == "__main__":

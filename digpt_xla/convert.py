@@ -18,7 +18,6 @@ decoders, their projections and norms, the query tokens and the mask are dropped
 from __future__ import annotations
 
 import argparse
-import sys
 from collections import Counter
 
 import fsspec
@@ -26,6 +25,7 @@ import torch
 
 from .checkpoint.reader import CheckpointError, read_weights
 from .config import ModelConfig
+from .entry import run_entry
 from .models import digpt_config
 from .models.classifier import classifier_state, encoder_config_from_state
 
@@ -72,16 +72,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.format == "timm" and (args.num_classes is None or args.num_classes < 1):
         parser.error(f"--format timm needs --num-classes >= 1, got {args.num_classes}")
-    try:
-        state, saved = read_weights(args.checkpoint)
-        if args.format == "timm":
-            converted, dropped = classifier_state(state, args.num_classes, source=args.checkpoint)
-            cfg = encoder_config_from_state(state)
-            # The head count is not in the weights' shapes: ours carry it in their config; the release's is B/L/H.
-            heads = model_config_from_dict(saved).num_heads if saved else cfg.num_heads
-    except CheckpointError as e:
-        print(f"convert_checkpoint.py: error: {e}", file=sys.stderr)
-        return 2
+    return run_entry("convert_checkpoint.py", lambda: _convert(args), (OSError,))
+
+
+def _convert(args: argparse.Namespace) -> int:
+    state, saved = read_weights(args.checkpoint)
+    if args.format == "timm":
+        converted, dropped = classifier_state(state, args.num_classes, source=args.checkpoint)
+        cfg = encoder_config_from_state(state)
+        # The head count is not in the weights' shapes: ours carry it in their config; the release's is B/L/H.
+        heads = model_config_from_dict(saved).num_heads if saved else cfg.num_heads
     if args.format == "release":
         write_state_dict(state, args.out)
         print(f"wrote {len(state)} tensors under the release's keys to {args.out}")

@@ -5,3 +5,8 @@ without a traceback. Each concern's error class derives from ``UserError`` and f
 
 class UserError(Exception):
     """A mistake in the user's input, reported as one line and exit code 2."""
+
+
+class StoppedRun(RuntimeError):
+    """A run that stopped itself for a reason that is not the user's mistake (a non-finite loss), keeping what it
+    had: one line and exit code 1."""

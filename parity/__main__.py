@@ -151,13 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     attribute.add_argument("overrides", nargs="*", help="key=value, e.g. seeds=[0,1] steps=20")
     attribute.set_defaults(fn=cmd_attribute)
-    return run_command(parser, argv, _user_errors)
-
-
-def _user_errors() -> tuple[type[Exception], ...]:
-    from digpt_xla.errors import UserError
-
-    return UserError, FileNotFoundError  # a --config or --ledger path that does not exist
+    return run_command(parser, argv, (FileNotFoundError,))  # a --config or --ledger path that does not exist
 
 
 if __name__ == "__main__":

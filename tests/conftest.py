@@ -1,5 +1,6 @@
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -26,7 +27,12 @@ if HAS_XLA:
     import torch_xla.runtime
 
     torch_xla.runtime.global_runtime_device_count()
-needs_xla = pytest.mark.skipif(not HAS_XLA, reason="torch_xla is not installed")
+
+
+def needs_xla(test):
+    """Marks a test that runs torch_xla in this process (``xla``: left out of ``make test-quick``, whose loop would
+    wait for its compiles) and skips it where torch_xla is not installed."""
+    return pytest.mark.xla(pytest.mark.skipif(not HAS_XLA, reason="torch_xla is not installed")(test))
 
 
 @pytest.fixture(autouse=True)
@@ -59,14 +65,22 @@ PYTHON = sys.executable
 FAST_CPU = ["backend.name=cpu", "run.progress=false", "run.knn_eval=false", "model.depth=2", "data.batch_size=16"]
 
 
-# Files whose tests launch torchrun, multi-device XLA or libtpu processes: left out of `make test-quick`.
-MULTIPROCESS_FILES = {"test_scale_out.py", "test_preemption.py", "test_compile_stability.py", "test_tpu_plan.py"}
+@pytest.fixture(autouse=True)
+def _python_processes_only_when_marked(request, monkeypatch):
+    """A test that starts a Python process (a command-line run, torchrun, multi-device XLA, libtpu's compiler) says
+    so with the ``multiprocess`` marker, which ``make test-quick`` leaves out: the marker follows what a test does,
+    and a test that starts one unmarked fails here, naming the command."""
+    if request.node.get_closest_marker("multiprocess") is None:
+        launch = subprocess.Popen.__init__
 
+        def guarded(self, args, *rest, **kwargs):
+            argv = [args] if isinstance(args, (str, bytes, os.PathLike)) else list(args)
+            if argv and "python" in os.path.basename(os.fsdecode(argv[0])):
+                pytest.fail(f"starts {' '.join(map(os.fsdecode, argv[:5]))}...: mark it multiprocess", pytrace=False)
+            launch(self, args, *rest, **kwargs)
 
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if item.path.name in MULTIPROCESS_FILES:
-            item.add_marker(pytest.mark.multiprocess)
+        monkeypatch.setattr(subprocess.Popen, "__init__", guarded)
+    yield
 
 
 @pytest.fixture(scope="session")
@@ -80,6 +94,13 @@ def demo_checkpoint(tmp_path_factory) -> str:
     checkpoint = Pretrainer(load_config(REPO / "yaml/demo.yaml", [*overrides, f"run.out_dir={out}"])).train().checkpoint
     assert checkpoint is not None
     return checkpoint
+
+
+def share_of(percent: float, total: int) -> bool:
+    """Whether ``percent`` is a whole count of ``total`` samples in percent (an accuracy over the whole evaluation
+    set, not a mean over unequal batches or a padded set)."""
+    count = percent * total / 100
+    return 0 <= percent <= 100 and abs(count - round(count)) < 1e-3
 
 
 def torchrun(nproc: int | str) -> list[str]:

@@ -1,7 +1,11 @@
 import json
 import subprocess
 
+import pytest
+
 from conftest import PYTHON, REPO, subprocess_env
+
+pytestmark = pytest.mark.multiprocess  # every benchmark runs tools/bench.py as a command
 
 
 def test_bench_train_writes_json_with_flops_and_mfu(tmp_path):
@@ -128,6 +132,7 @@ def test_recount_updates_flops_and_mfu_and_keeps_the_previous_count(tmp_path):
     assert result["step_time_s"] == stale["step_time_s"], "measured times are never rewritten"
 
 
+@pytest.mark.slow
 def test_bench_memory_reads_the_compiled_step_and_fsdp_splits_the_state(tmp_path):
     """Read from XLA's buffer assignment of the per-device step program, without running it. Split over 4 devices,
     each device's inputs (weights, AdamW moments) shrink 4x; and where activations dominate (batch 32) the batch

@@ -33,6 +33,7 @@ def test_eager_remat_recomputes_the_same_values_and_gradients():
     assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
 
 
+@pytest.mark.multiprocess
 @needs_xla
 def test_scanned_and_rematerialised_blocks_equal_the_loop_on_xla():
     proc = subprocess.run(

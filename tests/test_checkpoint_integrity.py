@@ -76,6 +76,7 @@ def test_a_damaged_sharded_checkpoint_is_named_set_aside_and_the_previous_one_us
     assert torch.equal(read_state_dict(url)["w"], torch.zeros(64))
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("damage", ["missing", "truncated"])
 def test_an_uncommitted_sharded_checkpoint_names_its_missing_or_short_file(tmp_path, capsys, damage):
     # A half-written or half-copied checkpoint has no commit record to check against: its own metadata says which
@@ -141,6 +142,7 @@ def _release_checkpoint(path) -> dict:
     return model.state_dict()
 
 
+@pytest.mark.multiprocess
 def test_the_releases_checkpoints_load_everywhere_a_checkpoint_is_accepted(tmp_path):
     path = tmp_path / "checkpoint-299.pth"
     reference = _release_checkpoint(path)
@@ -158,6 +160,7 @@ def test_the_releases_checkpoints_load_everywhere_a_checkpoint_is_accepted(tmp_p
         assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+@pytest.mark.multiprocess
 def test_the_converter_takes_the_head_count_from_the_checkpoints_config(tmp_path):
     overrides = [*CPU, "model.depth=2", "model.num_heads=8", "schedule.max_steps=1", f"run.out_dir={tmp_path}"]
     Pretrainer(load_config(REPO / "yaml/demo.yaml", overrides)).train()
@@ -217,6 +220,7 @@ def test_resuming_with_another_model_shape_is_one_line(tmp_path, capsys, demo_st
     assert code == 2 and len(err) == 1 and "has shape" in err[0], err
 
 
+@pytest.mark.multiprocess
 def test_the_converter_names_what_it_was_handed(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     (tmp_path / "folder").mkdir()
@@ -250,6 +254,7 @@ def _under_a_file_size_limit(limit: int):
 TINY_RUN = ["--config", "yaml/demo.yaml", *FAST_CPU, "model.embed_dim=32", "model.num_heads=2", "run.ckpt_every=2"]
 
 
+@pytest.mark.multiprocess
 def test_a_save_that_fails_for_space_is_one_line_and_keeps_the_previous_checkpoint(tmp_path):
     out = tmp_path / "run"
     common = [PYTHON, "-m", "digpt_xla.cli", "pretrain", *TINY_RUN, f"run.out_dir={out}"]
@@ -304,10 +309,20 @@ def test_a_sharded_save_that_fails_for_space_stops_every_rank_with_one_line(tmp_
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [], "the partial checkpoint is removed"
 
 
+@pytest.mark.multiprocess
 def test_logs_that_cannot_grow_stop_the_run_with_one_line(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run(
-        [PYTHON, "-m", "digpt_xla.cli", "pretrain", *TINY_RUN, "run.ckpt_every=0", f"run.out_dir={out}"],
+        [
+            PYTHON,
+            "-m",
+            "digpt_xla.cli",
+            "pretrain",
+            *TINY_RUN,
+            "run.ckpt_every=0",
+            "run.log_every=1",
+            f"run.out_dir={out}",
+        ],
         cwd=REPO,
         env=subprocess_env(),
         capture_output=True,

@@ -1,6 +1,8 @@
 """XLA: after warm-up the training step never compiles again, falls back to no ``aten::`` CPU op, and reads
 nothing on the host except at the log interval and at checkpoints (asserted through torch_xla's counters)."""
 
+import pytest
+
 from conftest import REPO, needs_xla
 from digpt_xla.config import load_config
 from digpt_xla.engine import Pretrainer
@@ -8,6 +10,7 @@ from digpt_xla.engine import Pretrainer
 STEPS, LOG_EVERY, CHECKPOINT_AT = 50, 5, 23
 
 
+@pytest.mark.slow
 @needs_xla
 def test_one_compilation_no_fallbacks_no_host_reads_inside_steps(tmp_path):
     overrides = [

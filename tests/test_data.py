@@ -85,6 +85,7 @@ def test_shards_read_back_with_images_labels_and_counts(tmp_path, fs_root):
     assert check_shards(out, progress=False).ok
 
 
+@pytest.mark.multiprocess
 def test_make_shards_cli_writes_and_checks(tmp_path):
     out = tmp_path / "digits"
     run = [PYTHON, "tools/make_shards.py", "digits", str(out), "--per-shard", "500", "--no-progress"]
@@ -326,6 +327,7 @@ def test_transforms_release_crop_and_timm(tmp_path):
     assert timm_transform(224, training=False)(image).shape == (3, 224, 224)
 
 
+@pytest.mark.slow
 @needs_xla
 def test_skip_counts_follow_trained_batches_not_the_device_loaders_read_ahead(tmp_path):
     # MpDeviceLoader reads batches ahead of the step: a bad image in a batch not yet trained on must not count yet.

@@ -54,6 +54,7 @@ def test_transferred_encoder_gives_our_features_in_timm():
     assert set(load_pretrained_encoder(fresh, model.state_dict())) == set(dropped)
 
 
+@pytest.mark.multiprocess
 def test_convert_checkpoint_loads_strictly_into_timm_vit_base(tmp_path):
     model = DiGPT(digpt_config("digpt_vit_base_patch16_224"))
     torch.save({"model": model.state_dict()}, tmp_path / "release.pth")  # the release wraps weights in "model"
@@ -70,6 +71,7 @@ def test_convert_checkpoint_loads_strictly_into_timm_vit_base(tmp_path):
     vit.load_state_dict(load_file(out), strict=True)
 
 
+@pytest.mark.multiprocess
 def test_our_training_checkpoint_converts_and_probes(tmp_path):
     cfg = load_config(
         REPO / "yaml/demo.yaml",
@@ -161,6 +163,7 @@ def test_gap_ledger_flags_a_real_difference_and_ignores_a_null_one(tmp_path):
     assert "torch + GPU (paper) | 1 | 86.20" in in1k and "torch_xla + TPU (paper) | 1 | 85.90" in in1k
 
 
+@pytest.mark.multiprocess
 def test_gap_cli_add_and_report(tmp_path):
     ledger = tmp_path / "l.jsonl"
     for seed, value in enumerate([1.0, 1.1, 0.9]):

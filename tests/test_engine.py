@@ -60,6 +60,8 @@ def xla_spawn_run(tmp_path_factory):
     return proc, out
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 @needs_xla
 def test_xla_spawn_runs_and_loss_decreases(xla_spawn_run):
     proc, out = xla_spawn_run
@@ -118,6 +120,8 @@ def _start_and_interrupt(out, sig, after_step, *overrides):
     return proc.returncode, err
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, sig):
     out = tmp_path / "interrupted"
@@ -169,6 +173,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert all(torch.isfinite(v).all() for k, v in state["model"].items() if k != "mask"), "weights are finite"
 
 
+@pytest.mark.multiprocess
 def test_torchrun_two_processes_match_one_process_on_the_concatenated_batch(tmp_path):
     common = [*SMALLER, "backend.name=cpu", f"run.out_dir={tmp_path / 'unused'}"]
     cmd = [
@@ -191,6 +196,7 @@ def test_torchrun_two_processes_match_one_process_on_the_concatenated_batch(tmp_
         torch.testing.assert_close(ddp["grads"][name], g, rtol=1e-4, atol=1e-7, msg=name)
 
 
+@pytest.mark.multiprocess
 def test_a_run_directory_that_not_every_rank_sees_is_refused_at_start(tmp_path):
     # memory:// is one store per process, as node-local disks are one per node: rank 1 would write its part of
     # every checkpoint where nobody reads it.
@@ -205,6 +211,7 @@ def test_a_run_directory_that_not_every_rank_sees_is_refused_at_start(tmp_path):
     assert "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr
 
 
+@pytest.mark.multiprocess
 @needs_xla
 def test_xla_spmd_four_devices_match_one_device(tmp_path):
     common = [*SMALLER, f"run.out_dir={tmp_path / 'unused'}"]

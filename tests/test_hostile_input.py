@@ -91,6 +91,7 @@ def test_a_crafted_pickle_runs_nothing_at_any_entry_point(tmp_path, capsys, entr
     assert not (out / "timm.safetensors").exists() and not (out / "checkpoints").exists()
 
 
+@pytest.mark.multiprocess
 def test_sigterm_during_setup_stops_promptly(tmp_path):
     # Building the ViT-H/14 teacher takes several seconds: the signal arrives while it is being built.
     cmd = [
@@ -113,6 +114,7 @@ def test_sigterm_during_setup_stops_promptly(tmp_path):
     assert time.perf_counter() - t0 < 10 and proc.returncode != 0
 
 
+@pytest.mark.multiprocess
 def test_sigterm_during_the_first_step_stops_at_once(tmp_path):
     # A CLIP ViT-H/14 teacher makes the first step half a minute on the CPU (on XLA the first step compiles for
     # minutes): a stop notice then has nothing new to save, and waiting for the step would only delay the stop.

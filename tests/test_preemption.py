@@ -15,6 +15,8 @@ from conftest import PYTHON, REPO, subprocess_env, torchrun
 from digpt_xla.checkpoint.manager import CheckpointManager
 from digpt_xla.engine.metrics import read_metrics
 
+pytestmark = pytest.mark.multiprocess  # torchrun runs signalled from outside
+
 TINY = [
     "--config",
     "yaml/demo.yaml",

@@ -51,3 +51,9 @@ def test_readme_examples_run(tmp_path, demo_checkpoint, capsys):
         assert rc == 0, (command, capsys.readouterr().err[-2000:])
     assert "knn_top1" in (tmp_path / "gap.md").read_text()
     assert (tmp_path / "vit_b.safetensors").stat().st_size > 0 and (tmp_path / "probe" / "probe.json").exists()
+
+
+def test_the_tests_readme_names_every_test_file():
+    named = (REPO / "tests" / "README.md").read_text()
+    files = sorted(p.name for p in (REPO / "tests").glob("test_*.py"))
+    assert [f for f in files if f"`{f}`" not in named] == []

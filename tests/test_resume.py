@@ -87,6 +87,7 @@ def _interrupt(out, sig) -> int:
     return CheckpointManager(str(Path(out) / "checkpoints")).complete_steps()[-1]
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("how", ["stop", "sigterm", "sigkill"])
 def test_finetune_resume_equals_the_uninterrupted_run(tmp_path, uninterrupted, how):
     ref_dir, reference = uninterrupted

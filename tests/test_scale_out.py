@@ -23,6 +23,8 @@ from digpt_xla.checkpoint.reader import (
 )
 from digpt_xla.models import DiGPT, digpt_config
 
+pytestmark = pytest.mark.multiprocess  # torchrun and multi-device XLA processes
+
 TINY = [
     "model.depth=2",
     "model.embed_dim=32",
@@ -131,6 +133,7 @@ def eager_depth6(tmp_path_factory) -> dict:
     )
 
 
+@pytest.mark.slow
 @needs_xla
 @pytest.mark.parametrize(
     "layout",
@@ -138,7 +141,6 @@ def eager_depth6(tmp_path_factory) -> dict:
         # PJRT, one device: the encoder's first three blocks one scanned loop, remat inside it
         pytest.param(
             ("backend.name=xla", f"data.batch_size={GLOBAL_BATCH}", "backend.scan=always", "backend.remat=blocks"),
-            marks=pytest.mark.slow,
             id="xla-scan-remat",
         ),
         # FSDPv2 over 4 devices, the same loop partitioned
@@ -188,6 +190,7 @@ def test_xla_spmd_data_parallel_compiles_the_step_once(tmp_path):
     assert compiles == [compiles[0]] * 4, f"compilations after steps 1-4: {compiles}"
 
 
+@pytest.mark.slow
 def test_fsdp2_under_torchrun_matches_ddp_and_resumes_a_ddp_checkpoint(tmp_path):
     common = ["backend.name=cpu", f"data.batch_size={GLOBAL_BATCH // 2}", "schedule.max_steps=4", "run.ckpt_every=3"]
     fsdp = train(tmp_path / "fsdp", *common, "backend.fsdp=2", nproc=2)
@@ -203,6 +206,7 @@ def test_fsdp2_under_torchrun_matches_ddp_and_resumes_a_ddp_checkpoint(tmp_path)
     assert resumed["losses"][4] == pytest.approx(ddp["losses"][4], rel=1e-5)
 
 
+@pytest.mark.slow
 @needs_xla
 def test_dcp_resume_on_xla_spmd_equals_the_uninterrupted_run_and_reshards(spmd_run):
     whole, _, root = spmd_run
@@ -234,6 +238,7 @@ def test_dcp_resume_on_xla_spmd_equals_the_uninterrupted_run_and_reshards(spmd_r
     assert_really_sharded(fsdp2, devices=4, fsdp=2)
 
 
+@pytest.mark.slow
 def test_dcp_resume_under_fsdp2_equals_the_uninterrupted_run(tmp_path):
     common = ["backend.name=cpu", "backend.fsdp=2", "data.batch_size=4"]
     whole = train(tmp_path / "whole", *common, "schedule.max_steps=6", "run.ckpt_every=3", nproc=2)
@@ -279,9 +284,8 @@ def checkpoint_tensors(url: str) -> tuple[dict, set[str]]:
     return model, {str(i) for i in with_moments}
 
 
-@pytest.mark.parametrize(
-    "layout", [pytest.param(k, marks=pytest.mark.slow) if "fsdp 1" in k else k for k in LAYOUTS]
-)  # fsdp 1 writes a single file, as one device does: in make test-slow
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_every_mesh_commits_a_complete_checkpoint_and_resumes_exactly(tmp_path, layout):
     common, launch = LAYOUTS[layout]
     if "devices" in launch and not HAS_XLA:
@@ -357,17 +361,21 @@ def cached_runs(tmp_path_factory) -> tuple[dict, dict, Path]:
     return first, train(root / "second", *common)["counters"], root / "c/rank0"
 
 
+@pytest.mark.slow
 @needs_xla
 def test_compile_cache_is_written_and_looked_up_by_the_second_run(cached_runs):
     first, second, cache = cached_runs
     assert first["persistent_cache_misses"] >= 1 and first["persistent_cache_hits"] == 0
     assert len(list(cache.iterdir())) == first["persistent_cache_misses"], "every compiled graph is stored"
     assert second["persistent_cache_misses"] == 0, "the second run finds every graph in the cache"
+    # Each stored graph is looked up once: found and loaded, or found and not loadable (torch_xla 2.9 on XLA:CPU,
+    # every one: the test below, expected to fail until torch_xla loads them, holds the hits to account).
     assert (
         second["persistent_cache_hits"] + second["persistent_cache_load_failures"] == first["persistent_cache_misses"]
     )
 
 
+@pytest.mark.slow
 @needs_xla
 @pytest.mark.xfail(
     strict=True,
@@ -375,7 +383,9 @@ def test_compile_cache_is_written_and_looked_up_by_the_second_run(cached_runs):
     "(PersistentCacheDeserializeFailure; on TPU the same: pytorch/xla#9094, fix in #9759)",
 )
 def test_compile_cache_second_run_compiles_nothing(cached_runs):
-    assert cached_runs[1]["compilations"] == 0
+    first, second, _ = cached_runs
+    assert second["persistent_cache_hits"] == first["persistent_cache_misses"], "every stored graph loads back"
+    assert second["compilations"] == 0
 
 
 def test_fsdp_settings_are_checked_at_load_time():

@@ -9,6 +9,7 @@ from parity.__main__ import main as parity_main
 
 
 @pytest.mark.slow
+@pytest.mark.vit
 @needs_xla
 def test_vit_base_cpu_and_xla_agree_to_fp32_rounding(tmp_path):
     config = str(REPO / "yaml/parity/vit_base_fp32.yaml")

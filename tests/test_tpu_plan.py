@@ -29,8 +29,9 @@ def tool(*args: str, tmp_path) -> subprocess.CompletedProcess:
 TINY_TOPOLOGY = {1: "v5e:2x2", 4: "v5e:2x2", 8: "v5e:2x4"}
 
 
+@pytest.mark.multiprocess
 @needs_libtpu
-@pytest.mark.parametrize("fsdp", [1, 4, 8])
+@pytest.mark.parametrize("fsdp", [pytest.param(1, marks=pytest.mark.slow), 4, pytest.param(8, marks=pytest.mark.slow)])
 def test_the_tiny_step_compiles_for_a_v5e_slice_and_its_figures_are_the_compiled_programs(fsdp, tmp_path):
     plan = plan_step(PlanRequest("digpt_tiny", TINY_TOPOLOGY[fsdp], fsdp=fsdp, batch=8), jax_python(), workdir=tmp_path)
     assert plan["fits"] and plan["device_kind"] == "TPU v5 lite" and plan["devices"] == (8 if fsdp == 8 else 4)
@@ -97,6 +98,7 @@ def run_jax(script: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.multiprocess
 @needs_libtpu
 def test_flops_and_collectives_of_a_loop_count_every_iteration():
     # libtpu's cost analysis counts a while body once; the plan multiplies it by the loop's trip count, which the
@@ -128,6 +130,7 @@ print(json.dumps({"hlo": grad.lower(*args).compile().as_text()}))
 """
 
 
+@pytest.mark.multiprocess
 @needs_libtpu
 def test_a_reduce_scatter_fused_by_libtpu_is_read_as_one():
     # libtpu compiles the partitioner's reduce-scatter as an all-reduce inside an `all-reduce-scatter` fusion that
@@ -144,6 +147,8 @@ def test_a_reduce_scatter_fused_by_libtpu_is_read_as_one():
     assert totals["reduce-scatter"]["bytes"] == full // 4  # what each device keeps
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 @needs_libtpu
 def test_a_clip_teacher_replicated_in_bf16_moves_nothing_and_keeps_the_batch_split(tmp_path):
     # A real open_clip tower (ViT-B/16) behind the tiny student on 4 chips: stored in bf16 (half its fp32 bytes),
@@ -162,6 +167,8 @@ def test_a_clip_teacher_replicated_in_bf16_moves_nothing_and_keeps_the_batch_spl
     assert plan["collectives"]["reduce-scatter"]["count"] >= 1
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 @needs_libtpu
 def test_a_step_that_cannot_fit_is_reported_with_what_it_needs(tmp_path):
     # 512 px images on the tiny model: 16k tokens a sample, attention alone outgrows a 16 GB chip.
@@ -184,6 +191,7 @@ def test_a_step_that_cannot_fit_is_reported_with_what_it_needs(tmp_path):
     assert saved["topology"] == TOPOLOGY and saved["device_kind"] == "TPU v5 lite"
 
 
+@pytest.mark.multiprocess
 @needs_libtpu
 @pytest.mark.parametrize(
     "args, message",
@@ -206,6 +214,7 @@ def test_plan_mistakes_are_one_line_and_exit_2(tmp_path, args, message):
     assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
 
 
+@pytest.mark.multiprocess
 @needs_libtpu
 def test_a_single_chip_topology_is_accepted():
     # Smaller than one host's default 2x2 chips: planned as one host holding the whole slice. fsdp=1 plans go there,
@@ -338,6 +347,7 @@ ENTRY %main (x: bf16[8,64]) -> bf16[8,64] {
     assert program["collectives"]["totals"]["all-gather"]["count"] == 32
 
 
+@pytest.mark.multiprocess
 def test_donation_is_by_identity_not_by_shape(tmp_path):
     # A frozen weight of the student's very shape, read before the student's in the program: only the state the step
     # writes back (the student's weight and its AdamW moments) is donated.
@@ -376,6 +386,7 @@ print(json.dumps(donors))
     assert stats["alias_bytes"] == 3 * 64 * 128 * 4, stats
 
 
+@pytest.mark.multiprocess
 def test_a_missing_jax_interpreter_is_named(tmp_path):
     proc = tool(
         "--model", "digpt_tiny", "--topology", TOPOLOGY, "--jax-python", str(tmp_path / "none"), tmp_path=tmp_path
@@ -383,8 +394,10 @@ def test_a_missing_jax_interpreter_is_named(tmp_path):
     assert proc.returncode == 2 and "make tpu-env" in proc.stderr, proc.stderr
 
 
+@pytest.mark.multiprocess
 @needs_libtpu
 @pytest.mark.slow
+@pytest.mark.vit
 @pytest.mark.parametrize("size", ["small", "base", "large", "huge"])
 def test_every_published_student_step_compiles_for_v5e(size):
     """The S/B/L/H pretraining steps (CLIP ViT-H/14 teacher, bf16, fsdp 4 on a v5e 2x2): each compiles, fits, and
@@ -398,6 +411,7 @@ def test_every_published_student_step_compiles_for_v5e(size):
     assert plan["flops_vs_analytic"] == pytest.approx(1.0, abs=0.05), plan["flops_vs_analytic"]
 
 
+@pytest.mark.multiprocess
 def test_committed_plans_render_as_the_docs_tables(tmp_path):
     plans = sorted((REPO / "bench").glob("v5e_*/*.json"))
     memory = markdown(plans, "memory").splitlines()
@@ -478,6 +492,7 @@ def test_max_batch_finds_the_largest_batch_that_fits(monkeypatch, power, start):
         assert ended == f"{result['smallest_miss']} does not fit" and largest < result["smallest_miss"], result
 
 
+@pytest.mark.multiprocess
 def test_a_killed_child_and_a_failed_search_keep_what_they_know(monkeypatch):
     from digpt_xla.tpu_plan import plan as tpu_plan
 
@@ -538,6 +553,7 @@ def test_every_shipped_tpu_config_has_a_committed_plan_of_the_step_it_runs(confi
         assert plan["topology"] in config.read_text(), f"{rel} does not name the topology it was planned for"
 
 
+@pytest.mark.multiprocess
 @needs_libtpu
 def test_sigterm_stops_the_plan_with_its_child_and_leaves_no_temporary_files(tmp_path):
     scratch = tmp_path / "tmp"

@@ -14,9 +14,9 @@ from test_data import digits, image_folder, make_set, source
 
 from conftest import HAS_XLA, PYTHON, REPO, subprocess_env
 from digpt_xla.cli import main as digpt_main
-from digpt_xla.cli import one_line
 from digpt_xla.data import DataError, build_train_loader
 from digpt_xla.data.imagefolder import scan_image_folder
+from digpt_xla.entry import one_line
 from parity.__main__ import main as parity_main
 
 CPU = [
@@ -81,6 +81,7 @@ MANIFESTS = [  # (manifest.json, the error as a regular expression)
 ]
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize(("manifest", "expected"), MANIFESTS)
 def test_a_manifest_of_the_wrong_shape_is_named_here_and_in_make_shards_check(tmp_path, manifest, expected):
     make_set(str(tmp_path), digits(10), per_shard=10)
@@ -106,6 +107,7 @@ def test_more_workers_than_shards_is_refused_when_the_loader_is_built(tmp_path):
     assert build_train_loader(src, 4, 0, 1, 0, 0, num_workers=4) is not None
 
 
+@pytest.mark.multiprocess
 def test_a_fifo_manifest_stalls_into_one_line_and_the_process_exits(tmp_path):
     """A read that never answers: the error names the file after data.read_timeout, and no reader thread keeps
     the failed process alive (they are daemon threads)."""
@@ -207,6 +209,7 @@ def test_an_out_dir_that_is_a_file_is_one_line(tmp_path, capsys):
     assert "is a file, not a directory" in _one_line_exit_2(code, capsys)
 
 
+@pytest.mark.multiprocess
 def test_help_does_not_wait_for_torch():
     probe = "import sys, digpt_xla.cli, parity.__main__; print('torch' in sys.modules)"
     out = subprocess.run([PYTHON, "-c", probe], cwd=REPO, env=subprocess_env(), capture_output=True, text=True)
@@ -283,6 +286,7 @@ def test_results_that_could_not_be_written_are_refused_before_the_work(tmp_path,
     assert f"run.out_dir={out}: cannot be written" in _one_line_exit_2(code, capsys) and time.time() - started < 20
 
 
+@pytest.mark.multiprocess
 @pytest.mark.skipif(not HAS_XLA, reason="needs torch_xla")
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is not None, reason="libtpu is installed here")
 def test_pjrt_device_tpu_without_libtpu_is_one_line(tmp_path):

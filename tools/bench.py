@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
 import os
 import platform
 import statistics
@@ -33,6 +34,7 @@ import torch
 
 from digpt_xla.config import load_config
 from digpt_xla.engine import Pretrainer
+from digpt_xla.entry import run_entry
 from digpt_xla.flops import FLOP_COUNTER, matmul_peak, sample_flops, timm_flops
 from digpt_xla.models import digpt_config
 
@@ -401,6 +403,10 @@ def main(argv: list[str] | None = None) -> int:
     rc = sub.add_parser("recount", help="recount FLOPs and MFU of committed train/baseline JSON files")
     rc.add_argument("files", nargs="+", type=Path)
     args = parser.parse_args(argv)
+    return run_entry("bench.py", lambda: _run(args), log_level=logging.WARNING)
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "recount":
         for path in args.files:
             result = recount(path)

@@ -17,7 +17,6 @@ import argparse
 import logging
 import sys
 
-from digpt_xla.data.errors import DataError
 from digpt_xla.data.shard_io import (
     check_shards,
     digits_samples,
@@ -25,6 +24,7 @@ from digpt_xla.data.shard_io import (
     shard_spec,
     write_shards,
 )
+from digpt_xla.entry import run_entry
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,30 +43,29 @@ def main(argv: list[str] | None = None) -> int:
     check = sub.add_parser("check", parents=[common], help="re-read shards and report bad samples")
     check.add_argument("spec", help="a directory with manifest.json, or brace-expanded shard URLs")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s", force=True)
+    return run_entry("make_shards.py", lambda: _run(args), log_level=logging.WARNING)
+
+
+def _run(args: argparse.Namespace) -> int:
     progress = not args.no_progress
-    try:
-        if args.command == "check":
-            report = check_shards(args.spec, progress=progress)
-            for shard, key, reason in report.bad:
-                print(f"BAD {shard} {key}: {reason}")
-            for shard, (found, expected) in report.count_mismatch.items():
-                print(f"COUNT {shard}: {found} samples, manifest says {expected}")
-            print(
-                f"{report.shards} shards, {report.samples} samples, {report.readable} readable, "
-                f"{len(report.bad)} bad: {'OK' if report.ok else 'FAILED'}"
-            )
-            return 0 if report.ok else 1
-        if args.command == "imagefolder":
-            samples, total, classes = image_folder_samples(args.root, args.seed)
-            source = args.root
-        else:
-            samples, total, classes = digits_samples(args.img_size)
-            source = f"sklearn digits, {args.img_size}px"
-        manifest = write_shards(samples, total, args.out, args.per_shard, classes, source, progress=progress)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.command == "check":
+        report = check_shards(args.spec, progress=progress)
+        for shard, key, reason in report.bad:
+            print(f"BAD {shard} {key}: {reason}")
+        for shard, (found, expected) in report.count_mismatch.items():
+            print(f"COUNT {shard}: {found} samples, manifest says {expected}")
+        print(
+            f"{report.shards} shards, {report.samples} samples, {report.readable} readable, "
+            f"{len(report.bad)} bad: {'OK' if report.ok else 'FAILED'}"
+        )
+        return 0 if report.ok else 1
+    if args.command == "imagefolder":
+        samples, total, classes = image_folder_samples(args.root, args.seed)
+        source = args.root
+    else:
+        samples, total, classes = digits_samples(args.img_size)
+        source = f"sklearn digits, {args.img_size}px"
+    manifest = write_shards(samples, total, args.out, args.per_shard, classes, source, progress=progress)
     spec = shard_spec(args.out, manifest)
     print(f"{manifest['num_samples']} samples in {len(manifest['shards'])} shards: data.urls='{spec}'")
     return 0

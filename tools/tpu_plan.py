@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import signal
 import sys
 from pathlib import Path
 
-from digpt_xla.cli import one_line
-from digpt_xla.errors import UserError
+from digpt_xla.entry import run_entry
 from digpt_xla.tpu_plan.plan import PlanRequest, assemble, describe, jax_python, max_batch, plan_step
 from digpt_xla.tpu_plan.tables import GIB, TABLES, markdown, updated_docs
 
@@ -36,12 +36,6 @@ def _progress(line: str) -> None:
 def _terminated(signum: int, frame: object) -> None:
     # SIGTERM unwinds like Ctrl-C: the running child is killed and the temporary directory removed on the way out.
     raise SystemExit(128 + signum)
-
-
-def _error(e: Exception) -> int:
-    """A mistake or an impossible plan: one line on stderr, exit status 2."""
-    print(f"tpu_plan.py: error: {one_line(e)}", file=sys.stderr)
-    return 2
 
 
 def table(plan: dict) -> str:
@@ -143,62 +137,56 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="extra section.key=value config overrides")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _terminated)
+    # A mistake or an impossible plan (a ValueError from the plan's own checks): one line, exit status 2.
+    return run_entry("tpu_plan.py", lambda: _run(args, parser), (ValueError,), log_level=logging.WARNING)
+
+
+def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.update_docs:
-        try:
-            docs = updated_docs(REPO)
-        except ValueError as e:
-            return _error(e)
+        docs = updated_docs(REPO)
         for path, text in docs.items():
             changed = path.read_text() != text
             path.write_text(text)
             print(f"{path.relative_to(REPO)}: {'updated' if changed else 'unchanged'}")
         return 0
     if args.markdown:
-        try:
-            print(markdown(args.markdown, args.table))
-        except ValueError as e:
-            return _error(e)
+        print(markdown(args.markdown, args.table))
         return 0
     if args.assemble:
         try:
             request = PlanRequest(**json.loads((args.assemble / "request.json").read_text()))
             plan = assemble(args.assemble, describe(request.topology, jax_python(args.jax_python)))
         except (OSError, TypeError, json.JSONDecodeError) as e:
-            return _error(ValueError(f"--assemble {args.assemble}: not a kept plan workdir ({e})"))
-        except (UserError, ValueError) as e:
-            return _error(e)
+            raise ValueError(f"--assemble {args.assemble}: not a kept plan workdir ({e})") from None
         stem = Path(request.config).stem if request.config else plan["name"]
         return _write(plan, Path(args.out), args.name or f"plan_{stem}")
     if not ((args.model or args.config) and args.topology):
         parser.error("--model (or --config) and --topology are required (or --markdown FILES)")
     out = Path(args.out)
     if out.exists() and not out.is_dir():  # found now, not after minutes of compiling
-        return _error(ValueError(f"--out {out}: not a directory"))
-    try:
-        if args.config:
-            request = request_from_config(args.config, args.topology, list(args.overrides))
-        else:
-            request = PlanRequest(
-                args.model,
-                args.topology,
-                args.fsdp,
-                args.batch,
-                args.precision,
-                args.teacher,
-                args.step,
-                list(args.overrides),
-            )
-        python = jax_python(args.jax_python)
-        if args.max_batch:
-            print(f"largest batch of {request.model} on {args.topology} at fsdp={request.fsdp}:", flush=True)
-            result = max_batch(request, python, start=request.batch)
-            plan = result["plan"] | {"max_batch": {k: v for k, v in result.items() if k != "plan"}}
-            name = args.name or f"max_batch_{request.model}_fsdp{request.fsdp}"
-        else:
-            plan = plan_step(request, python, workdir=args.workdir, progress=_progress)
-            name = args.name or (f"plan_{Path(args.config).stem}" if args.config else f"plan_{plan['name']}")
-    except (UserError, ValueError) as e:
-        return _error(e)
+        raise ValueError(f"--out {out}: not a directory")
+    if args.config:
+        request = request_from_config(args.config, args.topology, list(args.overrides))
+    else:
+        request = PlanRequest(
+            args.model,
+            args.topology,
+            args.fsdp,
+            args.batch,
+            args.precision,
+            args.teacher,
+            args.step,
+            list(args.overrides),
+        )
+    python = jax_python(args.jax_python)
+    if args.max_batch:
+        print(f"largest batch of {request.model} on {args.topology} at fsdp={request.fsdp}:", flush=True)
+        result = max_batch(request, python, start=request.batch)
+        plan = result["plan"] | {"max_batch": {k: v for k, v in result.items() if k != "plan"}}
+        name = args.name or f"max_batch_{request.model}_fsdp{request.fsdp}"
+    else:
+        plan = plan_step(request, python, workdir=args.workdir, progress=_progress)
+        name = args.name or (f"plan_{Path(args.config).stem}" if args.config else f"plan_{plan['name']}")
     _write(plan, out, name)
     if args.max_batch:
         mb = plan["max_batch"]

@@ -36,23 +36,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--single-process", action="store_true", help="run one process (default when PJRT_DEVICE=CPU)")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args(argv)
-    from digpt_xla.cli import user_errors
-    from digpt_xla.config import load_config
+    from digpt_xla.entry import run_entry
+
+    return run_entry("xla_spawn.py", lambda: _spawn(args))
+
+
+def _spawn(args: argparse.Namespace) -> int:
+    from digpt_xla.config import ConfigError, load_config
     from digpt_xla.repo import find_config
 
-    try:  # a mistake in the config is one line here, not a traceback from every spawned process
-        cfg = load_config(find_config(args.config), args.overrides)
-    except user_errors() as e:
-        print(f"xla_spawn.py: error: {e}", file=sys.stderr)
-        return 2
+    # A mistake in the config is one line here, not a traceback from every spawned process.
+    cfg = load_config(find_config(args.config), args.overrides)
     if cfg.backend.name == "xla-spmd" or cfg.backend.fsdp > 1:
-        print(
-            f"xla_spawn.py: error: {args.config} asks for backend.name={cfg.backend.name}, backend.fsdp="
-            f"{cfg.backend.fsdp}: SPMD runs one process per host, so start it with `digpt pretrain --config "
-            f"{args.config}` on every host instead of one process per chip",
-            file=sys.stderr,
+        raise ConfigError(
+            f"{args.config} asks for backend.name={cfg.backend.name}, backend.fsdp={cfg.backend.fsdp}: SPMD runs "
+            f"one process per host, so start it with `digpt pretrain --config {args.config}` on every host instead "
+            "of one process per chip"
         )
-        return 2
     os.environ.setdefault("PJRT_DEVICE", "TPU")
     single = args.single_process or os.environ["PJRT_DEVICE"].upper() == "CPU"
 

@@ -24,6 +24,7 @@ from ..checkpoint.reader import CheckpointError
 from ..checkpoint.training_state import TrainingCheckpoint
 from ..config import Config, ConfigError
 from ..data import build_train_loader
+from ..errors import StoppedRun
 from ..rundir import RunDir, RunDirError, RunLease
 from .metrics import DeferredMeter, MetricsWriter
 from .schedule import base_lr, cosine_lr, plan_steps
@@ -33,7 +34,7 @@ from .step import OptimizerStep, build_adamw
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(StoppedRun):
     """The loss became NaN or infinite; the run stopped and kept its last good checkpoint."""
 
 
