@@ -15,7 +15,15 @@ from typing import Any, ClassVar
 
 from .backend.mesh import TEACHER_PLACEMENTS, blocks_problem, layout_problem
 from .config_rules import Rule, balanced_braces, check_fields, number_rule, two_betas
-from .precision import ADAMW_KERNELS, BACKEND_NAMES, PRECISIONS, precision_problem, teacher_precision
+from .precision import (
+    ADAMW_KERNELS,
+    ATTENTION_MODES,
+    BACKEND_NAMES,
+    PRECISIONS,
+    attention_problem,
+    precision_problem,
+    teacher_precision,
+)
 from .yaml_dataclass import ConfigError, load_dataclass, merge_values, parse_override
 
 __all__ = [
@@ -43,7 +51,7 @@ __all__ = [
 class ModelConfig:
     """A named size (see ``digpt_xla.models.MODEL_SIZES``) and optional shape overrides (None: the size's)."""
 
-    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"attention": ("sdpa", "explicit", "flex")}
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"attention": ATTENTION_MODES}
 
     name: str = "digpt_tiny"  # a named size: digpt_tiny, digpt_vit_{small,base,large}_patch16_224, ..._huge_patch14_224
     img_size: int | None = None  # input resolution in pixels (None: the size's)
@@ -341,6 +349,7 @@ def _check_combinations(cfg: Config) -> None:
     except ValueError as e:
         raise ConfigError(f"model ({cfg.model.name} with the model.* overrides): {e}") from None
     problem = layout_problem(cfg.backend.name, cfg.backend.fsdp, cfg.teacher.placement)
+    problem = problem or attention_problem(cfg.backend.name, cfg.model.attention)
     if problem:
         raise ConfigError(problem)
     problem = blocks_problem(cfg.backend.name, cfg.backend.scan)

@@ -1,5 +1,5 @@
-"""Numeric settings, and where each may run: the one table that config validation, the backends, the parity sides
-and the gap study consult.
+"""Numeric settings and attention kernels, and where each may run: the one table that config validation, the
+backends, the parity sides and the gap study consult.
 
 A *training* precision covers forward, backward and the optimizer step; a *teacher* precision only a forward pass
 under ``no_grad``, so fp16 needs no loss scaler there and runs wherever autocast knows fp16.
@@ -122,3 +122,24 @@ def split_side(text: str) -> tuple[str, str]:
     if problem:
         raise ValueError(f"{text!r}: {problem}")
     return backend, precision
+
+
+# The student's attention kernels (``model.attention``): torch's SDPA, the explicit softmax(QK^T)V, FlexAttention.
+ATTENTION_MODES = ("sdpa", "explicit", "flex")
+ATTENTION: dict[str, tuple[str, ...]] = {
+    "cpu": ATTENTION_MODES,
+    "cuda": ATTENTION_MODES,
+    # XLA compiles the step's masked attention itself; FlexAttention's kernels are torch.compile's.
+    "xla": ("sdpa", "explicit"),
+    "xla-spmd": ("sdpa", "explicit"),
+}
+
+
+def attention_problem(backend: str, mode: str) -> str | None:
+    """Why ``model.attention=mode`` cannot run on ``backend``; None when it can ("auto" is judged once resolved)."""
+    if mode not in ATTENTION_MODES:
+        return f"model.attention={mode!r} is not one of {', '.join(ATTENTION_MODES)}"
+    if backend == "auto" or mode in ATTENTION.get(backend, ATTENTION_MODES):
+        return None
+    runs = ", ".join(name for name, modes in ATTENTION.items() if mode in modes)
+    return f"model.attention={mode!r} runs on the {runs} backends; {backend} runs {', '.join(ATTENTION[backend])}"

@@ -198,6 +198,7 @@ class Attribution:
         trainer = _recording_pretrainer(cfg, self.backend(cfg), record_at, nudge=side.name == "one-ulp")
         result = trainer.train()
         checkpoint, snapshots, trainer_losses = result.checkpoint, trainer.snapshots, trainer.step_losses
+        plan = trainer.resolved_plan()  # what the side ran, every auto resolved
         if result.stopped == "preempted":  # SIGINT or SIGTERM: this run is not whole, and is not recorded
             raise StudyInterrupted(
                 f"the study was interrupted in seed {seed}, side {side.name!r}, at step {result.step} of "
@@ -232,6 +233,7 @@ class Attribution:
             "divergence": divergence,
             "divergence_moved": moved_by,  # how far the baseline had moved: the divergence's denominator
             "identical": bool(baseline) and all(torch.equal(snapshots[s], baseline[s]) for s in record_at),
+            "plan": plan,
         }
         if self.cfg.probe and checkpoint:
             from digpt_xla.engine.probe_run import run_probe

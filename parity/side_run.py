@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from timm.optim import param_groups_weight_decay
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -161,7 +160,7 @@ class _SideTrainer:
         peak = base_lr(optim, batch)
         plan = plan_steps(schedule, cfg.steps * batch, batch, 1)
         self.lrs = [cosine_lr(i, plan.total_steps, plan.warmup_steps, peak, optim.min_lr) for i in range(cfg.steps)]
-        groups = param_groups_weight_decay(self.model, optim.weight_decay)
+        groups = self.model.weight_decay_groups(optim.weight_decay)
         self.step = OptimizerStep(
             build_adamw(groups, optim, self.backend, peak), self.backend, side.autocast_precision, optim.clip_grad
         )

@@ -61,7 +61,10 @@ def test_a_two_seed_study_tells_identical_from_chaos_from_a_real_shift(tmp_path,
     # Rerun: everything is in results.jsonl, nothing runs again.
     results = out / "results.jsonl"
     assert parity_main(argv) == 0
-    assert len(results.read_text().splitlines()) == 2 * (3 + 1 + len(CONTROLS))
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    assert len(rows) == 2 * (3 + 1 + len(CONTROLS))
+    assert all(r["plan"]["backend"] == "cpu" and r["plan"]["end_step"] == 10 for r in rows)
+    assert {r["plan"]["blocks"] for r in rows} == {"in order"}, "every side's run plan is recorded beside its result"
 
     # A strong factor added to the study (only its runs run) does not move the study's "seeds needed": those come
     # from the controls; each factor's own figure is beside it.

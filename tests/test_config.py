@@ -106,11 +106,19 @@ def test_attention_mode_and_the_deprecated_boolean():
         load_config(None, ["model.attention=dense"])
 
 
+def test_an_attention_kernel_a_backend_cannot_run_is_refused_at_load():
+    # One table says where each kernel runs: the config is refused before any backend starts.
+    for backend in ("xla", "xla-spmd"):
+        with pytest.raises(ConfigError, match=f"model.attention='flex' runs on the cpu, cuda backends; {backend} runs"):
+            load_config(None, [f"backend.name={backend}", "model.attention=flex"])
+    assert load_config(None, ["backend.name=auto", "model.attention=flex"]).model.attention == "flex"
+
+
 @needs_xla
 def test_xla_refuses_flex_attention():
     from digpt_xla.backend import BackendError, create_backend
 
-    with pytest.raises(BackendError, match="model.attention='flex' runs on the cpu and cuda backends"):
+    with pytest.raises(BackendError, match="model.attention='flex' runs on the cpu, cuda backends"):
         create_backend("xla").check_attention("flex")
 
 

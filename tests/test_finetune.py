@@ -55,6 +55,7 @@ def test_finetuning_from_a_pretraining_checkpoint_lowers_the_loss(tmp_path):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_distributed_evaluation_counts_every_sample_once(tmp_path):
     common = ["finetune.eval_batch_size=64", f"run.out_dir={tmp_path / 'unused'}"]
@@ -99,6 +100,7 @@ def test_fixed_shape_mixup_and_cutmix():
     assert plain.targets(torch.tensor([2]))[0].tolist() == pytest.approx([0.025, 0.025, 0.925, 0.025])
 
 
+@pytest.mark.slow
 @needs_xla
 def test_finetuning_and_evaluation_run_on_xla(tmp_path):
     cfg = load_config(

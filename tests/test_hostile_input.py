@@ -123,7 +123,7 @@ def test_sigterm_during_the_first_step_stops_at_once(tmp_path):
     proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None
     for line in proc.stderr:  # the trainer says what it runs once set-up is done; the first step follows
-        if "effective batch" in line:
+        if "run plan: " in line:
             break
     time.sleep(1.0)
     t0 = time.perf_counter()

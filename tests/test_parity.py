@@ -106,6 +106,7 @@ def test_side_validation():
     assert parity_main(["run", "--config", TINY, "--backends", "cpu"]) == 2
 
 
+@pytest.mark.slow
 @needs_xla
 def test_tiny_cpu_vs_xla_config_passes_and_reports(tmp_path):
     rc = parity_main(["run", "--config", TINY, "--out", str(tmp_path)])

@@ -249,3 +249,35 @@ def test_a_resume_of_another_model_is_refused_by_the_run_record(tmp_path):
     (out / "run.json").write_text(json.dumps(record))
     with pytest.raises(RunDirError, match="holds a pretrain run of digpt_vit_base_patch16_224"):
         Pretrainer(_pretrain_cfg(out, "schedule.max_steps=4", "run.resume=auto"))
+
+
+def test_a_checkpoint_records_what_each_auto_setting_became(tmp_path):
+    # The config as written says auto five times; the run plan beside it says what ran.
+    autos = [
+        "backend.name=auto",
+        "teacher.precision=auto",
+        "teacher.placement=auto",
+        "optim.implementation=auto",
+        "optim.effective_batch=64",
+        "data.batch_size=16",
+    ]
+    common = ["run.progress=false", "run.knn_eval=false", "model.depth=2", "run.ckpt_every=2"]
+    out = tmp_path / "run"
+
+    def train(steps: int, resume: str):
+        overrides = [*common, *autos, f"schedule.max_steps={steps}", f"run.resume={resume}", f"run.out_dir={out}"]
+        return Pretrainer(load_config(REPO / "yaml/demo.yaml", overrides)).train()
+
+    train(2, "never")
+    resumed = train(4, "auto")
+    state = read_checkpoint(resumed.checkpoint)
+    assert state["config"]["backend"]["name"] == "auto" and state["config"]["teacher"]["precision"] == "auto"
+    plan = state["plan"]
+    assert plan["backend"] == "cpu" and plan["devices"] == 1 and plan["data_parallel"] == 1 and plan["fsdp"] == 1
+    assert plan["teacher_precision"] == "fp32" and plan["teacher_placement"] == "replicated"
+    assert plan["adamw"] == "for-loop" and plan["attention"] == "sdpa" and plan["blocks"] == "in order"
+    assert plan["batch_per_device"] == 16 and plan["accumulation"] == 4 and plan["effective_batch"] == 64
+    assert plan["lr"] == pytest.approx(state["config"]["optim"]["blr"] * 64 / 256)
+    assert plan["start_step"] == 2 and plan["end_step"] == 4, "the resumed invocation's own plan"
+    # run.json keeps the plan of the run that started the directory.
+    assert json.loads((out / "run.json").read_text())["plan"]["start_step"] == 0

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..precision import ADAMW_KERNELS, PRECISIONS, autocast_dtype, precision_problem
+from ..precision import ADAMW_KERNELS, PRECISIONS, attention_problem, autocast_dtype, precision_problem
 from .errors import BackendError
 
 
@@ -35,6 +35,9 @@ class Numerics:
 
     def check_attention(self, mode: str) -> None:
         """Refuse an attention mode (``model.attention``) this backend cannot run."""
+        problem = attention_problem(self.name, mode)
+        if problem:
+            raise BackendError(problem)
 
     def autocast(self, precision: str) -> contextlib.AbstractContextManager:
         """The numeric context of a forward pass; callers check the precision for their role first."""

@@ -165,13 +165,6 @@ class XlaBackend(Backend):
         except (RuntimeError, KeyError, TypeError):
             return None
 
-    def check_attention(self, mode: str) -> None:
-        if mode == "flex":
-            raise BackendError(
-                f"model.attention='flex' runs on the cpu and cuda backends; {self.name} keeps 'sdpa' (XLA compiles the "
-                "masked attention of the step itself)"
-            )
-
     def data_identities(self, tensors: list[Tensor]) -> list[int]:
         return [self._torch_xla._XLAC._xla_get_tensor_id(t) for t in tensors]
 

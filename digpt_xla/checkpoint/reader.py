@@ -308,11 +308,9 @@ def read_sharded_tensors(url: str, prefix: str = "model") -> dict[str, Tensor]:
 
 
 def dcp_cause(e: BaseException) -> BaseException:
-    """The first rank's own exception inside DCP's ``CheckpointException`` (which carries each failed rank's
-    exception with its stack frames, and prints them all); ``e`` itself otherwise."""
+    """The first rank's own exception in DCP's ``CheckpointException`` (which prints every rank's frames)."""
     cause = next(iter(getattr(e, "failures", {}).values()), e)
-    if isinstance(cause, tuple) and cause and isinstance(cause[0], BaseException):
-        cause = cause[0]
+    cause = cause[0] if isinstance(cause, tuple) and cause and isinstance(cause[0], BaseException) else cause
     return cause if isinstance(cause, BaseException) else e
 
 

@@ -45,6 +45,8 @@ class Checkpointable(Protocol):
 
     def extra_state(self) -> dict[str, Any]: ...
 
+    def resolved_plan(self) -> dict[str, Any]: ...
+
     def load_extra_state(self, state: dict[str, Any], url: str) -> None: ...
 
 
@@ -87,7 +89,8 @@ class TrainingCheckpoint:
             "step": t.step,
             "data": t.data_position(),
             "rng": b.rng_state(),
-            "config": t.cfg.to_dict(),
+            "config": t.cfg.to_dict(),  # as written (auto stays auto) ...
+            "plan": t.resolved_plan(),  # ... and what each setting resolved to on this runtime
             "git_revision": git_revision(),
             **t.extra_state(),
         }

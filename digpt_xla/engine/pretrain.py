@@ -11,9 +11,8 @@ import logging
 import math
 from collections.abc import Sized
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
-from timm.optim import param_groups_weight_decay
 from torch import Tensor, nn
 
 from ..backend import Backend
@@ -61,24 +60,23 @@ class Pretrainer(Trainer):
         self.teacher = b.prepare_frozen(
             teacher, shard=self.teacher_placement == "fsdp", precision=self.teacher_precision
         )
-        self.setup_optimizer(param_groups_weight_decay(b.unwrap(self.model), cfg.optim.weight_decay))
+        self.setup_optimizer(cast(DiGPT, b.unwrap(self.model)).weight_decay_groups(cfg.optim.weight_decay))
         self.dataset = build_train_dataset(cfg.data, self.model_cfg.img_size)
         self.setup_run(len(cast(Sized, self.dataset)))
         self.knn: dict[str, float] = {}
         log.info(
-            "backend %s | model %s (%.1fM trainable) | teacher %s, %s | effective batch %d | lr %.3g | steps %d..%d "
-            "of %d",
-            b.describe(),
+            "model %s (%.1fM trainable) on %s",
             cfg.model.name,
             cast(DiGPT, b.unwrap(self.model)).num_trainable_params() / 1e6,
-            self.teacher_precision,
-            self.teacher_placement,
-            self.effective_batch,
-            self.base_lr,
-            self.step,
-            self.end_step,
-            self.total_steps,
+            b.describe(),
         )
+
+    def plan_details(self) -> dict[str, Any]:
+        return {
+            "teacher_precision": self.teacher_precision,
+            "teacher_placement": self.teacher_placement,
+            "attention": self.cfg.model.attention,
+        }
 
     def extra_state(self) -> dict:
         return {"model_config": self.model_cfg.__dict__ | {"feature_taps": list(self.model_cfg.feature_taps)}}

@@ -22,11 +22,12 @@ from ..backend import Backend, create_backend
 from ..checkpoint.manager import CheckpointManager
 from ..checkpoint.reader import CheckpointError
 from ..checkpoint.training_state import TrainingCheckpoint
-from ..config import Config, ConfigError
+from ..config import Config
 from ..data import build_train_loader
 from ..errors import StoppedRun
 from ..rundir import RunDir, RunDirError, RunLease
 from .metrics import DeferredMeter, MetricsWriter
+from .run_plan import Layout, accumulation_steps, resolve_plan
 from .schedule import base_lr, cosine_lr, plan_steps
 from .signals import PreemptionFlag
 from .step import OptimizerStep, build_adamw
@@ -36,17 +37,6 @@ log = logging.getLogger(__name__)
 
 class NonFiniteLossError(StoppedRun):
     """The loss became NaN or infinite; the run stopped and kept its last good checkpoint."""
-
-
-def accumulation_steps(accum_steps: int, effective_batch: int | None, global_micro_batch: int) -> int:
-    if effective_batch is None:
-        return accum_steps
-    if effective_batch % global_micro_batch:
-        raise ConfigError(
-            f"optim.effective_batch={effective_batch} is not a multiple of the global micro-batch "
-            f"{global_micro_batch} (data.batch_size x devices); change one of them"
-        )
-    return effective_batch // global_micro_batch
 
 
 class Trainer:
@@ -94,10 +84,15 @@ class Trainer:
     def setup_run(self, samples_per_epoch: int) -> None:
         """After model, optimizer and data: plan the steps, resume, open the logs."""
         b = self.backend
-        plan = plan_steps(self.cfg.schedule, samples_per_epoch, self.process_batch * b.data_world_size, self.accum)
-        self.steps_per_epoch, self.total_steps = plan.steps_per_epoch, plan.total_steps
-        self.warmup_steps, self.end_step = plan.warmup_steps, plan.end_step
+        steps = plan_steps(self.cfg.schedule, samples_per_epoch, self.process_batch * b.data_world_size, self.accum)
+        self.steps_per_epoch, self.total_steps = steps.steps_per_epoch, steps.total_steps
+        self.warmup_steps, self.end_step = steps.warmup_steps, steps.end_step
         self.resumed_from = self.state.resume()
+        layout = Layout(self.cfg.data.batch_size, self.accum, self.effective_batch, self.base_lr)
+        self.plan = resolve_plan(
+            self.kind, b, self.precision, self.optimizer, layout, steps, self.step, self.plan_details()
+        )
+        log.info("run plan: %s", self.plan.describe())
         if b.is_main:
             self._claim_run_directory()
         if b.world_size > 1:  # processes that write their parts of each checkpoint: all must see one directory
@@ -121,6 +116,14 @@ class Trainer:
             still_held=self.lease.still_held if b.is_main else None,
         )
         self.meter = DeferredMeter(self.metric_names, b.device)
+
+    def plan_details(self) -> dict[str, Any]:
+        """What a subclass adds to the run plan (``RunPlan``'s optional fields)."""
+        return {}
+
+    def resolved_plan(self) -> dict[str, Any]:
+        """The run plan as checkpoints and ``run.json`` record it."""
+        return self.plan.to_dict()
 
     def _claim_run_directory(self) -> None:
         """A new run never mixes with another in its directory (its logs cut, its checkpoints pruned beside this
@@ -157,6 +160,7 @@ class Trainer:
         record = identity | {
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "config": dataclasses.asdict(self.cfg),
+            "plan": self.resolved_plan(),
         }
         self.run_dir.write_text("run.json", json.dumps(record, indent=1, default=str) + "\n")
 

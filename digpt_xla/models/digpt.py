@@ -312,3 +312,10 @@ class DiGPT(nn.Module):
 
     def num_trainable_params(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def weight_decay_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """AdamW's parameter groups, as the release builds them (MAE's rule): ``weight_decay`` on the weights of
+        two or more dimensions, none on biases and norms. Every optimizer of this model is built from these."""
+        from timm.optim import param_groups_weight_decay
+
+        return param_groups_weight_decay(self, weight_decay)

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from timm.layers import Mlp
 from torch import Tensor, nn
 
-ATTENTION_MODES = ("sdpa", "explicit", "flex")
+from ..precision import ATTENTION_MODES
+
 AttentionMask = Any  # an additive (N, N) float Tensor (sdpa, explicit), or a flex BlockMask / None (flex)
 
 

@@ -1,0 +1,124 @@
+"""What a run does, resolved: the config says ``auto`` in many places (the backend, the teacher's precision and
+placement, the AdamW kernel, the learning rate from ``blr``, the accumulation from ``effective_batch``); the run
+plan holds what each became on this runtime. It is built once, when the trainer is set up, printed at the start,
+written into ``run.json`` and into every checkpoint beside the config as written, so that a checkpoint says what
+ran, not only what was asked for."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..config import ConfigError
+from .schedule import StepPlan
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    kind: str  # pretrain | finetune
+    backend: str  # the backend that runs (backend.name=auto resolved)
+    processes: int
+    devices: int  # all devices of the run
+    data_parallel: int  # the batch is split this many ways
+    fsdp: int  # parameters and AdamW state split this many ways
+    precision: str
+    adamw: str  # the AdamW kernel: for-loop | foreach | fused (optim.implementation=auto resolved), capturable
+    blocks: str  # how stacks of blocks run: in order, scanned (XLA loops), rematerialised
+    batch_per_device: int
+    accumulation: int
+    effective_batch: int
+    lr: float  # the peak learning rate (optim.lr, or optim.blr x effective batch / 256)
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: float  # warmup_epochs x steps per epoch (a fraction of a step is kept: the lr ramps by it)
+    start_step: int  # where this invocation starts (a resumed run: the checkpoint's step)
+    end_step: int  # where it stops (schedule.max_steps, or the end of the schedule)
+    teacher_precision: str | None = None  # pretraining: teacher.precision=auto resolved
+    teacher_placement: str | None = None  # pretraining: teacher.placement=auto resolved (replicated | fsdp)
+    attention: str | None = None  # pretraining: the student's attention kernel
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def describe(self) -> str:
+        """The plan as the one line a run starts with."""
+        layout = f"{self.devices} device{'s' * (self.devices > 1)}, {self.processes} process"
+        layout += f"{'es' * (self.processes > 1)}: data {self.data_parallel} x fsdp {self.fsdp}"
+        teacher = (
+            f", teacher {self.teacher_precision} {self.teacher_placement}" if self.teacher_precision is not None else ""
+        )
+        attention = f" | attention {self.attention}" if self.attention else ""
+        return (
+            f"{self.kind} on {self.backend} ({layout}) | {self.precision}{teacher}{attention} | AdamW {self.adamw} | "
+            f"blocks {self.blocks} | batch {self.batch_per_device}/device x {self.accumulation} accumulation = "
+            f"{self.effective_batch} | lr {self.lr:.3g} | steps {self.start_step}..{self.end_step} of "
+            f"{self.total_steps} (warmup {self.warmup_steps:g})"
+        )
+
+
+def adamw_kernel(options: dict[str, Any]) -> str:
+    """The kernel torch's AdamW runs with ``options`` (a param group's), as ``optim.implementation`` names it."""
+    kernel = "fused" if options.get("fused") else "foreach" if options.get("foreach") else "for-loop"
+    return kernel + (", capturable" if options.get("capturable") else "")
+
+
+def blocks_mode(scan_teacher: bool, scan_student: bool, remat: str) -> str:
+    scanned = [name for name, on in (("teacher", scan_teacher), ("student", scan_student)) if on]
+    how = f"scanned ({' and '.join(scanned)})" if scanned else "in order"
+    return how + (", remat per block" if remat == "blocks" else "")
+
+
+def accumulation_steps(accum_steps: int, effective_batch: int | None, global_micro_batch: int) -> int:
+    if effective_batch is None:
+        return accum_steps
+    if effective_batch % global_micro_batch:
+        raise ConfigError(
+            f"optim.effective_batch={effective_batch} is not a multiple of the global micro-batch "
+            f"{global_micro_batch} (data.batch_size x devices); change one of them"
+        )
+    return effective_batch // global_micro_batch
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a step's samples add up: per device, accumulated, in all; and the peak learning rate they imply."""
+
+    batch_per_device: int
+    accumulation: int
+    effective_batch: int
+    lr: float
+
+
+def resolve_plan(
+    kind: str,
+    backend: Any,
+    precision: str,
+    optimizer: torch.optim.Optimizer,
+    layout: Layout,
+    steps: StepPlan,
+    start_step: int,
+    details: dict[str, Any],
+) -> RunPlan:
+    """The plan of a set-up trainer: its backend as started, its optimizer as built, its steps as planned."""
+    b = backend
+    return RunPlan(
+        kind=kind,
+        backend=b.name,
+        processes=b.world_size,
+        devices=b.global_devices,
+        data_parallel=b.global_devices // b.fsdp,
+        fsdp=b.fsdp,
+        precision=precision,
+        adamw=adamw_kernel(optimizer.param_groups[0]),
+        blocks=blocks_mode(b.scan_blocks, b.scan_trains, b.remat),
+        **dataclasses.asdict(layout),
+        steps_per_epoch=steps.steps_per_epoch,
+        total_steps=steps.total_steps,
+        warmup_steps=steps.warmup_steps,
+        start_step=start_step,
+        end_step=steps.end_step,
+        **details,
+    )
