@@ -66,7 +66,7 @@ def xla_spawn_run(tmp_path_factory):
 def test_xla_spawn_runs_and_loss_decreases(xla_spawn_run):
     proc, out = xla_spawn_run
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "backend xla" in proc.stderr
+    assert "run plan: pretrain on xla (1 device, 1 process: data 1 x fsdp 1)" in proc.stderr
     curve = losses(out)
     assert max(curve) == 30
     first, last = sum(curve[s] for s in range(1, 6)) / 5, sum(curve[s] for s in range(26, 31)) / 5
