@@ -24,7 +24,7 @@ from ..checkpoint.reader import CheckpointError
 from ..checkpoint.training_state import TrainingCheckpoint
 from ..config import Config
 from ..data import build_train_loader
-from ..errors import StoppedRun
+from ..errors import StoppedRun, UserError
 from ..rundir import RunDir, RunDirError, RunLease
 from .metrics import DeferredMeter, MetricsWriter
 from .run_plan import Layout, accumulation_steps, resolve_plan
@@ -97,17 +97,12 @@ class Trainer:
             self._claim_run_directory()
         if b.world_size > 1:  # processes that write their parts of each checkpoint: all must see one directory
             owner = b.from_main(self.lease.owner if b.is_main else None)
-            problem = None
-            if not b.is_main:
-                try:
-                    self.lease.check_seen_by(owner, b.rank)
-                except RunDirError as e:
-                    problem = e
-            if b.any_rank(problem is not None):  # every rank stops here, none left waiting in a collective
-                raise problem or RunDirError(
-                    f"run.out_dir={self.run_dir.url}: another rank does not see the lease.json this rank holds "
-                    "there; every rank must write to the same storage (gs://, a shared filesystem)"
-                )
+            self._on_every_rank(
+                lambda: None if b.is_main else self.lease.check_seen_by(owner, b.rank),
+                RunDirError,
+                f"run.out_dir={self.run_dir.url}: another rank does not see the lease.json this rank holds there; "
+                "every rank must write to the same storage (gs://, a shared filesystem)",
+            )
         b.mark_step()  # materialise the initial (or restored) state before the first step's graph
         self.metrics = MetricsWriter(
             self.run_dir,
@@ -178,26 +173,28 @@ class Trainer:
         self._check_finite()
         if self.nonfinite_seen:
             return None
+        elsewhere = (
+            f"the checkpoint of step {self.step} in {self.checkpoints.directory} could not be written by another "
+            "rank (its own line names the file)"
+        )
         # A background write that failed stops every rank here, before the next write's collectives begin.
-        self._on_every_rank(self.checkpoints.commit_pending)
-        url = self._on_every_rank(lambda: self.state.save(final))
+        self._on_every_rank(self.checkpoints.commit_pending, CheckpointError, elsewhere)
+        url = self._on_every_rank(lambda: self.state.save(final), CheckpointError, elsewhere)
         self.metrics.sync(force=True)
         self.backend.barrier()
         return url
 
-    def _on_every_rank(self, save: Callable[[], Any]) -> Any:
-        """Run a part of a save on every rank; when it fails on any rank (a full disk, a file-size limit: one line
-        naming the file), every rank stops here, none left waiting in a collective for the one that stopped."""
+    def _on_every_rank(self, part: Callable[[], Any], errors: type[UserError], elsewhere: str) -> Any:
+        """Run ``part`` on every rank; when it raises ``errors`` on any rank (a full disk, a directory another rank
+        cannot see), every rank stops here with one line, its own or ``elsewhere``: none is left waiting in a
+        collective for the one that stopped."""
         failure, result = None, None
         try:
-            result = save()
-        except CheckpointError as e:
+            result = part()
+        except errors as e:
             failure = e
         if self.backend.any_rank(failure is not None):
-            raise failure or CheckpointError(
-                f"the checkpoint of step {self.step} in {self.checkpoints.directory} could not be written by another "
-                "rank (its own line names the file)"
-            )
+            raise failure or errors(elsewhere)
         return result
 
     def data_position(self) -> dict[str, Any]:
