@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from .backend.mesh import TEACHER_PLACEMENTS, blocks_problem, layout_problem
+from .backend.mesh import TEACHER_PLACEMENTS, ParallelDims, blocks_problem
 from .config_rules import Rule, balanced_braces, check_fields, number_rule, two_betas
 from .precision import (
     ADAMW_KERNELS,
@@ -23,6 +23,7 @@ from .precision import (
     attention_problem,
     precision_problem,
     teacher_precision,
+    tf32_problem,
 )
 from .yaml_dataclass import ConfigError, load_dataclass, merge_values, parse_override
 
@@ -195,7 +196,7 @@ class ProbeConfig:
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"kind": ("knn", "linear", "both")}
 
     checkpoint: str = ""  # pretraining checkpoint (ours or the release's); "" = the randomly initialised encoder
-    kind: str = "both"  # knn | linear | both
+    kind: str = "both"  # knn | linear | both (features in fp32 on the backend backend.name names; probes on the host)
     k: int = 20  # kNN neighbours
     temperature: float = 0.07  # kNN vote weighting exp(cos / temperature)
     epochs: int = 100  # linear probe
@@ -348,7 +349,8 @@ def _check_combinations(cfg: Config) -> None:
         digpt_config(cfg.model.name, **cfg.model.shape_overrides())
     except ValueError as e:
         raise ConfigError(f"model ({cfg.model.name} with the model.* overrides): {e}") from None
-    problem = layout_problem(cfg.backend.name, cfg.backend.fsdp, cfg.teacher.placement)
+    dims = ParallelDims(cfg.backend.name, cfg.backend.fsdp)
+    problem = dims.problem() or dims.placement_problem(cfg.teacher.placement)
     problem = problem or attention_problem(cfg.backend.name, cfg.model.attention)
     if problem:
         raise ConfigError(problem)
@@ -359,8 +361,9 @@ def _check_combinations(cfg: Config) -> None:
         if seed is not None and not 0 <= seed < 2**63:  # what every backend's generator accepts (XLA: no negatives)
             raise ConfigError(f"{key}={seed}: a seed from 0 to 2**63 - 1")
 
-    if cfg.backend.tf32 and cfg.backend.name not in ("auto", "cuda"):
-        raise ConfigError(f"backend.tf32=true with backend.name={cfg.backend.name!r}: TF32 is an NVIDIA mode (cuda)")
+    problem = tf32_problem(cfg.backend.name) if cfg.backend.tf32 else None
+    if problem:
+        raise ConfigError(problem)
     problem = precision_problem(cfg.backend.name, cfg.backend.precision)
     if problem:
         raise ConfigError(

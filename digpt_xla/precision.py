@@ -1,5 +1,5 @@
-"""Numeric settings and attention kernels, and where each may run: the one table that config validation, the
-backends, the parity sides and the gap study consult.
+"""The backends, numeric settings and attention kernels, and what each backend can run: the one table
+(``BACKENDS``) that config validation, backend creation, the parity sides and the gap study consult.
 
 A *training* precision covers forward, backward and the optimizer step; a *teacher* precision only a forward pass
 under ``no_grad``, so fp16 needs no loss scaler there and runs wherever autocast knows fp16.
@@ -7,6 +7,7 @@ under ``no_grad``, so fp16 needs no loss scaler there and runs wherever autocast
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -72,20 +73,66 @@ ADAMW_KERNELS: dict[str, dict[str, bool]] = {
     "fused": {"fused": True},
 }
 
-BACKEND_NAMES = ("cpu", "cuda", "xla", "xla-spmd")
+# The student's attention kernels (``model.attention``): torch's SDPA, the explicit softmax(QK^T)V, FlexAttention.
+ATTENTION_MODES = ("sdpa", "explicit", "flex")
 
-TRAINING: dict[str, tuple[str, ...]] = {
-    "cpu": ("fp32", "bf16", "tpu-emulation"),
-    "cuda": ("fp32", "bf16", "fp16"),
-    "xla": ("fp32", "bf16"),
-    "xla-spmd": ("fp32", "bf16"),
-}
-TEACHER: dict[str, tuple[str, ...]] = {
-    "cpu": ("fp32", "bf16", "fp16", "tpu-emulation"),
-    "cuda": ("fp32", "bf16", "fp16"),
-    "xla": ("fp32", "bf16"),
-    "xla-spmd": ("fp32", "bf16"),
-}
+
+@dataclass(frozen=True)
+class BackendCapabilities:
+    """What one backend is and can run: the one place a backend's name is written."""
+
+    module: str  # where its class lives, under digpt_xla.backend (imported only when the backend is created)
+    cls: str
+    training: tuple[str, ...]  # training precisions
+    teacher: tuple[str, ...]  # teacher (forward-only) precisions
+    attention: tuple[str, ...]  # the student's attention kernels
+    shards: bool  # backend.fsdp > 1: FSDP2 under torchrun (cpu, cuda), FSDPv2 (xla-spmd)
+    scans: bool  # backend.scan: scanned blocks are XLA loops
+    one_process_per_chip: bool  # started per chip (torchrun, xla_spawn); False: one process per host (SPMD)
+    tf32: bool = False  # backend.tf32 is an NVIDIA mode
+
+
+BACKENDS: dict[str, BackendCapabilities] = {
+    "cpu": BackendCapabilities(
+        "base", "Backend", ("fp32", "bf16", "tpu-emulation"), ("fp32", "bf16", "fp16", "tpu-emulation"),
+        ATTENTION_MODES, shards=True, scans=False, one_process_per_chip=True,
+    ),
+    "cuda": BackendCapabilities(
+        "base", "CudaBackend", ("fp32", "bf16", "fp16"), ("fp32", "bf16", "fp16"), ATTENTION_MODES,
+        shards=True, scans=False, one_process_per_chip=True, tf32=True,
+    ),
+    # XLA compiles the step's masked attention itself; FlexAttention's kernels are torch.compile's.
+    "xla": BackendCapabilities(
+        "xla", "XlaBackend", ("fp32", "bf16"), ("fp32", "bf16"), ("sdpa", "explicit"),
+        shards=False, scans=True, one_process_per_chip=True,
+    ),
+    "xla-spmd": BackendCapabilities(
+        "xla", "XlaSpmdBackend", ("fp32", "bf16"), ("fp32", "bf16"), ("sdpa", "explicit"),
+        shards=True, scans=True, one_process_per_chip=False,
+    ),
+}  # fmt: skip
+BACKEND_NAMES = tuple(BACKENDS)
+
+
+def backends_that(can: str) -> tuple[str, ...]:
+    """The backends whose capability ``can`` (a ``BackendCapabilities`` flag) is set."""
+    return tuple(name for name, caps in BACKENDS.items() if getattr(caps, can))
+
+
+def tf32_problem(backend: str) -> str | None:
+    """Why ``backend.tf32=true`` cannot run on ``backend``; None when it can ("auto" is judged once resolved)."""
+    if backend not in BACKENDS or BACKENDS[backend].tf32:
+        return None
+    return (
+        f"backend.tf32=true with backend.name={backend!r}: TF32 is an NVIDIA tensor-core mode "
+        f"({', '.join(backends_that('tf32'))})"
+    )
+
+
+def unknown_backend(name: str) -> str:
+    return f"unknown backend {name!r}; choose one of auto, {', '.join(BACKEND_NAMES)}"
+
+
 _WHY = {
     "fp16": "fp16 training needs a loss scaler (torch.amp.GradScaler), which only the cuda backend has",
     "tpu-emulation": "tpu-emulation runs on the cpu backend",
@@ -100,10 +147,9 @@ def precision_problem(backend: str, precision: str, role: str = "training") -> s
         return f"precision {precision!r} is not one of {', '.join(PRECISIONS)}"
     if backend == "auto":
         return None
-    table = TRAINING if role == "training" else TEACHER
-    if backend not in table:
-        return f"unknown backend {backend!r}; choose one of auto, {', '.join(BACKEND_NAMES)}"
-    allowed = table[backend]
+    if backend not in BACKENDS:
+        return unknown_backend(backend)
+    allowed = BACKENDS[backend].training if role == "training" else BACKENDS[backend].teacher
     if precision in allowed:
         return None
     why = _WHY[precision] if role == "training" else f"{precision} is not available to the teacher on {backend}"
@@ -124,22 +170,12 @@ def split_side(text: str) -> tuple[str, str]:
     return backend, precision
 
 
-# The student's attention kernels (``model.attention``): torch's SDPA, the explicit softmax(QK^T)V, FlexAttention.
-ATTENTION_MODES = ("sdpa", "explicit", "flex")
-ATTENTION: dict[str, tuple[str, ...]] = {
-    "cpu": ATTENTION_MODES,
-    "cuda": ATTENTION_MODES,
-    # XLA compiles the step's masked attention itself; FlexAttention's kernels are torch.compile's.
-    "xla": ("sdpa", "explicit"),
-    "xla-spmd": ("sdpa", "explicit"),
-}
-
-
 def attention_problem(backend: str, mode: str) -> str | None:
     """Why ``model.attention=mode`` cannot run on ``backend``; None when it can ("auto" is judged once resolved)."""
     if mode not in ATTENTION_MODES:
         return f"model.attention={mode!r} is not one of {', '.join(ATTENTION_MODES)}"
-    if backend == "auto" or mode in ATTENTION.get(backend, ATTENTION_MODES):
-        return None
-    runs = ", ".join(name for name, modes in ATTENTION.items() if mode in modes)
-    return f"model.attention={mode!r} runs on the {runs} backends; {backend} runs {', '.join(ATTENTION[backend])}"
+    if backend not in BACKENDS or mode in BACKENDS[backend].attention:
+        return None  # "auto" is judged once resolved; an unknown name is reported by the precision check
+    runs = ", ".join(name for name, caps in BACKENDS.items() if mode in caps.attention)
+    here = ", ".join(BACKENDS[backend].attention)
+    return f"model.attention={mode!r} runs on the {runs} backends; {backend} runs {here}"

@@ -32,13 +32,14 @@ import torch
 
 from digpt_xla.config import Config, ConfigError, load_config, load_dataclass
 from digpt_xla.errors import UserError
-from digpt_xla.repo import find_config, git_revision
+from digpt_xla.repo import find_config
 from digpt_xla.rundir import RunDir
 
 from .attribution_report import CONTROLS, METRICS, build_report, write_report
 from .config import AttributionConfig
-from .gap import GapResult, append_result, config_hash
+from .gap import config_hash
 from .sides import Factor, parse_factor
+from .study_runner import StudyRunner
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +77,11 @@ class Attribution:
         self.results_url = self.out.url_of("results.jsonl")
         self.ledger = cfg.ledger or self.out.url_of("ledger.jsonl")
         self.scratch = RunDir(cfg.run_dir)  # the runs, and each seed's baseline parameters
-        self.revision = git_revision()
         base = load_config(find_config(cfg.pretrain_config), cfg.overrides)
-        self._backends: dict[tuple[str, int], Any] = {}
         self.hash = config_hash(
             {"base": base.to_dict(), "steps": cfg.steps, "window": cfg.window, "every": cfg.record_every}
         )
+        self.runner = StudyRunner("attribution", self.ledger, self.hash, "attribution")
 
     def sides(self) -> list[Factor]:
         return [
@@ -120,56 +120,28 @@ class Attribution:
         rows = [json.loads(line) for line in self.out.read_text("results.jsonl").splitlines() if line.strip()]
         return {(r["side"], r["seed"]): r for r in rows if r["config_hash"] == self.hash}
 
-    def backend(self, cfg: Config) -> Any:
-        """One backend object per (kind, fsdp) for the whole study: an XLA runtime starts once per process, and
-        before any backward (autograd sizes its per-device queues at its first one)."""
-        from digpt_xla.backend import create_backend
-
-        key = (cfg.backend.name, cfg.backend.fsdp)
-        if key not in self._backends:
-            self._backends[key] = create_backend(cfg.backend.name, cfg.backend.compile_cache, cfg.backend.fsdp)
-        return self._backends[key]
-
     def run(self) -> dict[str, Any]:
-        for side in self.sides():
-            self.backend(self.run_config(side, self.cfg.seeds[0]))
+        self.runner.start_backends([self.run_config(side, self.cfg.seeds[0]) for side in self.sides()])
         done = self.done()
         todo = [(s, seed) for seed in self.cfg.seeds for s in self.sides() if (s.name, seed) not in done]
-        log.info(
-            "attribution: %d runs, %d done, %d to do", len(self.sides()) * len(self.cfg.seeds), len(done), len(todo)
-        )
-        started, baselines = time.perf_counter(), {}
-        for i, (side, seed) in enumerate(todo, start=1):
-            log.info("[%d/%d] %s, seed %d", i, len(todo), side.name, seed)
+        baselines: dict[int, dict[int, torch.Tensor]] = {}
+
+        def run_and_record(run: tuple[Factor, int]) -> None:
+            side, seed = run
             if seed not in baselines:  # runs come seed by seed: only the current seed's baseline is kept
-                baselines = {seed: self.baseline_snapshots(seed)}
+                baselines.clear()
+                baselines[seed] = self.baseline_snapshots(seed)
             row = self.run_one(side, seed, baselines[seed])
             before = self.out.read_text("results.jsonl") if self.out.exists("results.jsonl") else ""
             self.out.write_text("results.jsonl", before + json.dumps(row) + "\n")  # object stores cannot append
             done[(side.name, seed)] = row
-            for metric in METRICS:
-                if metric in row:
-                    setting = side.precision + "".join(f" {o}" for o in side.overrides)
-                    result = GapResult(
-                        side.backend,
-                        f"{setting} [{side.name}]",
-                        seed,
-                        self.hash,
-                        self.revision,
-                        "attribution",
-                        metric,
-                        row[metric],
-                    )
-                    append_result(self.ledger, result)
-            left = (time.perf_counter() - started) / i * (len(todo) - i)
-            log.info(
-                "%s seed %d: final loss %.5f (%.0f s); about %.0f min left",
-                side.name,
-                seed,
-                row["final_loss"],
-                row["seconds"],
-                left / 60,
-            )
+            setting = side.precision + "".join(f" {o}" for o in side.overrides)
+            metrics = {metric: row[metric] for metric in METRICS if metric in row}
+            self.runner.record(side.backend, f"{setting} [{side.name}]", seed, metrics)
+            log.info("%s seed %d: final loss %.5f", side.name, seed, row["final_loss"])
+
+        total = len(self.sides()) * len(self.cfg.seeds)
+        self.runner.run(todo, total, lambda r: f"{r[0].name}, seed {r[1]}", run_and_record)
         report = build_report(self.cfg, self.baseline, self.factors, list(done.values()))
         write_report(self.out, report)
         return report
@@ -195,7 +167,7 @@ class Attribution:
         every = range(self.cfg.record_every, self.cfg.steps + 1, self.cfg.record_every)
         # Steps 1 and 2: the first update (the warmup's first step has lr 0 and moves nothing).
         record_at = sorted({1, min(2, self.cfg.steps), self.cfg.steps, *every})
-        trainer = _recording_pretrainer(cfg, self.backend(cfg), record_at, nudge=side.name == "one-ulp")
+        trainer = _recording_pretrainer(cfg, self.runner.backend(cfg), record_at, nudge=side.name == "one-ulp")
         result = trainer.train()
         checkpoint, snapshots, trainer_losses = result.checkpoint, trainer.snapshots, trainer.step_losses
         plan = trainer.resolved_plan()  # what the side ran, every auto resolved
@@ -241,7 +213,7 @@ class Attribution:
             probe_cfg = copy.deepcopy(cfg)
             probe_cfg.backend.name, probe_cfg.backend.precision = "cpu", "fp32"  # fp32 features of the weights
             probe_cfg.probe.checkpoint = checkpoint
-            probe = run_probe(probe_cfg)
+            probe = run_probe(probe_cfg, self.runner.backend(probe_cfg))
             row |= {k: probe[k] for k in ("knn_top1", "linear_top1") if k in probe}
         row["seconds"] = time.perf_counter() - t0
         return row

@@ -15,20 +15,16 @@ import dataclasses
 import io
 import logging
 import os
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from digpt_xla.backend import Backend, create_backend
 from digpt_xla.config import Config, ConfigError, load_config, load_dataclass
 from digpt_xla.engine.metrics import read_metrics
-from digpt_xla.repo import find_config, git_revision
+from digpt_xla.repo import find_config
 from digpt_xla.rundir import RunDir
 
 from .gap import (
     PAPER_ROWS,
-    GapResult,
-    append_result,
     config_hash,
     read_ledger,
     render_markdown,
@@ -38,6 +34,7 @@ from .gap import (
 )
 from .report import environment
 from .sides import parse_factor
+from .study_runner import StudyRunner
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +103,7 @@ class GapStudy:
         self.config_hash = config_hash(
             {"pretrain": {"h": config_hash(base_p.to_dict())}, "finetune": {"h": config_hash(base_f.to_dict())}}
         )
-        self.data = base_p.data.source
-        self.revision = git_revision()
-        self._backends: dict[str, Backend] = {}
+        self.runner = StudyRunner("gap study", self.ledger, self.config_hash, base_p.data.source)
 
     def runs(self) -> list[_Run]:
         cfg, out = self.cfg, []
@@ -142,34 +137,17 @@ class GapStudy:
         rows = read_ledger(self.ledger)
         return {(side_name(r), int(r["seed"]), r["metric"]) for r in rows if r["config_hash"] == self.config_hash}
 
-    def backend(self, name: str) -> Backend:
-        """One backend object per kind for the whole study (an XLA runtime is set up once per process)."""
-        if name not in self._backends:
-            self._backends[name] = create_backend(name)
-        return self._backends[name]
-
     def run(self) -> dict[str, Any]:
         runs, done = self.runs(), self.done()
-        for run in runs:  # before any backward: autograd sizes its per-device queues at its first run
-            self.backend(run.pretrain.backend.name)
+        self.runner.start_backends([r.pretrain for r in runs])
         todo = [r for r in runs if any((r.side, r.seed, m) not in done for m in self.cfg.metrics)]
-        log.info(
-            "gap study: %d runs, %d already in %s, %d to do", len(runs), len(runs) - len(todo), self.ledger, len(todo)
-        )
-        seconds: dict[str, float] = {}
-        for i, run in enumerate(todo, start=1):
-            log.info("[%d/%d] %s seed %d", i, len(todo), run.side, run.seed)
-            t0 = time.perf_counter()
+
+        def run_and_record(run: _Run) -> None:
             missing = {m for m in self.cfg.metrics if (run.side, run.seed, m) not in done}
             backend, precision = parse_side(run.side)
-            for metric, value in self.run_one(run, missing):
-                append_result(
-                    self.ledger,
-                    GapResult(backend, precision, run.seed, self.config_hash, self.revision, self.data, metric, value),
-                )
-            took = seconds[f"{run.side} seed {run.seed}"] = time.perf_counter() - t0
-            left = (len(todo) - i) * sum(seconds.values()) / i
-            log.info("%s seed %d took %.0f s; about %.0f min left", run.side, run.seed, took, left / 60)
+            self.runner.record(backend, precision, run.seed, dict(self.run_one(run, missing)))
+
+        seconds = self.runner.run(todo, len(runs), lambda r: f"{r.side} seed {r.seed}", run_and_record)
         self.write_report()
         return {"runs": len(runs), "ran": len(todo), "seconds": seconds}
 
@@ -178,7 +156,7 @@ class GapStudy:
         from digpt_xla.engine.finetune import Finetuner
         from digpt_xla.engine.probe_run import run_probe
 
-        backend = self.backend(run.pretrain.backend.name)
+        backend = self.runner.backend(run.pretrain)
         result = Pretrainer(run.pretrain, backend).train()
         # From the metrics file rather than the result: a pretraining resumed at its last step runs no step.
         logged = [r for r in read_metrics(run.pretrain.run.out_dir) if r.get("loss") is not None]
@@ -187,7 +165,8 @@ class GapStudy:
             probe_cfg = copy.deepcopy(run.pretrain)
             probe_cfg.run.out_dir = os.path.join(os.path.dirname(run.pretrain.run.out_dir), "probe")
             probe_cfg.probe.checkpoint = result.checkpoint
-            probe = run_probe(probe_cfg)
+            probe_cfg.backend.name, probe_cfg.backend.precision = "cpu", "fp32"  # fp32 features of the weights
+            probe = run_probe(probe_cfg, self.runner.backend(probe_cfg))
             out += [(k, probe[k]) for k in ("knn_top1", "linear_top1") if k in probe]
         if "finetune_top1" in metrics:
             run.finetune.finetune.checkpoint = result.checkpoint

@@ -7,16 +7,17 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from digpt_xla.engine.build import build_student, distill_forward
+from digpt_xla.config import TeacherConfig
+from digpt_xla.engine.build import build_student, build_teacher, distill_forward
 from digpt_xla.engine.schedule import base_lr, cosine_lr, plan_steps
 from digpt_xla.engine.step import OptimizerStep, build_adamw
-from digpt_xla.teacher import ClipTeacher, PixelTeacher
+from digpt_xla.teacher import ClipTeacher
 
 from .config import TUNABLE_SECTIONS, ParityConfig, side_sections
 from .sides import Side
@@ -57,16 +58,17 @@ class SideResult:
 
 
 def build_clip_teacher(cfg: ParityConfig) -> ClipTeacher:
-    """The open_clip tower of ``input.clip_model`` with random weights drawn from ``seed`` (no download)."""
+    """The open_clip tower of ``input.clip_model`` with random weights drawn from ``seed`` (no download), built as
+    pretraining builds its teacher."""
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed)
-        return ClipTeacher(cfg.input.clip_model)
+        return cast(ClipTeacher, build_teacher(TeacherConfig(kind="clip", clip_model=cfg.input.clip_model)))
 
 
 def make_inputs(cfg: ParityConfig, mc) -> Inputs:
     """The batch, orders and (CPU-made) teacher tokens of the single-step checks and of every trajectory step."""
     g = torch.Generator().manual_seed(cfg.seed)
-    pixel = PixelTeacher(mc.patch_size, mc.img_size) if cfg.input.teacher == "pixel" else None
+    pixel = build_teacher(TeacherConfig(kind="pixel"), mc) if cfg.input.teacher == "pixel" else None
     if pixel is not None and (pixel.grid_size, pixel.dim) != (mc.teacher_grid, mc.teacher_dim):
         raise ValueError(
             f"input.teacher=pixel gives {pixel.grid_size}^2 x {pixel.dim} tokens; the model expects "
@@ -154,7 +156,8 @@ class _SideTrainer:
         if teacher_state is not None:
             teacher = build_clip_teacher(cfg)
             teacher.load_state_dict(teacher_state, strict=True)
-            self.teacher = teacher.to(self.backend.device)
+            # Placed as pretraining places it: whole on the device, stored in the side's teacher precision.
+            self.teacher = self.backend.prepare_frozen(teacher, precision=side.teacher_precision)
         optim, schedule = side_sections(cfg, perturb)
         batch = cfg.input.batch_size
         peak = base_lr(optim, batch)

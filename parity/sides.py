@@ -16,13 +16,21 @@ from dataclasses import dataclass
 from digpt_xla.backend import Backend, create_backend
 from digpt_xla.config import ConfigError
 from digpt_xla.errors import UserError
-from digpt_xla.precision import BACKEND_NAMES, PRECISIONS, precision_problem, split_side, teacher_precision
+from digpt_xla.precision import PRECISIONS, backends_that, precision_problem, split_side, teacher_precision
 
 XLA_MATMUL_SETTINGS = ("xla-default", "xla-high", "xla-highest")
 SETTINGS = (*PRECISIONS, *XLA_MATMUL_SETTINGS)
 # A side runs in this process on one device: every backend but the process-wide SPMD mesh.
-_BACKENDS = tuple(name for name in BACKEND_NAMES if name != "xla-spmd")
-_backend_cache: dict[str, Backend] = {}
+_BACKENDS = backends_that("one_process_per_chip")
+_backends: dict[tuple[str, int], Backend] = {}
+
+
+def shared_backend(name: str, fsdp: int = 1, compile_cache: str = "") -> Backend:
+    """One backend object per (kind, fsdp) in this process, for every side, study and factor: an XLA runtime is
+    initialised once."""
+    if (name, fsdp) not in _backends:
+        _backends[name, fsdp] = create_backend(name, compile_cache, fsdp)
+    return _backends[name, fsdp]
 
 
 class SideError(UserError, ValueError):
@@ -37,15 +45,14 @@ class Side:
 
     @classmethod
     def parse(cls, text: str) -> Side:
-        head, *mods = text.split()
+        """``backend[:setting] [teacher=PRECISION]``: a comparison side (the grammar of ``split_spec``, with a
+        comparison's settings and no config overrides)."""
+        head, overrides = split_spec(text, "side", SideError)
+        if head is None or any(not o.startswith("teacher.precision=") for o in overrides):
+            raise SideError(f"side {text!r}: backend[:setting] followed only by teacher=PRECISION")
         backend, _, setting = head.partition(":")
-        teacher = "auto"
-        for mod in mods:
-            key, sep, value = mod.partition("=")
-            if key != "teacher" or not sep:
-                raise SideError(f"side {text!r}: {mod!r} is not a modifier; the one known is teacher=PRECISION")
-            teacher = value
-        side = cls(backend.strip(), (setting or "fp32").strip(), teacher)
+        teacher = overrides[-1].partition("=")[2] if overrides else "auto"
+        side = cls(backend, setting or "fp32", teacher)
         if side.backend not in _BACKENDS:
             raise SideError(f"side {text!r}: backend must be one of {', '.join(_BACKENDS)}")
         if side.setting not in SETTINGS:
@@ -70,10 +77,7 @@ class Side:
         return teacher_precision(self.teacher, self.autocast_precision)
 
     def backend_object(self) -> Backend:
-        """One backend object per kind per process (an XLA runtime is initialised once)."""
-        if self.backend not in _backend_cache:
-            _backend_cache[self.backend] = create_backend(self.backend)
-        return _backend_cache[self.backend]
+        return shared_backend(self.backend)
 
     @contextlib.contextmanager
     def numerics(self, precision: str | None = None):
@@ -97,23 +101,32 @@ class Factor:
     overrides: tuple[str, ...] = ()
 
 
-def parse_factor(text: str, baseline: Factor | None = None, what: str = "factor") -> Factor:
-    """``backend:precision [teacher=P] [section.key=value ...]`` or only overrides (then on the baseline's side)."""
+def split_spec(text: str, what: str, error: type[Exception] = ConfigError) -> tuple[str | None, list[str]]:
+    """The one grammar of sides and factors: ``[backend:setting] [teacher=P] [section.key=value ...]``. Returns the
+    leading ``backend:setting`` (None when the text starts with an override) and the overrides, ``teacher=P``
+    spelled as the config key it sets (``teacher.precision=P``)."""
     tokens = text.split()
     if not tokens:
-        raise ConfigError("an empty factor: give a side (cpu:bf16) or overrides (optim.eps=1e-6)")
-    backend, precision = (baseline.backend, baseline.precision) if baseline else ("cpu", "fp32")
-    if "=" not in tokens[0]:
-        try:
-            backend, precision = split_side(tokens.pop(0))
-        except ValueError as e:
-            raise ConfigError(f"{what} {text!r}: {e} (nor section.key=value)") from None
+        raise error(f"an empty {what}: give a side (cpu:bf16) or overrides (optim.eps=1e-6)")
+    head = tokens.pop(0) if "=" not in tokens[0] else None
     overrides = []
     for token in tokens:
         key, sep, value = token.partition("=")
         if key == "teacher" and sep:
             token = f"teacher.precision={value}"
         elif not sep or "." not in key:
-            raise ConfigError(f"{what} {text!r}: {token!r} is neither backend:precision nor section.key=value")
+            raise error(f"{what} {text!r}: {token!r} is neither backend:precision nor section.key=value")
         overrides.append(token)
+    return head, overrides
+
+
+def parse_factor(text: str, baseline: Factor | None = None, what: str = "factor") -> Factor:
+    """``backend:precision [teacher=P] [section.key=value ...]`` or only overrides (then on the baseline's side)."""
+    head, overrides = split_spec(text, what)
+    backend, precision = (baseline.backend, baseline.precision) if baseline else ("cpu", "fp32")
+    if head is not None:
+        try:
+            backend, precision = split_side(head)
+        except ValueError as e:
+            raise ConfigError(f"{what} {text!r}: {e} (nor section.key=value)") from None
     return Factor(text, backend, precision, (*(baseline.overrides if baseline else ()), *overrides))

@@ -25,14 +25,9 @@ def test_one_compilation_no_fallbacks_no_host_reads_inside_steps(tmp_path):
     ]
     trainer = Pretrainer(load_config(REPO / "yaml/demo.yaml", overrides))
     b = trainer.backend
-    stream = trainer.data_stream()
     counters = [b.debug_counters()]
     for _ in range(STEPS):  # new images and segment orders every step; the lr changes every step (warmup)
-        trainer.train_step(*trainer.next_step_inputs(stream))
-        trainer.step += 1
-        if trainer.step % LOG_EVERY == 0:
-            trainer.flush_metrics()
-        b.mark_step()
+        trainer.run_step()  # the loop's own step: metrics at the log cadence, then the graph cut
         if trainer.step == CHECKPOINT_AT:
             trainer.save_checkpoint()
         counters.append(b.debug_counters())

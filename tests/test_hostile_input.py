@@ -172,6 +172,7 @@ def test_every_output_lands_under_an_fsspec_run_directory(tmp_path, monkeypatch,
     probe = load_config(
         REPO / "yaml/demo.yaml",
         [
+            "backend.name=cpu",
             "probe.epochs=2",
             "model.depth=2",
             f"run.out_dir={root}/probe",

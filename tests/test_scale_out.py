@@ -402,17 +402,34 @@ def test_fsdp_settings_are_checked_at_load_time():
 
 
 def test_the_teacher_is_split_only_when_a_copy_would_crowd_a_device():
-    from digpt_xla.backend.mesh import teacher_placement
+    from digpt_xla.backend.mesh import ParallelDims
 
     vit_h = 632_000_000
     v5e = 16 * 2**30
-    assert teacher_placement("auto", 4, 2 * vit_h, v5e) == "replicated"  # bf16: 8% of the chip
-    assert teacher_placement("auto", 4, 4 * vit_h, v5e) == "fsdp"  # fp32: 16%
-    assert teacher_placement("auto", 1, 4 * vit_h, v5e) == "replicated"  # nothing to split over
-    assert teacher_placement("auto", 4, 4 * vit_h, None) == "replicated"  # memory unknown (XLA:CPU, the host's)
-    assert teacher_placement("fsdp", 4, 1, v5e) == "fsdp" and teacher_placement("replicated", 4, 4 * vit_h, 1) == (
-        "replicated"
-    )
+    split, whole = ParallelDims("xla-spmd", 4), ParallelDims("xla-spmd", 1)
+    assert split.teacher_placement("auto", 2 * vit_h, v5e) == "replicated"  # bf16: 8% of the chip
+    assert split.teacher_placement("auto", 4 * vit_h, v5e) == "fsdp"  # fp32: 16%
+    assert whole.teacher_placement("auto", 4 * vit_h, v5e) == "replicated"  # nothing to split over
+    assert split.teacher_placement("auto", 4 * vit_h, None) == "replicated"  # memory unknown (XLA:CPU, the host's)
+    assert split.teacher_placement("fsdp", 1, v5e) == "fsdp"
+    assert split.teacher_placement("replicated", 4 * vit_h, 1) == "replicated"
+
+
+def test_each_layout_question_is_answered_by_the_parallel_dims():
+    from digpt_xla.backend.mesh import ParallelDims
+
+    dims = ParallelDims("xla-spmd", 4).on(8, "devices of the slice")
+    assert (dims.sharded, dims.data, dims.mesh_shape) == (True, 2, (2, 4))
+    assert dims.split_dim((64, 256)) == 0  # the major dimension: libtpu reduce-scatters only that split
+    assert dims.split_dim((6, 256)) == 1 and dims.split_dim((6, 3)) is None
+    assert ParallelDims("cpu", 1).split_dim((64, 256)) is None
+    with pytest.raises(ValueError, match="positive divisor of the 6 devices of the slice"):
+        ParallelDims("xla-spmd", 4).on(6, "devices of the slice")
+    assert "SPMD runs one process per host" in ParallelDims("xla-spmd", 1).spawn_problem("x.yaml")
+    assert "SPMD runs one process per host" in ParallelDims("cpu", 2).spawn_problem("x.yaml")
+    assert ParallelDims("xla", 1).spawn_problem("x.yaml") is None
+    assert "finetuning runs data parallel" in ParallelDims("cpu", 2).finetune_problem()
+    assert ParallelDims("auto", 2).problem() is not None  # auto may become xla, which cannot shard
 
 
 def test_fsdp_larger_than_the_process_count_is_refused():

@@ -64,7 +64,7 @@ def count_flops(trainer: Pretrainer, batches, orders) -> int:
     batch, and the count is then cheap even for a ViT-H/14 teacher at a GPU-sized batch."""
     teacher = copy.deepcopy(trainer.backend.unwrap(trainer.teacher))
     per_sample = sample_flops(trainer.model_cfg, teacher, batches[0]["images"][:1].cpu(), orders[0][:1].cpu())
-    return per_sample * batches[0]["images"].shape[0] * trainer.accum
+    return per_sample * batches[0]["images"].shape[0] * trainer.plan.accumulation
 
 
 def recount(path: Path) -> dict:
@@ -132,22 +132,19 @@ def bench_train(args: argparse.Namespace) -> dict:
     def sync(t=None):
         b.synchronize()
 
-    stream = trainer.data_stream()
     times, after_warmup = [], {}
     for i in range(args.warmup + args.steps):
-        inputs = trainer.next_step_inputs(stream)
+        inputs = trainer.step_inputs()  # read and moved before the clock starts
         sync()
         t = time.perf_counter()
-        trainer.train_step(*inputs)
-        trainer.step += 1
-        b.mark_step()
+        trainer.run_step(inputs)
         sync()
         times.append(time.perf_counter() - t)
         if i == args.warmup - 1:
             after_warmup = b.debug_counters()
     end = b.debug_counters()  # before the FLOP count and the matmul peak, which run graphs of their own
     warm = times[args.warmup :]
-    flops = count_flops(trainer, *trainer.next_step_inputs(stream))
+    flops = count_flops(trainer, *trainer.step_inputs())
     peak32 = matmul_peak(b.device, torch.float32, sync)
     result = {
         "name": args.name or default_name(args, cfg),
@@ -157,14 +154,14 @@ def bench_train(args: argparse.Namespace) -> dict:
         "teacher": args.teacher,
         "torch_compile": cfg.backend.compile,
         "per_device_batch": args.batch,
-        "effective_batch": trainer.effective_batch,
+        "effective_batch": trainer.plan.effective_batch,
         "device": device_name(b),
         "torch": torch.__version__,
         "warm_steps": args.steps,
         "warmup_steps": args.warmup,
         "step_time_s": {"median": statistics.median(warm), "min": min(warm), "max": max(warm)},
         "first_steps_s": times[: args.warmup],
-        "images_per_s": trainer.effective_batch / statistics.median(warm),
+        "images_per_s": trainer.plan.effective_batch / statistics.median(warm),
         "flops_per_step": flops,
         "flop_counter": FLOP_COUNTER,
         "achieved_gflops": flops / statistics.median(warm) / 1e9,
@@ -304,7 +301,7 @@ def bench_memory(args: argparse.Namespace) -> dict:
     b = trainer.backend
 
     def run_step() -> list[torch.Tensor]:
-        trainer.train_step(*trainer.next_step_inputs(trainer.data_stream()))
+        trainer.run_step(cut=False)  # traced, not run: the compiler's buffer assignment measures it
         state = [v for s in trainer.optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
         return [*trainer.model.parameters(), *state]
 

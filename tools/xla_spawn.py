@@ -42,17 +42,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _spawn(args: argparse.Namespace) -> int:
+    from digpt_xla.backend.mesh import ParallelDims
     from digpt_xla.config import ConfigError, load_config
     from digpt_xla.repo import find_config
 
     # A mistake in the config is one line here, not a traceback from every spawned process.
     cfg = load_config(find_config(args.config), args.overrides)
-    if cfg.backend.name == "xla-spmd" or cfg.backend.fsdp > 1:
-        raise ConfigError(
-            f"{args.config} asks for backend.name={cfg.backend.name}, backend.fsdp={cfg.backend.fsdp}: SPMD runs "
-            f"one process per host, so start it with `digpt pretrain --config {args.config}` on every host instead "
-            "of one process per chip"
-        )
+    problem = ParallelDims(cfg.backend.name, cfg.backend.fsdp).spawn_problem(args.config)
+    if problem:
+        raise ConfigError(problem)
     os.environ.setdefault("PJRT_DEVICE", "TPU")
     single = args.single_process or os.environ["PJRT_DEVICE"].upper() == "CPU"
 

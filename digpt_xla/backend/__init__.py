@@ -1,7 +1,7 @@
 """The one place that knows which hardware runs: cpu, cuda, xla (PJRT, one process per chip) and xla-spmd.
 
 ``base``: the interface and the eager backends (cpu, cuda; DDP or FSDP2). ``sharding``: FSDP2's mesh and
-``fully_shard`` per block. ``xla``: PJRT and SPMD (FSDPv2), the only torch_xla code. ``mesh``: the parallel layout
+``fully_shard`` per block. ``xla/``: PJRT and SPMD (FSDPv2), the only torch_xla code. ``mesh``: the parallel layout
 (degrees and their checks, once). ``measure``: step memory.
 """
 
@@ -12,17 +12,13 @@ import importlib
 import os
 from typing import TYPE_CHECKING, Any
 
+from ..precision import BACKENDS, unknown_backend
+
 if TYPE_CHECKING:
     from .base import Backend
 
-# Where each backend class lives. Nothing is imported until it is used: the config checks import ``mesh`` from here
-# without torch, and torch_xla is imported only when an XLA backend is created.
-BACKEND_CLASSES: dict[str, tuple[str, str]] = {
-    "cpu": ("base", "Backend"),
-    "cuda": ("base", "CudaBackend"),
-    "xla": ("xla", "XlaBackend"),
-    "xla-spmd": ("xla", "XlaSpmdBackend"),
-}
+# Nothing is imported until it is used: the config checks import ``mesh`` from here without torch, and torch_xla is
+# imported only when an XLA backend is created (where each class lives is the capability table's ``module``).
 _EXPORTS = {
     "Backend": "base",
     "BackendError": "errors",
@@ -40,17 +36,17 @@ def __getattr__(name: str) -> Any:
 
 
 def backend_class(name: str) -> type[Backend]:
-    module, cls = BACKEND_CLASSES[name]
-    return getattr(importlib.import_module(f".{module}", __name__), cls)
+    caps = BACKENDS[name]
+    return getattr(importlib.import_module(f".{caps.module}", __name__), caps.cls)
 
 
 def resolve_backend_name(name: str) -> str:
     """``auto``: xla on a TPU host (PJRT_DEVICE=TPU or /dev/accel*), else cuda if present, else cpu."""
     if name != "auto":
-        if name not in BACKEND_CLASSES:
+        if name not in BACKENDS:
             from .errors import BackendError
 
-            raise BackendError(f"unknown backend {name!r}; choose one of auto, {', '.join(BACKEND_CLASSES)}")
+            raise BackendError(unknown_backend(name))
         return name
     if os.environ.get("PJRT_DEVICE", "").upper() == "TPU" or glob.glob("/dev/accel*"):
         return "xla"
@@ -74,7 +70,6 @@ def xla_available() -> bool:
 
 
 __all__ = [
-    "BACKEND_CLASSES",
     "Backend",
     "backend_class",
     "BackendError",

@@ -1,6 +1,6 @@
 """The backend interface and the eager backends: cpu (gloo under torchrun) and cuda (NCCL).
 
-Model, engine and data code call this interface and never branch on the backend. The XLA backends (``xla.py``)
+Model, engine and data code call this interface and never branch on the backend. The XLA backends (``xla/``)
 subclass it; torch_xla is imported only there, so ``import digpt_xla`` works where torch_xla is not installed.
 """
 
@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .errors import BackendError
-from .mesh import layout_problem
+from .mesh import ParallelDims
 from .numerics import Numerics
 from .parallelize import Parallelize
 from .state_io import StateIO, tree_map_tensors
@@ -53,7 +53,7 @@ class Backend(Parallelize, Numerics, StateIO):
     compiles_step = False  # True where the first step traces and compiles a graph (XLA): the loop says so
 
     def __init__(self, compile_cache: str = "", fsdp: int = 1) -> None:
-        self.fsdp = fsdp
+        self.dims = ParallelDims(self.name, fsdp)  # the device count is added once the runtime has started
         self.compile_cache = compile_cache
         self.scan_blocks, self.scan_trains, self.remat = False, False, "none"  # set by configure_blocks
         self._mesh: Any = None  # FSDP2's DeviceMesh, built at the first fully_shard
@@ -70,13 +70,18 @@ class Backend(Parallelize, Numerics, StateIO):
         self.world_size = dist.get_world_size() if self.distributed else 1
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.device = self._select_device()
-        self._check_fsdp(self.world_size, "processes (torchrun --nproc_per_node x nodes)")
+        self._set_dims(self.world_size, "processes (torchrun --nproc_per_node x nodes)")
         self._control = dist.new_group(backend="gloo") if self.distributed else None
 
-    def _check_fsdp(self, devices: int, what: str) -> None:
-        problem = layout_problem(self.name, self.fsdp, devices=devices, what=what)
-        if problem:
-            raise BackendError(problem)
+    def _set_dims(self, devices: int, what: str) -> None:
+        try:
+            self.dims = self.dims.on(devices, what)
+        except ValueError as e:
+            raise BackendError(str(e)) from None
+
+    @property
+    def fsdp(self) -> int:
+        return self.dims.fsdp
 
     def _select_device(self) -> torch.device:
         return torch.device("cpu")

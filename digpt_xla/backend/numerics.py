@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..precision import ADAMW_KERNELS, PRECISIONS, attention_problem, autocast_dtype, precision_problem
+from ..precision import ADAMW_KERNELS, PRECISIONS, attention_problem, autocast_dtype, precision_problem, tf32_problem
 from .errors import BackendError
 
 
@@ -30,8 +30,9 @@ class Numerics:
 
     def set_tf32(self, enabled: bool) -> None:
         """TF32 tensor-core math for fp32 matmuls and convolutions (``backend.tf32``): an NVIDIA mode."""
-        if enabled:
-            raise BackendError(f"backend.tf32=true is an NVIDIA tensor-core mode; the {self.name} backend has none")
+        problem = tf32_problem(self.name) if enabled else None
+        if problem:
+            raise BackendError(problem)
 
     def check_attention(self, mode: str) -> None:
         """Refuse an attention mode (``model.attention``) this backend cannot run."""

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from ..models.layers import BlockRunner, run_in_order, torch_checkpoint
-from ..precision import store_for_autocast
+from ..precision import BACKENDS, store_for_autocast
 from .errors import BackendError
-from .mesh import SCANNING_BACKENDS, blocks_problem
+from .mesh import ParallelDims, blocks_problem
 from .sharding import fsdp2_mesh, fully_shard_blocks
 
 
@@ -22,7 +22,7 @@ class Parallelize:
 
     name: str
     device: torch.device
-    fsdp: int
+    dims: ParallelDims
     distributed: bool
     world_size: int
     scan_blocks: bool
@@ -37,7 +37,7 @@ class Parallelize:
         problem = blocks_problem(self.name, scan)
         if problem:
             raise BackendError(problem)
-        self.scan_blocks = scan != "never" and self.name in SCANNING_BACKENDS
+        self.scan_blocks = scan != "never" and BACKENDS[self.name].scans
         # torch_xla 2.9's scan traces its backward with AOTAutograd; under bf16 autocast that graph multiplies a
         # bf16 by an f32 operand (the attention softmax's gradient), which XLA's verifier rejects: trainable blocks
         # are scanned in fp32 training only, frozen ones (forward only) always.
@@ -78,7 +78,7 @@ class Parallelize:
 
     def _fully_shard(self, module: nn.Module, precision: str) -> nn.Module:
         if self._mesh is None:
-            self._mesh = fsdp2_mesh(self.device.type, self.world_size, self.fsdp)
+            self._mesh = fsdp2_mesh(self.device.type, self.dims)
         return fully_shard_blocks(module, self._mesh, precision)
 
     def compile_module(self, module: nn.Module) -> nn.Module:

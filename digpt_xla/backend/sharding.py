@@ -1,5 +1,5 @@
 """FSDP2 on the eager backends: the device mesh, ``fully_shard`` per block, and loading name-keyed states into
-sharded modules. (XLA's FSDPv2 is applied in ``xla.py``, the one file that may import torch_xla.)"""
+sharded modules. (XLA's FSDPv2 is applied in ``xla/spmd.py``; only ``xla/`` may import torch_xla.)"""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..precision import PRECISIONS, autocast_dtype
-from .mesh import mesh_shape
+from .mesh import ParallelDims
 
 
 def shard_units(module: nn.Module) -> list[nn.Module]:
@@ -19,12 +19,12 @@ def shard_units(module: nn.Module) -> list[nn.Module]:
     return list(units()) if callable(units) else []
 
 
-def fsdp2_mesh(device_type: str, world_size: int, fsdp: int) -> Any:
+def fsdp2_mesh(device_type: str, dims: ParallelDims) -> Any:
     """The (data, fsdp) DeviceMesh: 2-D = HSDP (parameters sharded within an fsdp group, replicated across groups),
     or the fsdp axis alone when there is one group."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    shape = mesh_shape(world_size, fsdp)
+    shape = dims.mesh_shape
     mesh = init_device_mesh(device_type, shape, mesh_dim_names=("data", "fsdp"))
     return mesh["fsdp"] if shape[0] == 1 else mesh
 

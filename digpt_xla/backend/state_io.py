@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .mesh import ParallelDims
 from .sharding import load_named_state
 
 
@@ -30,7 +31,7 @@ def tree_map_tensors(fn: Callable[[Tensor], Any], tree: Any) -> Any:
 class StateIO:
     """The state part of a ``Backend``."""
 
-    fsdp: int
+    dims: ParallelDims
     distributed: bool
     _gloo_group: Any
     unwrap: Callable[[nn.Module], nn.Module]
@@ -38,7 +39,7 @@ class StateIO:
     @property
     def shards_state(self) -> bool:
         """True when parameters and optimizer state are split across devices: checkpoints are then sharded (DCP)."""
-        return self.fsdp > 1
+        return self.dims.sharded
 
     def place_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
         """Give the optimizer's state the placement of its parameters (after it is created or loaded)."""

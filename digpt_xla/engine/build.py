@@ -21,9 +21,12 @@ from ..teacher import ClipTeacher, PixelTeacher
 Numerics = Callable[[str], AbstractContextManager[Any]]  # precision -> the context a forward pass runs in
 
 
-def build_teacher(cfg: TeacherConfig, model_cfg: DiGPTConfig) -> nn.Module:
-    """The frozen teacher: pixels of each patch, or an open_clip image tower (weights from ``cfg.checkpoint``)."""
+def build_teacher(cfg: TeacherConfig, model_cfg: DiGPTConfig | None = None) -> nn.Module:
+    """The frozen teacher: pixels of each patch (of ``model_cfg``'s patches), or an open_clip image tower (weights
+    from ``cfg.checkpoint``; random without one)."""
     if cfg.kind == "pixel":
+        if model_cfg is None:
+            raise ValueError("teacher.kind=pixel takes its patches from the student's config")
         return PixelTeacher(model_cfg.patch_size, model_cfg.img_size)
     import open_clip
 

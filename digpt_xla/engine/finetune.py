@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..backend import Backend
+from ..backend.mesh import ParallelDims
 from ..checkpoint.reader import CheckpointError, load_model_state, read_state_dict
 from ..config import Config, ConfigError
 from ..data import finetune_datasets
@@ -89,11 +90,9 @@ class Finetuner(Trainer):
     metric_names = ("loss", "grad_norm")
 
     def __init__(self, cfg: Config, backend: Backend | None = None) -> None:
-        if cfg.backend.fsdp > 1:
-            raise ConfigError(
-                f"backend.fsdp={cfg.backend.fsdp}: finetuning runs data parallel (the classifier and its EMA fit one "
-                "device at every published size); set backend.fsdp=1"
-            )
+        problem = ParallelDims(cfg.backend.name, cfg.backend.fsdp).finetune_problem()
+        if problem:
+            raise ConfigError(problem)
         super().__init__(cfg, backend)
         b, f = self.backend, cfg.finetune
         self.model_cfg = digpt_config(cfg.model.name, **cfg.model.shape_overrides())
@@ -158,7 +157,7 @@ class Finetuner(Trainer):
     def _evaluation_due(self) -> bool:
         every = self.cfg.finetune.eval_every_epochs
         done = bool(self.evals) and self.evals[-1]["step"] == self.step
-        return bool(every) and self.step > 0 and self.step % (every * self.steps_per_epoch) == 0 and not done
+        return bool(every) and self.step > 0 and self.step % (every * self.plan.steps_per_epoch) == 0 and not done
 
     def before_training(self) -> None:
         if self._evaluation_due():  # a run preempted right at an epoch boundary skipped that evaluation
@@ -175,7 +174,7 @@ class Finetuner(Trainer):
         bs, workers = cfg.finetune.eval_batch_size, cfg.data.num_workers
         result = evaluate(self.model, self.eval_set, b, bs, workers, self.precision)
         record = {
-            "epoch": self.step / self.steps_per_epoch,
+            "epoch": self.step / self.plan.steps_per_epoch,
             "top1": result.top1,
             "top5": result.top5,
             "eval_samples": result.samples,

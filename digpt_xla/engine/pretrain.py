@@ -16,7 +16,6 @@ from typing import Any, cast
 from torch import Tensor, nn
 
 from ..backend import Backend
-from ..backend.mesh import teacher_placement
 from ..config import Config
 from ..data import build_eval_datasets, build_train_dataset
 from ..models import DiGPT
@@ -54,8 +53,8 @@ class Pretrainer(Trainer):
         if cfg.backend.compile:
             model, teacher = b.compile_module(model), b.compile_module(teacher)
         self.model = b.prepare_model(model, self.precision)  # on the device before the optimizer is built
-        self.teacher_placement = teacher_placement(
-            cfg.teacher.placement, b.fsdp, stored_bytes(teacher, self.teacher_precision), b.device_memory_bytes()
+        self.teacher_placement = b.dims.teacher_placement(
+            cfg.teacher.placement, stored_bytes(teacher, self.teacher_precision), b.device_memory_bytes()
         )
         self.teacher = b.prepare_frozen(
             teacher, shard=self.teacher_placement == "fsdp", precision=self.teacher_precision
@@ -109,8 +108,8 @@ class Pretrainer(Trainer):
 
     def next_step_inputs(self, batches) -> tuple[list[dict[str, Tensor]], list[Tensor]]:
         """The micro-batches and segment orders of the current step, on the device."""
-        micro_batches = [self.next_batch(batches) for _ in range(self.accum)]
-        orders = [self.backend.move(self._orders(self.step, m)) for m in range(self.accum)]
+        micro_batches = [self.next_batch(batches) for _ in range(self.plan.accumulation)]
+        orders = [self.backend.move(self._orders(self.step, m)) for m in range(self.plan.accumulation)]
         return micro_batches, orders
 
     def data_stream(self):
@@ -119,7 +118,11 @@ class Pretrainer(Trainer):
     def _orders(self, step: int, micro: int) -> Tensor:
         b = self.backend
         full = segment_orders(
-            self.cfg.run.order_seed, step, micro, self.global_micro_batch, self.model_cfg.num_segments
+            self.cfg.run.order_seed,
+            step,
+            micro,
+            self.plan.batch_per_device * self.plan.devices,
+            self.model_cfg.num_segments,
         )
         start = b.data_rank * self.process_batch
         return full[start : start + self.process_batch]

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from ..backend import Backend, create_backend
 from ..checkpoint.reader import load_model_state, read_state_dict
 from ..config import Config
 from ..data import probe_datasets
@@ -18,7 +19,9 @@ from .probe import linear_probe
 log = logging.getLogger(__name__)
 
 
-def run_probe(cfg: Config) -> dict[str, Any]:
+def run_probe(cfg: Config, backend: Backend | None = None) -> dict[str, Any]:
+    """Features on ``backend`` (default: the one ``backend.*`` names), in fp32; kNN and the linear probe on the
+    host."""
     p = cfg.probe
     out = RunDir(cfg.run.out_dir)
     out.check_writable("run.out_dir")  # before minutes of features and probes
@@ -26,13 +29,15 @@ def run_probe(cfg: Config) -> dict[str, Any]:
     model = build_student(cfg.model)
     if p.checkpoint:
         load_model_state(model, read_state_dict(p.checkpoint), p.checkpoint)
-    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    b = backend or create_backend(cfg.backend.name, cfg.backend.compile_cache)
+    model.to(b.device)
     train_set, val_set = probe_datasets(cfg, model.cfg.img_size)
     train_x, train_y = extract_features(model, train_set, p.batch_size, cfg.data.num_workers)
     val_x, val_y = extract_features(model, val_set, p.batch_size, cfg.data.num_workers)
     result: dict[str, Any] = {
         "checkpoint": p.checkpoint or "(random init)",
         "model": cfg.model.name,
+        "features_on": b.name,
         "train_samples": len(train_y),
         "val_samples": len(val_y),
     }

@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from ..config import ConfigError
-from .schedule import StepPlan
+from ..config import ConfigError, OptimConfig
+from .schedule import StepPlan, base_lr
 
 
 @dataclass(frozen=True)
@@ -34,8 +34,8 @@ class RunPlan:
     steps_per_epoch: int
     total_steps: int
     warmup_steps: float  # warmup_epochs x steps per epoch (a fraction of a step is kept: the lr ramps by it)
-    start_step: int  # where this invocation starts (a resumed run: the checkpoint's step)
     end_step: int  # where it stops (schedule.max_steps, or the end of the schedule)
+    start_step: int = 0  # where this invocation starts (a resumed run: the checkpoint's step)
     teacher_precision: str | None = None  # pretraining: teacher.precision=auto resolved
     teacher_placement: str | None = None  # pretraining: teacher.placement=auto resolved (replicated | fsdp)
     attention: str | None = None  # pretraining: the student's attention kernel
@@ -71,6 +71,14 @@ def blocks_mode(scan_teacher: bool, scan_student: bool, remat: str) -> str:
     return how + (", remat per block" if remat == "blocks" else "")
 
 
+def batch_layout(batch_per_device: int, optim: OptimConfig, devices: int) -> Layout:
+    """``data.batch_size`` on each of ``devices``, accumulated to ``optim.effective_batch`` (or ``accum_steps``
+    times), and the peak lr that batch gives (``optim.lr``, or ``optim.blr`` scaled)."""
+    accumulation = accumulation_steps(optim.accum_steps, optim.effective_batch, batch_per_device * devices)
+    effective = batch_per_device * devices * accumulation
+    return Layout(batch_per_device, accumulation, effective, base_lr(optim, effective))
+
+
 def accumulation_steps(accum_steps: int, effective_batch: int | None, global_micro_batch: int) -> int:
     if effective_batch is None:
         return accum_steps
@@ -99,7 +107,6 @@ def resolve_plan(
     optimizer: torch.optim.Optimizer,
     layout: Layout,
     steps: StepPlan,
-    start_step: int,
     details: dict[str, Any],
 ) -> RunPlan:
     """The plan of a set-up trainer: its backend as started, its optimizer as built, its steps as planned."""
@@ -109,8 +116,8 @@ def resolve_plan(
         backend=b.name,
         processes=b.world_size,
         devices=b.global_devices,
-        data_parallel=b.global_devices // b.fsdp,
-        fsdp=b.fsdp,
+        data_parallel=b.dims.data,
+        fsdp=b.dims.fsdp,
         precision=precision,
         adamw=adamw_kernel(optimizer.param_groups[0]),
         blocks=blocks_mode(b.scan_blocks, b.scan_trains, b.remat),
@@ -118,7 +125,6 @@ def resolve_plan(
         steps_per_epoch=steps.steps_per_epoch,
         total_steps=steps.total_steps,
         warmup_steps=steps.warmup_steps,
-        start_step=start_step,
         end_step=steps.end_step,
         **details,
     )

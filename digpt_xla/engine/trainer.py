@@ -27,8 +27,8 @@ from ..data import build_train_loader
 from ..errors import StoppedRun, UserError
 from ..rundir import RunDir, RunDirError, RunLease
 from .metrics import DeferredMeter, MetricsWriter
-from .run_plan import Layout, accumulation_steps, resolve_plan
-from .schedule import base_lr, cosine_lr, plan_steps
+from .run_plan import batch_layout, resolve_plan
+from .schedule import cosine_lr, plan_steps
 from .signals import PreemptionFlag
 from .step import OptimizerStep, build_adamw
 
@@ -62,36 +62,31 @@ class Trainer:
                 raise
         self.checkpoints = CheckpointManager(self.run_dir.url_of("checkpoints"), cfg.run.keep_last)
         self.state = TrainingCheckpoint(self, self.checkpoints)
-        opt = cfg.optim
         self.process_batch = cfg.data.batch_size * b.devices_per_process
-        self.global_micro_batch = cfg.data.batch_size * b.global_devices
-        self.accum = accumulation_steps(opt.accum_steps, opt.effective_batch, self.global_micro_batch)
-        self.effective_batch = self.global_micro_batch * self.accum
-        self.base_lr = base_lr(opt, self.effective_batch)
+        self.layout = batch_layout(cfg.data.batch_size, cfg.optim, b.global_devices)
         self.step = 0
         self.data_skipped = 0  # unreadable samples this rank's loader skipped (the checkpoint holds rank 0's)
         self.nonfinite_seen = False
         self.last_metrics: dict[str, float] = {}
         self.last_metrics_step = 0
+        self._stream: Iterator[dict[str, Any]] | None = None  # the data stream of step_inputs
         self.model: nn.Module
 
     # ------------------------------------------------------------------ set-up, in this order
     def setup_optimizer(self, param_groups: list[dict[str, Any]]) -> None:
         """After the model is on its device: AdamW with the backend's options and the step that drives it."""
-        self.optimizer = build_adamw(param_groups, self.cfg.optim, self.backend, self.base_lr)
+        self.optimizer = build_adamw(param_groups, self.cfg.optim, self.backend, self.layout.lr)
         self.opt_step = OptimizerStep(self.optimizer, self.backend, self.precision, self.cfg.optim.clip_grad)
 
     def setup_run(self, samples_per_epoch: int) -> None:
-        """After model, optimizer and data: plan the steps, resume, open the logs."""
+        """After model, optimizer and data: resolve the run plan (what the loop, the schedule and the data position
+        read from then on), resume, open the logs."""
         b = self.backend
-        steps = plan_steps(self.cfg.schedule, samples_per_epoch, self.process_batch * b.data_world_size, self.accum)
-        self.steps_per_epoch, self.total_steps = steps.steps_per_epoch, steps.total_steps
-        self.warmup_steps, self.end_step = steps.warmup_steps, steps.end_step
+        per_step = self.process_batch * b.data_world_size
+        steps = plan_steps(self.cfg.schedule, samples_per_epoch, per_step, self.layout.accumulation)
+        self.plan = resolve_plan(self.kind, b, self.precision, self.optimizer, self.layout, steps, self.plan_details())
         self.resumed_from = self.state.resume()
-        layout = Layout(self.cfg.data.batch_size, self.accum, self.effective_batch, self.base_lr)
-        self.plan = resolve_plan(
-            self.kind, b, self.precision, self.optimizer, layout, steps, self.step, self.plan_details()
-        )
+        self.plan = dataclasses.replace(self.plan, start_step=self.step)
         log.info("run plan: %s", self.plan.describe())
         if b.is_main:
             self._claim_run_directory()
@@ -199,14 +194,14 @@ class Trainer:
 
     def data_position(self) -> dict[str, Any]:
         """Where this rank's data stream stands; a resume restarts the loader at ``consumed_batches``."""
-        consumed = self.step * self.accum
+        consumed = self.step * self.plan.accumulation
         return {
             "source": self.cfg.data.source,
             "consumed_batches": consumed,
             "process_batch": self.process_batch,
             "world_size": self.backend.data_world_size,
             "num_workers": self.cfg.data.num_workers,
-            "epoch": consumed // (self.steps_per_epoch * self.accum),
+            "epoch": consumed // (self.plan.steps_per_epoch * self.plan.accumulation),
             "samples_consumed": consumed * self.process_batch * self.backend.data_world_size,
             "skipped_samples": self.data_skipped,
         }
@@ -226,7 +221,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ metrics
     def lr(self, step: int) -> float:
-        return cosine_lr(step, self.total_steps, self.warmup_steps, self.base_lr, self.cfg.optim.min_lr)
+        return cosine_lr(step, self.plan.total_steps, self.plan.warmup_steps, self.plan.lr, self.cfg.optim.min_lr)
 
     def flush_metrics(self) -> None:
         """The window's means to metrics.jsonl and TensorBoard (read after the step on XLA)."""
@@ -263,7 +258,7 @@ class Trainer:
             b.data_rank,
             b.data_world_size,
             cfg.run.order_seed,
-            start_batch=self.step * self.accum,
+            start_batch=self.step * self.plan.accumulation,
             num_workers=cfg.data.num_workers,
         )
         self._skip_counts = _CountSkipped(loader)
@@ -281,10 +276,29 @@ class Trainer:
 
     def next_step_inputs(self, stream: Iterator[dict[str, Any]]) -> tuple[Any, ...]:
         """The arguments of ``train_step``: by default the step's micro-batches."""
-        return ([self.next_batch(stream) for _ in range(self.accum)],)
+        return ([self.next_batch(stream) for _ in range(self.plan.accumulation)],)
 
     def train_step(self, *inputs: Any) -> None:
         raise NotImplementedError
+
+    def step_inputs(self) -> tuple[Any, ...]:
+        """The next step's inputs from this trainer's own data stream (opened at the first call, where the current
+        step's data begins)."""
+        if self._stream is None:
+            self._stream = self.data_stream()
+        return self.next_step_inputs(self._stream)
+
+    def run_step(self, inputs: tuple[Any, ...] | None = None, cut: bool = True) -> None:
+        """One optimizer step, as the loop, the benchmarks, the TPU plan's trace and the tests all run it:
+        ``train_step`` on ``inputs`` (default: ``step_inputs()``), the step count, and with ``cut`` the metrics at
+        the log cadence and the end of the step's graph (``mark_step``). ``cut=False`` leaves the step's graph
+        pending, to be exported or measured rather than run."""
+        self.train_step(*(inputs if inputs is not None else self.step_inputs()))
+        self.step += 1
+        if cut:
+            if self.step % self.cfg.run.log_every == 0 or self.step == self.plan.end_step:
+                self.flush_metrics()
+            self.backend.mark_step()
 
     def before_training(self) -> None:
         """Hook: runs before the first step (pretraining's initial kNN)."""
@@ -303,21 +317,16 @@ class Trainer:
         stopped, checkpoint = "finished", None
         try:
             self.before_training()
-            stream = self.data_stream()
             self.model.train()
-            if self.step < self.end_step and b.compiles_step:
+            if self.step < self.plan.end_step and b.compiles_step:
                 log.info(
                     "step %d: tracing and compiling the step (a minute or more on XLA:CPU; once; XLA's 'Very slow "
                     "compile?' banner during it is its timer, not an error)",
                     self.step + 1,
                 )
             t_last, step_last = time.perf_counter(), self.step
-            while self.step < self.end_step:
-                self.train_step(*self.next_step_inputs(stream))
-                self.step += 1
-                if self.step % cfg.run.log_every == 0 or self.step == self.end_step:
-                    self.flush_metrics()
-                b.mark_step()
+            while self.step < self.plan.end_step:
+                self.run_step()
                 self._raise_if_nonfinite()
                 if self.lease.lost:
                     raise RunDirError(
@@ -328,22 +337,22 @@ class Trainer:
                     # Opened after the first step so that its rate and ETA leave out compilation.
                     from tqdm import tqdm
 
-                    progress = tqdm(total=self.end_step, initial=self.step, unit="step", dynamic_ncols=True)
+                    progress = tqdm(total=self.plan.end_step, initial=self.step, unit="step", dynamic_ncols=True)
                     t_last, step_last = time.perf_counter(), self.step
                 elif progress is not None:
                     progress.update(1)
                     now = time.perf_counter()
                     if now - t_last > 2.0:
-                        self._show(progress, (self.step - step_last) * self.effective_batch / (now - t_last))
+                        self._show(progress, (self.step - step_last) * self.plan.effective_batch / (now - t_last))
                         t_last, step_last = now, self.step
                 preempt.progress = True  # a stop from here on checkpoints this step first
                 if b.any_rank(preempt.requested):  # every rank stops at this boundary, whichever got the signal
                     stopped = "preempted"
                     break
                 self.after_step()
-                if cfg.run.ckpt_every and self.step % cfg.run.ckpt_every == 0 and self.step < self.end_step:
+                if cfg.run.ckpt_every and self.step % cfg.run.ckpt_every == 0 and self.step < self.plan.end_step:
                     self.save_checkpoint()
-            if stopped == "finished" and self.step < self.total_steps:
+            if stopped == "finished" and self.step < self.plan.total_steps:
                 stopped = "max_steps"
             checkpoint = self.save_checkpoint(final=True)
             self._raise_if_nonfinite()

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..backend.mesh import layout_problem
+from ..backend.mesh import ParallelDims
 from ..errors import UserError
 from ..precision import PRECISIONS
 from .chips import chips_in, estimate
@@ -171,7 +171,7 @@ def plan_step(
     check_model(request.model)
     chip = chip or describe(request.topology, python)
     devices = chip["devices"]
-    problem = layout_problem("xla-spmd", request.fsdp, devices=devices, what=f"devices of {request.topology}")
+    problem = ParallelDims("xla-spmd", request.fsdp, devices, f"devices of {request.topology}").problem()
     if problem:
         raise PlanError(problem)
     with tempfile.TemporaryDirectory(prefix="digpt-tpu-plan-") as tmp:

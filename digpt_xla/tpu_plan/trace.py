@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..backend.mesh import teacher_placement
+from ..backend.mesh import ParallelDims
 from ..config import load_config
 from ..engine import Pretrainer
 from ..engine.build import build_model_and_teacher, segment_orders
@@ -51,7 +51,8 @@ def trace_step(out_dir: Path, kind: str, hbm_bytes: int, overrides: list[str]) -
         _, cpu_teacher = build_model_and_teacher(cfg.model, cfg.teacher)  # on the CPU: FLOPs, stored bytes
         precision = teacher_precision(cfg.teacher.precision, cfg.backend.precision)
         stored = stored_bytes(cpu_teacher, precision)
-        cfg.teacher.placement = teacher_placement(cfg.teacher.placement, cfg.backend.fsdp, stored, hbm_bytes)
+        dims = ParallelDims(cfg.backend.name, cfg.backend.fsdp)
+        cfg.teacher.placement = dims.teacher_placement(cfg.teacher.placement, stored, hbm_bytes)
     trainer = Pretrainer(cfg) if kind == "pretrain" else Finetuner(cfg)
     b = trainer.backend
     b.mark_step()  # setup's own small programs run now; what follows is the step alone
@@ -63,13 +64,14 @@ def trace_step(out_dir: Path, kind: str, hbm_bytes: int, overrides: list[str]) -
     teacher_bytes = _shard_bytes(b, list(teacher.parameters())) if teacher is not None else 0
     outputs = [t for t in (*params, *state) if t.device.type == "xla"]  # what the step replaces (AdamW's step count
     identities = b.data_identities(outputs)  # may live on the host): torch_xla donates their buffers to their updates
-    inputs = trainer.next_step_inputs(trainer.data_stream())
-    trainer.train_step(*inputs)
+    inputs = trainer.step_inputs()
+    trainer.run_step(inputs, cut=False)  # traced, not run: its program is exported below
     proto, donors = b.export_program(outputs, identities)
     (out_dir / "step.hlo.pb").write_bytes(proto)
     (out_dir / "donors.json").write_text(json.dumps(donors) + "\n")
-    devices = b.global_devices
-    per_device_batch = cfg.data.batch_size
+    plan = trainer.plan  # what the step was set up as: layout, precisions, placement, batch
+    devices = plan.devices
+    per_device_batch = plan.batch_per_device
     tensors = [v for batch in inputs[0] for v in batch.values()] + [t for extra in inputs[1:] for t in extra]
     batch_bytes = sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
     teacher_name = cfg.teacher.kind if cfg.teacher.kind == "pixel" else f"clip {cfg.teacher.clip_model}"
@@ -78,9 +80,9 @@ def trace_step(out_dir: Path, kind: str, hbm_bytes: int, overrides: list[str]) -
         "step": kind,
         "model": cfg.model.name,
         "teacher": teacher_name if kind == "pretrain" else None,
-        "precision": cfg.backend.precision,
+        "precision": plan.precision,
         "devices": devices,
-        "fsdp": cfg.backend.fsdp,
+        "fsdp": plan.fsdp,
         "per_device_batch": per_device_batch,
         "global_batch": per_device_batch * devices,
         "trainable_params": sum(p.numel() for p in params if p.requires_grad),
@@ -91,10 +93,11 @@ def trace_step(out_dir: Path, kind: str, hbm_bytes: int, overrides: list[str]) -
         # The FSDP minimum's inputs: what the layout must move, whatever the compiler makes of it.
         "teacher_params": sum(p.numel() for p in teacher_params),
         "teacher_sharded": teacher_bytes < sum(p.numel() * p.element_size() for p in teacher_params),
-        "teacher_precision": getattr(trainer, "teacher_precision", None),
-        "teacher_placement": getattr(trainer, "teacher_placement", None),
+        "teacher_precision": plan.teacher_precision,
+        "teacher_placement": plan.teacher_placement,
         "analytic_flops_per_image": _flops_per_image(trainer, cpu_teacher) if kind == "pretrain" else None,
         "trace_seconds": round(time.perf_counter() - start, 1),
+        "run_plan": plan.to_dict(),
     }
     (out_dir / "trace.json").write_text(json.dumps(info, indent=1) + "\n")
     return info

@@ -6,7 +6,7 @@ import json
 import torch
 import torch_xla
 
-from digpt_xla.backend.xla import XlaBackend
+from digpt_xla.backend.xla.blocks import run_rematerialised, scan_blocks
 from digpt_xla.models.layers import Block, run_in_order, segment_causal_mask
 from digpt_xla.teacher import ClipTeacher
 
@@ -34,14 +34,14 @@ def largest_difference(a, b):
 
 reference = run(run_in_order)
 result = {
-    "scan": largest_difference(run(XlaBackend._scan_blocks), reference),
-    "scan_remat": largest_difference(run(lambda *a: XlaBackend._scan_blocks(*a, remat=True)), reference),
-    "remat": largest_difference(run(XlaBackend._run_rematerialised), reference),
+    "scan": largest_difference(run(scan_blocks), reference),
+    "scan_remat": largest_difference(run(lambda *a: scan_blocks(*a, remat=True)), reference),
+    "remat": largest_difference(run(run_rematerialised), reference),
 }
 teacher = ClipTeacher("ViT-B-16", vision_overrides=dict(image_size=32, patch_size=8, width=64, layers=3, head_width=32))
 images = torch.randn(2, 3, 32, 32)
 expected = teacher(images)
 teacher = teacher.to(device)
-teacher.block_runner = XlaBackend._scan_blocks
+teacher.block_runner = scan_blocks
 result["teacher_scan"] = float((teacher(images.to(device)).cpu() - expected).abs().max())
 print(json.dumps(result))
