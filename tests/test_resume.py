@@ -281,3 +281,45 @@ def test_a_checkpoint_records_what_each_auto_setting_became(tmp_path):
     assert plan["start_step"] == 2 and plan["end_step"] == 4, "the resumed invocation's own plan"
     # run.json keeps the plan of the run that started the directory.
     assert json.loads((out / "run.json").read_text())["plan"]["start_step"] == 0
+
+
+def test_the_checkpoint_is_assembled_from_stateful_parts_that_restore_themselves(tmp_path):
+    """The trainer (step, loss scaler, data position, model shape) gives its part of a checkpoint as one state_dict
+    and takes it back with load_state_dict; the checkpoint layer adds model, optimizer, RNG, config, plan. The
+    keys stay those released checkpoints and earlier runs have."""
+    overrides = [
+        "backend.name=cpu",
+        "run.progress=false",
+        "run.knn_eval=false",
+        "model.depth=2",
+        "data.batch_size=16",
+        "optim.accum_steps=2",
+        "schedule.max_steps=3",
+        f"run.out_dir={tmp_path / 'run'}",
+    ]
+    cfg = load_config(REPO / "yaml/demo.yaml", overrides)
+    state = read_checkpoint(Pretrainer(cfg).train().checkpoint)
+    assert set(state) == {
+        "model",
+        "optimizer",
+        "kind",
+        "rng",
+        "config",
+        "plan",
+        "git_revision",
+        "step",
+        "scaler",
+        "data",
+        "model_config",
+    }
+    assert state["data"]["consumed_batches"] == 3 * 2 and state["data"]["process_batch"] == 16
+
+    cfg.run.out_dir, cfg.run.resume = str(tmp_path / "other"), "never"
+    fresh = Pretrainer(cfg)
+    own = {k: state[k] for k in ("step", "scaler", "data", "model_config")}
+    fresh.load_state_dict(own | {"data": own["data"] | {"skipped_samples": 5}}, "test")
+    assert fresh.step == 3 and fresh.data.skipped == 5
+    assert fresh.state_dict()["data"] == own["data"] | {"skipped_samples": 5}
+    # The schedule reads the plan: the peak lr is the plan's at the end of the warmup.
+    plan = fresh.plan
+    assert fresh.lr(plan.warmup_steps) == pytest.approx(plan.lr) and plan.accumulation == 2

@@ -1,8 +1,8 @@
 """What a trainer's checkpoint holds and how it goes back: the one save and the one resume of every trainer.
 
 A checkpoint holds the model and optimizer tensors (whole on the host for one file; as placed, through DCP, for a
-sharded run), the loss scaler, step, data position, RNG states, config and git revision, plus each trainer's
-``extra_state`` (EMA weights, Mixup's generator, evaluation history). ``run.resume`` means the same in every
+sharded run), RNG states, config, run plan and git revision, plus the trainer's own ``state_dict`` (step, loss
+scaler, data position; EMA weights, Mixup's generator, evaluation history). ``run.resume`` means the same in every
 trainer: ``auto`` (the newest readable committed checkpoint of ``run.out_dir``), ``never``, or a path or URL.
 """
 
@@ -21,15 +21,10 @@ from .reader import CheckpointError, check_state_dict, load_model_state, read_ch
 log = logging.getLogger(__name__)
 
 
-class ScalerState(Protocol):
-    def scaler_state(self) -> dict[str, Any] | None: ...
-
-    def load_scaler_state(self, state: dict[str, Any] | None) -> None: ...
-
-
 class Checkpointable(Protocol):
     """What a checkpoint holds of a trainer and what restores it. Every trainer provides it; this package never
-    imports the engine (the checkpoint layer sits below it)."""
+    imports the engine (the checkpoint layer sits below it). The model and the optimizer are stored here, placed by
+    the backend (whole, or sharded through DCP); everything else of the trainer is its own ``state_dict``."""
 
     kind: str  # "pretrain" or "finetune": a checkpoint resumes only its own kind
     step: int
@@ -37,17 +32,12 @@ class Checkpointable(Protocol):
     backend: Any  # a Backend: its placement, state I/O and RNG
     model: nn.Module
     optimizer: torch.optim.Optimizer
-    opt_step: ScalerState
 
-    def data_position(self) -> dict[str, Any]: ...
+    def state_dict(self) -> dict[str, Any]: ...
 
-    def restore_data_position(self, saved: dict[str, Any]) -> None: ...
-
-    def extra_state(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any], url: str) -> None: ...
 
     def resolved_plan(self) -> dict[str, Any]: ...
-
-    def load_extra_state(self, state: dict[str, Any], url: str) -> None: ...
 
 
 def resume_checkpoint(resume: str, manager: CheckpointManager) -> tuple[str, dict[str, Any]] | None:
@@ -85,14 +75,11 @@ class TrainingCheckpoint:
         b = t.backend
         return {
             "kind": t.kind,
-            "scaler": t.opt_step.scaler_state(),
-            "step": t.step,
-            "data": t.data_position(),
             "rng": b.rng_state(),
             "config": t.cfg.to_dict(),  # as written (auto stays auto) ...
             "plan": t.resolved_plan(),  # ... and what each setting resolved to on this runtime
             "git_revision": git_revision(),
-            **t.extra_state(),
+            **t.state_dict(),  # step, loss scaler, data position, and what the trainer adds
         }
 
     def single_file_state(self) -> dict[str, Any]:
@@ -139,16 +126,13 @@ class TrainingCheckpoint:
                 saved | {"param_groups": with_backend_options(t.optimizer, saved["param_groups"])}
             )
             b.place_optimizer_state(t.optimizer)
-        t.opt_step.load_scaler_state(state.get("scaler"))
         try:
             b.set_rng_state(state["rng"])
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise CheckpointError(
                 f"{url}: entry 'rng' is not a random-generator state this run can restore ({e})"
             ) from None
-        t.step = int(state["step"])
-        t.restore_data_position(state.get("data", {}))
-        t.load_extra_state(state, url)
+        t.load_state_dict(state, url)
 
     def resume(self) -> str | None:
         t = self.trainer

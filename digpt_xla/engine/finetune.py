@@ -116,16 +116,17 @@ class Finetuner(Trainer):
         self.mixup = FixedShapeMixup(f.num_classes, f.mixup, f.cutmix, f.smoothing, seed=cfg.run.seed)
         self.criterion = SoftTargetCrossEntropy()
         self.evals: list[dict[str, float]] = []  # one record per evaluation, kept in the checkpoint
-        self.setup_run(len(self.train_set))  # type: ignore[arg-type]
+        self.setup_run(self.train_set)
 
     # ------------------------------------------------------------------ state
-    def extra_state(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"mixup_rng": self.mixup.rng.getstate(), "evals": list(self.evals)}
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict() | {"mixup_rng": self.mixup.rng.getstate(), "evals": list(self.evals)}
         if self.ema is not None:
             state["ema"] = self.backend.to_cpu(self.ema.module.state_dict())
         return state
 
-    def load_extra_state(self, state: dict[str, Any], url: str) -> None:
+    def load_state_dict(self, state: dict[str, Any], url: str) -> None:
+        super().load_state_dict(state, url)
         if self.ema is not None:
             if "ema" not in state:
                 raise CheckpointError(f"{url}: has no EMA weights but finetune.ema=true")
@@ -134,9 +135,6 @@ class Finetuner(Trainer):
         self.evals = list(state.get("evals", []))
 
     # ------------------------------------------------------------------ the step
-    def data_stream(self):
-        return self.device_batches(self.train_set)
-
     def train_step(self, batches: list[dict[str, Tensor]]) -> None:
         b, model = self.backend, self.model
         for micro, batch in enumerate(batches):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sized
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -61,7 +60,7 @@ class Pretrainer(Trainer):
         )
         self.setup_optimizer(cast(DiGPT, b.unwrap(self.model)).weight_decay_groups(cfg.optim.weight_decay))
         self.dataset = build_train_dataset(cfg.data, self.model_cfg.img_size)
-        self.setup_run(len(cast(Sized, self.dataset)))
+        self.setup_run(self.dataset)
         self.knn: dict[str, float] = {}
         log.info(
             "model %s (%.1fM trainable) on %s",
@@ -77,8 +76,9 @@ class Pretrainer(Trainer):
             "attention": self.cfg.model.attention,
         }
 
-    def extra_state(self) -> dict:
-        return {"model_config": self.model_cfg.__dict__ | {"feature_taps": list(self.model_cfg.feature_taps)}}
+    def state_dict(self) -> dict[str, Any]:
+        shape = self.model_cfg.__dict__ | {"feature_taps": list(self.model_cfg.feature_taps)}
+        return super().state_dict() | {"model_config": shape}
 
     # ------------------------------------------------------------------ the step
     def forward_backward(self, batches: list[dict[str, Tensor]], orders: list[Tensor]) -> tuple[Tensor, ...]:
@@ -106,14 +106,11 @@ class Pretrainer(Trainer):
         grad_norm = self.opt_step.step(self.lr(self.step))
         self.meter.add(loss=loss, ar_loss=ar_loss, kd_loss=kd_loss, grad_norm=grad_norm)
 
-    def next_step_inputs(self, batches) -> tuple[list[dict[str, Tensor]], list[Tensor]]:
+    def step_inputs(self) -> tuple[list[dict[str, Tensor]], list[Tensor]]:
         """The micro-batches and segment orders of the current step, on the device."""
-        micro_batches = [self.next_batch(batches) for _ in range(self.plan.accumulation)]
+        micro_batches = [self.data.next_batch() for _ in range(self.plan.accumulation)]
         orders = [self.backend.move(self._orders(self.step, m)) for m in range(self.plan.accumulation)]
         return micro_batches, orders
-
-    def data_stream(self):
-        return self.device_batches(self.dataset)
 
     def _orders(self, step: int, micro: int) -> Tensor:
         b = self.backend
@@ -124,8 +121,8 @@ class Pretrainer(Trainer):
             self.plan.batch_per_device * self.plan.devices,
             self.model_cfg.num_segments,
         )
-        start = b.data_rank * self.process_batch
-        return full[start : start + self.process_batch]
+        start = b.data_rank * self.data.process_batch
+        return full[start : start + self.data.process_batch]
 
     # ------------------------------------------------------------------ evaluation
     def before_training(self) -> None:

@@ -114,9 +114,10 @@ class OptimizerStep:
             "grad_scaler": self.scaler is not None,
         }
 
-    def scaler_state(self) -> dict[str, Any] | None:
+    def state_dict(self) -> dict[str, Any] | None:
+        """The loss scaler's state (fp16 on CUDA); None where there is none."""
         return self.scaler.state_dict() if self.scaler is not None else None
 
-    def load_scaler_state(self, state: dict[str, Any] | None) -> None:
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
         if self.scaler is not None and state:
             self.scaler.load_state_dict(state)

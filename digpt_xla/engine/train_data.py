@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 
 from ..backend import Backend
 from ..config import DataConfig
-from ..data import build_train_loader
+from ..data import WebDatasetSource, build_train_loader
 from .run_plan import RunPlan
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,7 @@ class TrainData:
 
     def __init__(
         self,
-        dataset: Dataset,
+        dataset: Dataset | WebDatasetSource,
         cfg: DataConfig,
         order_seed: int,
         backend: Backend,

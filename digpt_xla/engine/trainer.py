@@ -1,29 +1,31 @@
 """What every trainer shares: batch arithmetic, the optimizer step and the loop.
 
 ``Pretrainer`` and ``Finetuner`` subclass ``Trainer`` and supply the model, the data and ``train_step``; the loop
-(logging, SIGTERM, non-finite stop, checkpoint cadence, progress) lives here once. What a checkpoint holds and the
-one resume path are ``digpt_xla.checkpoint.training_state``; a subclass adds its own state through
-``extra_state`` / ``load_extra_state`` (EMA weights, Mixup's generator, evaluation history).
+(logging, SIGTERM, non-finite stop, checkpoint cadence, progress) lives here once, and ``run_step`` is the one step
+every driver runs. How a checkpoint is written and the one resume path are ``digpt_xla.checkpoint.training_state``;
+what it holds comes from stateful parts, each with ``state_dict`` / ``load_state_dict``: the trainer (step, and a
+subclass's EMA weights, Mixup's generator, evaluation history), the optimizer step (its loss scaler), the training
+data (``TrainData``: its position), besides the model and the optimizer.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Sized
+from typing import Any, cast
 
 from torch import nn
+from torch.utils.data import Dataset
 
 from ..backend import Backend, create_backend
 from ..checkpoint.manager import CheckpointManager
 from ..checkpoint.reader import CheckpointError
 from ..checkpoint.training_state import TrainingCheckpoint
 from ..config import Config
-from ..data import build_train_loader
+from ..data import WebDatasetSource
 from ..errors import StoppedRun, UserError
 from ..rundir import RunDir, RunDirError, RunLease
 from .metrics import DeferredMeter, MetricsWriter
@@ -31,6 +33,7 @@ from .run_plan import batch_layout, resolve_plan
 from .schedule import cosine_lr, plan_steps
 from .signals import PreemptionFlag
 from .step import OptimizerStep, build_adamw
+from .train_data import TrainData
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +65,11 @@ class Trainer:
                 raise
         self.checkpoints = CheckpointManager(self.run_dir.url_of("checkpoints"), cfg.run.keep_last)
         self.state = TrainingCheckpoint(self, self.checkpoints)
-        self.process_batch = cfg.data.batch_size * b.devices_per_process
         self.layout = batch_layout(cfg.data.batch_size, cfg.optim, b.global_devices)
         self.step = 0
-        self.data_skipped = 0  # unreadable samples this rank's loader skipped (the checkpoint holds rank 0's)
         self.nonfinite_seen = False
         self.last_metrics: dict[str, float] = {}
         self.last_metrics_step = 0
-        self._stream: Iterator[dict[str, Any]] | None = None  # the data stream of step_inputs
         self.model: nn.Module
 
     # ------------------------------------------------------------------ set-up, in this order
@@ -78,13 +78,15 @@ class Trainer:
         self.optimizer = build_adamw(param_groups, self.cfg.optim, self.backend, self.layout.lr)
         self.opt_step = OptimizerStep(self.optimizer, self.backend, self.precision, self.cfg.optim.clip_grad)
 
-    def setup_run(self, samples_per_epoch: int) -> None:
+    def setup_run(self, dataset: Dataset | WebDatasetSource) -> None:
         """After model, optimizer and data: resolve the run plan (what the loop, the schedule and the data position
         read from then on), resume, open the logs."""
         b = self.backend
-        per_step = self.process_batch * b.data_world_size
-        steps = plan_steps(self.cfg.schedule, samples_per_epoch, per_step, self.layout.accumulation)
+        per_step = self.layout.batch_per_device * b.global_devices
+        samples = len(cast(Sized, dataset))
+        steps = plan_steps(self.cfg.schedule, samples, per_step, self.layout.accumulation)
         self.plan = resolve_plan(self.kind, b, self.precision, self.optimizer, self.layout, steps, self.plan_details())
+        self.data = TrainData(dataset, self.cfg.data, self.cfg.run.order_seed, b, self.plan, lambda: self.step)
         self.resumed_from = self.state.resume()
         self.plan = dataclasses.replace(self.plan, start_step=self.step)
         log.info("run plan: %s", self.plan.describe())
@@ -155,12 +157,17 @@ class Trainer:
         self.run_dir.write_text("run.json", json.dumps(record, indent=1, default=str) + "\n")
 
     # ------------------------------------------------------------------ state
-    def extra_state(self) -> dict[str, Any]:
-        """What a subclass adds to the checkpoint (tensors and plain containers only)."""
-        return {}
+    def state_dict(self) -> dict[str, Any]:
+        """The trainer's own part of a checkpoint (the checkpoint layer adds the model, the optimizer, the RNG, the
+        config and the plan): its step, the loss scaler, the data position. A subclass adds its own (EMA weights,
+        Mixup's generator, evaluation history): tensors and plain containers only."""
+        return {"step": self.step, "scaler": self.opt_step.state_dict(), "data": self.data.state_dict()}
 
-    def load_extra_state(self, state: dict[str, Any], url: str) -> None:
-        pass
+    def load_state_dict(self, state: dict[str, Any], url: str) -> None:
+        """Restore what ``state_dict`` gave (``url`` names the checkpoint in errors)."""
+        self.step = int(state["step"])
+        self.opt_step.load_state_dict(state.get("scaler"))
+        self.data.load_state_dict(state.get("data", {}))
 
     def save_checkpoint(self, final: bool = False) -> str | None:
         """Save unless a non-finite loss has been seen (then the last good checkpoint stays the newest). A sharded
@@ -192,33 +199,6 @@ class Trainer:
             raise failure or errors(elsewhere)
         return result
 
-    def data_position(self) -> dict[str, Any]:
-        """Where this rank's data stream stands; a resume restarts the loader at ``consumed_batches``."""
-        consumed = self.step * self.plan.accumulation
-        return {
-            "source": self.cfg.data.source,
-            "consumed_batches": consumed,
-            "process_batch": self.process_batch,
-            "world_size": self.backend.data_world_size,
-            "num_workers": self.cfg.data.num_workers,
-            "epoch": consumed // (self.plan.steps_per_epoch * self.plan.accumulation),
-            "samples_consumed": consumed * self.process_batch * self.backend.data_world_size,
-            "skipped_samples": self.data_skipped,
-        }
-
-    def restore_data_position(self, saved: dict[str, Any]) -> None:
-        now = self.data_position()
-        for key in ("source", "process_batch", "world_size", "num_workers"):
-            if key in saved and saved[key] != now[key]:
-                log.warning(
-                    "resuming with data %s=%s where the checkpoint has %s: the data order after the resume differs "
-                    "from the uninterrupted run's",
-                    key,
-                    now[key],
-                    saved[key],
-                )
-        self.data_skipped = saved.get("skipped_samples", 0)
-
     # ------------------------------------------------------------------ metrics
     def lr(self, step: int) -> float:
         return cosine_lr(step, self.plan.total_steps, self.plan.warmup_steps, self.plan.lr, self.cfg.optim.min_lr)
@@ -230,7 +210,7 @@ class Trainer:
         def record(means: dict[str, float], nonfinite: float) -> None:
             if nonfinite > 0:
                 self.nonfinite_seen = True
-            self.last_metrics = means | {"lr": lr, "data_skipped": self.data_skipped}
+            self.last_metrics = means | {"lr": lr, "data_skipped": self.data.skipped}
             self.last_metrics_step = step
             self.metrics.write(step, self.last_metrics)
 
@@ -248,45 +228,13 @@ class Trainer:
                 f"({self.checkpoints.latest()}) is from before it."
             )
 
-    # ------------------------------------------------------------------ data
-    def device_batches(self, dataset) -> Iterator[dict[str, Any]]:
-        """This rank's endless stream of device batches, starting where the current step's data begins."""
-        cfg, b = self.cfg, self.backend
-        loader = build_train_loader(
-            dataset,
-            self.process_batch,
-            b.data_rank,
-            b.data_world_size,
-            cfg.run.order_seed,
-            start_batch=self.step * self.plan.accumulation,
-            num_workers=cfg.data.num_workers,
-        )
-        self._skip_counts = _CountSkipped(loader)
-        return iter(b.prepare_loader(self._skip_counts))
-
-    def next_batch(self, stream: Iterator[dict[str, Any]]) -> dict[str, Any]:
-        """The next device batch of ``stream``, counting the samples its loader skipped."""
-        batch = next(stream)
-        self.data_skipped += self._skip_counts.pending.popleft()
-        return batch
-
     # ------------------------------------------------------------------ the loop
-    def data_stream(self) -> Iterator[dict[str, Any]]:
-        raise NotImplementedError
-
-    def next_step_inputs(self, stream: Iterator[dict[str, Any]]) -> tuple[Any, ...]:
-        """The arguments of ``train_step``: by default the step's micro-batches."""
-        return ([self.next_batch(stream) for _ in range(self.plan.accumulation)],)
+    def step_inputs(self) -> tuple[Any, ...]:
+        """The arguments of the next ``train_step``: by default its micro-batches."""
+        return ([self.data.next_batch() for _ in range(self.plan.accumulation)],)
 
     def train_step(self, *inputs: Any) -> None:
         raise NotImplementedError
-
-    def step_inputs(self) -> tuple[Any, ...]:
-        """The next step's inputs from this trainer's own data stream (opened at the first call, where the current
-        step's data begins)."""
-        if self._stream is None:
-            self._stream = self.data_stream()
-        return self.next_step_inputs(self._stream)
 
     def run_step(self, inputs: tuple[Any, ...] | None = None, cut: bool = True) -> None:
         """One optimizer step, as the loop, the benchmarks, the TPU plan's trace and the tests all run it:
@@ -379,24 +327,3 @@ class Trainer:
         if "loss" in self.last_metrics:
             shown[f"loss@{self.last_metrics_step}"] = f"{self.last_metrics['loss']:.4f}"
         progress.set_postfix(shown)
-
-
-class _CountSkipped:
-    """Host-side pass over the loader's batches: takes each batch's ``skipped`` count (a CPU tensor, so no device
-    sync) and the bookkeeping ``index`` out before the batch moves to the device. The counts wait in a queue until
-    the trainer consumes their batch (``next_batch``): a device loader reads batches ahead (MpDeviceLoader by
-    several), and a count must not be reported for a batch that has not been trained on."""
-
-    def __init__(self, loader) -> None:
-        self.loader = loader
-        self.pending: collections.deque[int] = collections.deque()
-
-    def __iter__(self):
-        for batch in self.loader:
-            skipped = batch.pop("skipped", None)
-            batch.pop("index", None)
-            self.pending.append(int(skipped.sum()) if skipped is not None else 0)
-            yield batch
-
-    def __len__(self) -> int:
-        return len(self.loader)

@@ -15,7 +15,7 @@ logging.basicConfig(level=logging.INFO, force=True)
 out_path, overrides = sys.argv[1], sys.argv[2:]
 cfg = load_config(None, ["run.progress=false", "run.resume=never", *overrides])
 trainer = Pretrainer(cfg)
-batches, orders = trainer.next_step_inputs(trainer.data_stream())
+batches, orders = trainer.step_inputs()
 loss, _, _ = trainer.forward_backward(batches, orders)
 trainer.backend.reduce_gradients(trainer.optimizer)
 loss = trainer.backend.all_reduce_mean(loss.detach())
