@@ -120,3 +120,34 @@ def test_no_module_imports_from_a_floor_above_its_own():
         f"{m} -> {t}" for m in library for t in sorted(graph[m]) if t.startswith("digpt_xla.") and _floor(t) > _floor(m)
     ]
     assert upward == []
+
+
+def unresolved_imports() -> list[str]:
+    """Imports of the project's own modules (relative, or absolute under PACKAGES) that name no module or package:
+    an import inside a function fails only when that function runs, which may be a slow test's worker."""
+    files = {_module_name(p): p for pkg in PACKAGES for p in (REPO / pkg).rglob("*.py")}
+    missing = []
+    for name, path in files.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                depth = len(package.split(".")) - node.level + 1
+                if depth < 1:
+                    missing.append(f"{name}: {'.' * node.level}{node.module or ''} reaches above the package")
+                    continue
+                base = ".".join(package.split(".")[:depth] + ([node.module] if node.module else []))
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in PACKAGES:
+                base = node.module or ""
+            elif isinstance(node, ast.Import):
+                bases = [a.name for a in node.names if a.name.split(".")[0] in PACKAGES]
+                missing += [f"{name}: import {b}" for b in bases if b not in files]
+                continue
+            else:
+                continue
+            if base not in files:
+                missing.append(f"{name} (line {node.lineno}): from {base} import ...")
+    return missing
+
+
+def test_every_import_of_our_own_modules_names_one_that_exists():
+    assert unresolved_imports() == []

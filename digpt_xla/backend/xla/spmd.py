@@ -197,7 +197,7 @@ class XlaSpmdBackend(XlaBackend):
         import torch.distributed.checkpoint as dcp
         from torch_xla.experimental.distributed_checkpoint import SPMDLoadPlanner
 
-        from ..checkpoint.reader import dcp_reader
+        from ...checkpoint.reader import dcp_reader
 
         dcp.load(state, storage_reader=dcp_reader(url), planner=SPMDLoadPlanner())
 
