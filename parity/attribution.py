@@ -17,7 +17,6 @@ run ends (and to the gap ledger); a rerun skips what is there.
 
 from __future__ import annotations
 
-import copy
 import gc
 import io
 import json
@@ -208,13 +207,7 @@ class Attribution:
             "plan": plan,
         }
         if self.cfg.probe and checkpoint:
-            from digpt_xla.engine.probe_run import run_probe
-
-            probe_cfg = copy.deepcopy(cfg)
-            probe_cfg.backend.name, probe_cfg.backend.precision = "cpu", "fp32"  # fp32 features of the weights
-            probe_cfg.probe.checkpoint = checkpoint
-            probe = run_probe(probe_cfg, self.runner.backend(probe_cfg))
-            row |= {k: probe[k] for k in ("knn_top1", "linear_top1") if k in probe}
+            row |= self.runner.probe(cfg, checkpoint)
         row["seconds"] = time.perf_counter() - t0
         return row
 

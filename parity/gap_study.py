@@ -10,7 +10,6 @@ per side beside the baseline side with a Welch t-test, and plots the seeds.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import io
 import logging
@@ -154,7 +153,6 @@ class GapStudy:
     def run_one(self, run: _Run, metrics: set[str]) -> list[tuple[str, float]]:
         from digpt_xla.engine import Pretrainer
         from digpt_xla.engine.finetune import Finetuner
-        from digpt_xla.engine.probe_run import run_probe
 
         backend = self.runner.backend(run.pretrain)
         result = Pretrainer(run.pretrain, backend).train()
@@ -162,12 +160,8 @@ class GapStudy:
         logged = [r for r in read_metrics(run.pretrain.run.out_dir) if r.get("loss") is not None]
         out = [("pretrain_loss", logged[-1]["loss"])]
         if metrics & {"knn_top1", "linear_top1"}:
-            probe_cfg = copy.deepcopy(run.pretrain)
-            probe_cfg.run.out_dir = os.path.join(os.path.dirname(run.pretrain.run.out_dir), "probe")
-            probe_cfg.probe.checkpoint = result.checkpoint
-            probe_cfg.backend.name, probe_cfg.backend.precision = "cpu", "fp32"  # fp32 features of the weights
-            probe = run_probe(probe_cfg, self.runner.backend(probe_cfg))
-            out += [(k, probe[k]) for k in ("knn_top1", "linear_top1") if k in probe]
+            probe_dir = os.path.join(os.path.dirname(run.pretrain.run.out_dir), "probe")
+            out += list(self.runner.probe(run.pretrain, result.checkpoint, probe_dir).items())
         if "finetune_top1" in metrics:
             run.finetune.finetune.checkpoint = result.checkpoint
             out.append(("finetune_top1", Finetuner(run.finetune, backend).train()["top1"]))

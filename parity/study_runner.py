@@ -6,6 +6,7 @@ and says how long the rest will take."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -41,6 +42,20 @@ class StudyRunner:
         first one, so a backend started later would find them too small."""
         for cfg in configs:
             self.backend(cfg)
+
+    def probe(self, cfg: Config, checkpoint: str, out_dir: str | None = None) -> dict[str, float]:
+        """kNN and linear-probe top-1 of ``checkpoint``'s encoder, from fp32 features on the CPU whatever the run's
+        backend and precision, so that a probe measures the pretrained weights alone; written to ``out_dir``
+        (default: the run's own directory)."""
+        from digpt_xla.engine.probe_run import run_probe
+
+        probe_cfg = copy.deepcopy(cfg)
+        probe_cfg.backend.name, probe_cfg.backend.precision = "cpu", "fp32"
+        probe_cfg.probe.checkpoint = checkpoint
+        if out_dir is not None:
+            probe_cfg.run.out_dir = out_dir
+        result = run_probe(probe_cfg, self.backend(probe_cfg))
+        return {k: result[k] for k in ("knn_top1", "linear_top1") if k in result}
 
     def record(self, backend: str, setting: str, seed: int, metrics: dict[str, float]) -> None:
         """One ledger row per metric, written now: an interrupted study keeps every result it has."""
