@@ -90,16 +90,32 @@ def _wait_for_step(proc: subprocess.Popen, out: Path, step: int, timeout: float 
             if len(workers) == 2:
                 return workers
         time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)
+    _kill_everything(proc)
     pytest.fail(f"the run did not reach step {step} in {timeout}s")
+
+
+def _kill_everything(proc: subprocess.Popen, workers: dict[int, int] | None = None) -> None:
+    """SIGKILL torchrun and each of its workers. torchrun starts every worker in a session of its own, so killing
+    torchrun's group leaves them running, holding the stderr pipe open: a worker whose peer is gone can wait in a
+    collective for minutes, and `communicate` would wait with it."""
+    pids = set((workers or {}).values()) | set(_workers(proc.pid).values())
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)  # a stopped process dies of SIGKILL too; it needs no SIGCONT
+        except ProcessLookupError:
+            pass
 
 
 def _finish(proc: subprocess.Popen, timeout: float) -> str:
     try:
         _, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        _, err = proc.communicate()
+        _kill_everything(proc)
+        _, err = proc.communicate(timeout=60)
         pytest.fail(f"still running {timeout}s after the signal (hung): {err[-3000:]}")
     return err
 
@@ -138,8 +154,7 @@ def test_a_second_signal_ends_a_rank_blocked_in_a_collective(tmp_path):
             time.sleep(0.05)
         assert time.time() - started < 20, "rank 0 still runs 20 s after a second SIGTERM"
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        os.kill(workers[1], signal.SIGCONT)
+        _kill_everything(proc, workers)
         proc.communicate(timeout=60)
     assert not CheckpointManager(str(out / "checkpoints")).complete_steps(), "no checkpoint after a hard stop"
 
