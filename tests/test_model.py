@@ -142,6 +142,26 @@ def test_segment_resize_is_the_bilinear_interpolation(src, dst):
     torch.testing.assert_close(resized.transpose(1, 2).reshape(5, 6, dst, dst), expected, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["digpt_tiny", "digpt_vit_huge_patch14_224"])
+def test_visible_patches_are_embedded_as_the_convolution_embeds_them(name):
+    # The encoder embeds only the visible patches, from their gathered pixels (no gather of embeddings, so no
+    # scatter in the backward pass): the convolution's numbers to fp32 rounding, and its weight's gradient.
+    model = create_digpt(name, depth=1) if name != "digpt_tiny" else create_digpt(name)
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, model.cfg.img_size, model.cfg.img_size)
+    index = torch.stack([torch.randperm(model.cfg.grid_size**2)[:24] for _ in range(2)])
+    weights = torch.randn(2, 24, model.cfg.embed_dim)
+    embedded = model.embed_patches(images, index)
+    (embedded * weights).sum().backward()
+    ours = model.patch_embed.proj.weight.grad.clone()
+    model.zero_grad()
+    full = model.patch_embed(images)
+    gathered = torch.gather(full, 1, index[..., None].expand(-1, -1, full.shape[-1]))
+    (gathered * weights).sum().backward()
+    assert torch.allclose(embedded, gathered, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(ours, model.patch_embed.proj.weight.grad, atol=1e-4, rtol=1e-5)
+
+
 def test_order_none_draws_valid_permutations():
     model = create_digpt("digpt_tiny")
     torch.manual_seed(5)

@@ -3,6 +3,7 @@ reach hosts) stops every rank at the same step with one complete checkpoint; SIG
 signal ends a process at once, even while it waits in a collective for a rank that will never come. Each test
 ends by itself within its timeouts: a hang fails it, it never blocks the suite."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -99,15 +100,11 @@ def _kill_everything(proc: subprocess.Popen, workers: dict[int, int] | None = No
     torchrun's group leaves them running, holding the stderr pipe open: a worker whose peer is gone can wait in a
     collective for minutes, and `communicate` would wait with it."""
     pids = set((workers or {}).values()) | set(_workers(proc.pid).values())
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     for pid in pids:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)  # a stopped process dies of SIGKILL too; it needs no SIGCONT
-        except ProcessLookupError:
-            pass
 
 
 def _finish(proc: subprocess.Popen, timeout: float) -> str:

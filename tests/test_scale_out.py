@@ -148,7 +148,7 @@ def eager_depth6(tmp_path_factory) -> dict:
             ("backend.name=xla-spmd", "backend.fsdp=4", "data.batch_size=2", "backend.remat=blocks"),
             id="xla-spmd-fsdp4-scan-remat",
         ),
-        # block by block under torch_xla's checkpoint (how a bf16 student is rematerialised)
+        # block by block under torch_xla's checkpoint (backend.scan=never)
         pytest.param(
             (
                 "backend.name=xla-spmd",

@@ -26,22 +26,16 @@ class Parallelize:
     distributed: bool
     world_size: int
     scan_blocks: bool
-    scan_trains: bool
     remat: str
     _mesh: Any
     shards_state: bool
 
-    def configure_blocks(self, scan: str, remat: str, precision: str = "fp32") -> None:
-        """How stacks of blocks run (``backend.scan``, ``backend.remat``; ``precision``, the training one), for the
-        modules prepared from now on."""
+    def configure_blocks(self, scan: str, remat: str) -> None:
+        """How stacks of blocks run (``backend.scan``, ``backend.remat``), for the modules prepared from now on."""
         problem = blocks_problem(self.name, scan)
         if problem:
             raise BackendError(problem)
         self.scan_blocks = scan != "never" and BACKENDS[self.name].scans
-        # torch_xla 2.9's scan traces its backward with AOTAutograd; under bf16 autocast that graph multiplies a
-        # bf16 by an f32 operand (the attention softmax's gradient), which XLA's verifier rejects: trainable blocks
-        # are scanned in fp32 training only, frozen ones (forward only) always.
-        self.scan_trains = self.scan_blocks and precision == "fp32"
         self.remat = remat
 
     def block_runner(self, trainable: bool) -> BlockRunner:

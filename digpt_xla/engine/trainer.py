@@ -52,7 +52,7 @@ class Trainer:
         self.precision = cfg.backend.precision
         b.check_precision(self.precision)
         b.set_tf32(cfg.backend.tf32)
-        b.configure_blocks(cfg.backend.scan, cfg.backend.remat, self.precision)
+        b.configure_blocks(cfg.backend.scan, cfg.backend.remat)
         b.manual_seed(cfg.run.seed)
         self.run_dir = RunDir(cfg.run.out_dir)
         self.lease = RunLease(self.run_dir)

@@ -9,9 +9,10 @@ per-block latent channels. Everything is static-shaped so the same graph serves 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
+import torch.nn.functional as F
 from timm.layers import PatchEmbed, trunc_normal_
 from torch import Tensor, nn
 
@@ -118,7 +119,7 @@ def random_segment_order(batch: int, num_segments: int, device: torch.device | s
 class DiGPT(nn.Module):
     chooses_attention_masks = True  # set_attention sets ``mode`` here too: the mask's form follows it
     mode: str = "sdpa"
-    block_runner: BlockRunner = staticmethod(run_in_order)  # the encoder's; a backend may swap in its own
+    block_runner: BlockRunner = staticmethod(run_in_order)  # the encoder's and decoders'; a backend may swap its own
     # Buffers (registered in __init__), typed for the checker.
     mask: Tensor
     student_segments: Tensor
@@ -204,15 +205,27 @@ class DiGPT(nn.Module):
 
         images: (B, C, H, W); student_index: (B, S, T). Returns len(feature_taps) tensors (B, L, D).
         """
-        x = self.patch_embed(images)  # (B, N, D)
-        B, _, D = x.shape
+        B = images.shape[0]
         visible = student_index[:, :-1].reshape(B, -1)  # (B, (S-1) T)
-        x = torch.gather(x, 1, visible[..., None].expand(-1, -1, D))
+        x = self.embed_patches(images, visible)  # (B, (S-1) T, D)
         x = x + self.pos_embed[0, 1:][visible]
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(B, -1, -1)
         x = torch.cat([x, cls], dim=1)  # (B, L, D)
 
         return self.block_runner(list(self.blocks), x, (self.attention_mask(),), self.cfg.feature_taps)
+
+    def embed_patches(self, images: Tensor, index: Tensor) -> Tensor:
+        """``patch_embed`` of the patches at ``index`` (B, L) only, (B, L, D): the patches' pixels are gathered and
+        multiplied by the convolution's weight, the convolution's sums in another order. Gathering pixels, which
+        need no gradient, instead of the embeddings leaves the backward pass no scatter: torch_xla lowers a
+        gather's backward to a scatter into the flattened global batch, which the SPMD partitioner cannot split
+        by batch (ViT-H/14 at 56 per v5e chip: a bf16[896,256,1280] buffer on every chip, all-reduced)."""
+        proj = cast(nn.Conv2d, self.patch_embed.proj)
+        B, C, H, W = images.shape
+        p = self.cfg.patch_size
+        patches = images.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, -1, C * p * p)
+        patches = torch.gather(patches, 1, index[..., None].expand(-1, -1, C * p * p))
+        return F.linear(patches, proj.weight.reshape(proj.out_channels, -1), proj.bias)
 
     def project_latents(self, features: list[Tensor], norms: nn.ModuleList, proj: nn.Linear) -> Tensor:
         """Norm each tap, concat on channels, project: (B, L, decoder_dim, decoder_depth), channels interleaved."""
@@ -231,7 +244,10 @@ class DiGPT(nn.Module):
         """Run one decoder; block d cross-attends to latent[..., d]. Returns (B, L, teacher_dim)."""
         x, mask = queries, self.attention_mask()
         for block, channels in zip(blocks, latent.unbind(-1), strict=True):
-            x = block(x, channels, mask)
+            # Through the block runner, one block at a time (each reads its own latent): a backend that
+            # rematerialises the encoder's blocks rematerialises these too. Their 32-head attention over the whole
+            # sequence keeps more per image than an encoder block of ViT-B or ViT-L.
+            (x,) = self.block_runner([block], x, (channels, mask), ())
         return pred(norm(x))
 
     def select_targets(self, teacher_tokens: Tensor, teacher_index: Tensor, segments: slice) -> Tensor:

@@ -19,6 +19,12 @@ from ..precision import ATTENTION_MODES
 AttentionMask = Any  # an additive (N, N) float Tensor (sdpa, explicit), or a flex BlockMask / None (flex)
 
 
+# Not a ``model.attention`` choice: "sdpa" computed as SDPA's math kernel computes it, op by op, with a plain softmax
+# where the kernel calls ``_safe_softmax`` (the same numbers when no row is fully masked, as here). On XLA, where SDPA
+# always runs its math kernel, it equals "sdpa" bit for bit (tested); a backend may run "sdpa" blocks this way.
+SDPA_WRITTEN_OUT = "sdpa-written-out"
+
+
 def attention_product(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, mode: str = "sdpa") -> Tensor:
     """softmax(q k^T / sqrt(d) + mask) v for (B, H, N, d) inputs.
 
@@ -33,6 +39,11 @@ def attention_product(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, mode
         return cast(Tensor, flex_attention(q, k, v, block_mask=mask))  # not asked for the log-sum-exp
     if mode == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype))
+    if mode == SDPA_WRITTEN_OUT:
+        # SDPA's math kernel step by step: q and k each scaled by d^-1/4 in fp32, then back to their dtype.
+        scale = q.shape[-1] ** -0.25
+        q, k = (q.float() * scale).to(q.dtype), (k.float() * scale).to(k.dtype)
+        return torch.softmax(q @ k.transpose(-2, -1) + mask.to(q.dtype), dim=-1) @ v
     scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
     scores = scores + mask.to(scores.dtype)
     return scores.softmax(dim=-1) @ v

@@ -9,8 +9,9 @@ XLA), as a script: it imports only the standard library and jax. Commands, each 
 ``compile`` donates exactly what torch_xla donates: ``WORKDIR/donors.json`` lists (parameter, result) pairs, the
 state the step writes back found by tensor identity when it was traced. It writes libtpu's memory statistics (its
 peak included) and cost analysis to ``compiled.json`` and the optimized program's text to ``compiled.hlo.txt``,
-which ``hlo_program`` reads (collectives by channel, loops by trip count, FLOPs). A program that needs more HBM
-than the chip has is reported (``fits: false`` with the bytes it needs), not raised.
+which ``hlo_program`` reads (collectives by channel, loops by trip count, FLOPs). With ``DIGPT_LIBTPU_DUMP=DIR``
+libtpu also writes its dumps there (buffer assignment, live ranges with the buffers live at its peak). A program
+that needs more HBM than the chip has is reported (``fits: false`` with the bytes it needs), not raised.
 """
 
 from __future__ import annotations
@@ -75,6 +76,10 @@ def compile_options(devices: list) -> Any:
     build = options.executable_build_options
     build.use_shardy_partitioner = False  # torch_xla writes GSPMD shardings
     build.allow_spmd_sharding_propagation_to_output = [True]  # as torch_xla compiles an SPMD step
+    dump = os.environ.get("DIGPT_LIBTPU_DUMP")
+    if dump:
+        debug = build.debug_options
+        debug.xla_dump_to, debug.xla_dump_hlo_as_text, debug.xla_dump_hlo_pass_re = dump, True, ""
     return options
 
 

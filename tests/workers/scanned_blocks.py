@@ -1,13 +1,16 @@
 """Stacks of blocks on one XLA:CPU device, run one by one and by the XLA backend's runners (scanned, scanned with
-remat, rematerialised block by block): prints the largest differences of outputs and gradients as JSON."""
+remat, rematerialised block by block), in fp32 and under bf16 autocast: prints the largest differences of outputs
+and gradients as JSON, with SDPA against its written-out math and the mixed-dtype ops of the scanned bf16 program."""
 
+import contextlib
 import json
+import re
 
 import torch
 import torch_xla
 
 from digpt_xla.backend.xla.blocks import run_rematerialised, scan_blocks
-from digpt_xla.models.layers import Block, run_in_order, segment_causal_mask
+from digpt_xla.models.layers import SDPA_WRITTEN_OUT, Block, attention_product, run_in_order, segment_causal_mask
 from digpt_xla.teacher import ClipTeacher
 
 torch.manual_seed(0)
@@ -18,14 +21,18 @@ x0 = torch.randn(2, 13, 32)
 taps = (3, 4, 6)  # a scanned run of 3 blocks, one of 1, one of 2
 
 
-def run(runner):
+def run(runner, bf16=False, hlo=None):
     for b in blocks:
         b.zero_grad(set_to_none=True)
     x = x0.to(device).requires_grad_(True)
-    outs = runner(blocks, x, (mask,), taps)
+    with torch.autocast("xla", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+        outs = runner(blocks, x, (mask,), taps)
     sum((o.float() ** 2).mean() for o in outs).backward()
+    grads = [x.grad] + [p.grad for b in blocks for p in b.parameters()]
+    if hlo is not None:
+        hlo.append(torch_xla._XLAC._get_xla_tensors_hlo(grads))
     torch_xla.sync()
-    return [o.cpu() for o in outs] + [x.grad.cpu()] + [p.grad.cpu() for b in blocks for p in b.parameters()]
+    return [o.cpu() for o in outs] + [g.cpu() for g in grads]
 
 
 def largest_difference(a, b):
@@ -38,6 +45,22 @@ result = {
     "scan_remat": largest_difference(run(lambda *a: scan_blocks(*a, remat=True)), reference),
     "remat": largest_difference(run(run_rematerialised), reference),
 }
+bf16_reference, bf16_program = run(run_in_order, bf16=True), []
+result["bf16_scan"] = largest_difference(run(scan_blocks, bf16=True, hlo=bf16_program), bf16_reference)
+result["bf16_scan_remat"] = largest_difference(run(lambda *a: scan_blocks(*a, remat=True), bf16=True), bf16_reference)
+# An elementwise op whose operands differ in type is what XLA's verifier rejects when libtpu compiles the step.
+elementwise = r"(multiply|add|subtract|divide|maximum)"
+operands = re.compile(rf" {elementwise}\((\w+)\[[^ ]* %[\w.]+, (\w+)\[")
+result["bf16_scan_mixed_type_ops"] = sum(1 for m in operands.finditer(bf16_program[0]) if m.group(2) != m.group(3))
+q, k, v = (torch.randn(2, 4, 13, 24, device=device, requires_grad=True) for _ in range(3))
+for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+    answers = []
+    for mode in ("sdpa", SDPA_WRITTEN_OUT):
+        with torch.autocast("xla", dtype=dtype) if dtype else contextlib.nullcontext():
+            out = attention_product(*(t.to(dtype or t.dtype) for t in (q, k, v)), mask, mode)
+        grads = torch.autograd.grad((out.float() * torch.arange(24.0, device=device)).sum(), (q, k, v))
+        answers.append([out.float().cpu()] + [g.cpu() for g in grads])
+    result[f"written_out_sdpa_{name}"] = largest_difference(*answers)
 teacher = ClipTeacher("ViT-B-16", vision_overrides=dict(image_size=32, patch_size=8, width=64, layers=3, head_width=32))
 images = torch.randn(2, 3, 32, 32)
 expected = teacher(images)
