@@ -84,7 +84,9 @@ def table(plan: dict) -> str:
 
 
 def request_from_config(path: str, topology: str, overrides: list[str]) -> PlanRequest:
-    """The step a shipped config runs: its student, per-device batch, layout, precisions and teacher. A PJRT
+    """The step a shipped config runs: its student, per-device batch, layout, precisions, teacher, attention, scanned
+    blocks and remat (each shapes the compiled program: a plan that dropped the config's remat reported ViT-H/14 at
+    64 per chip as needing 38.9 GiB, the attention probabilities of every block kept). A PJRT
     config (``backend.name: xla``: one process per chip, gradients all-reduced) is planned as the SPMD program of
     the same data-parallel layout (fsdp=1 over the topology's chips), the program each chip runs."""
     from digpt_xla.config import load_config
@@ -93,6 +95,8 @@ def request_from_config(path: str, topology: str, overrides: list[str]) -> PlanR
     cfg = load_config(path, [*placeholders, *overrides])
     keep = [f"teacher.precision={cfg.teacher.precision}", f"teacher.placement={cfg.teacher.placement}"]
     keep.append(f"teacher.clip_model={cfg.teacher.clip_model}")
+    keep += [f"model.attention={cfg.model.attention}", f"backend.scan={cfg.backend.scan}"]
+    keep.append(f"backend.remat={cfg.backend.remat}")
     return PlanRequest(
         cfg.model.name,
         topology,

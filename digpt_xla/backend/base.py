@@ -55,7 +55,7 @@ class Backend(Parallelize, Numerics, StateIO):
     def __init__(self, compile_cache: str = "", fsdp: int = 1) -> None:
         self.dims = ParallelDims(self.name, fsdp)  # the device count is added once the runtime has started
         self.compile_cache = compile_cache
-        self.scan_blocks, self.remat = False, "none"  # set by configure_blocks
+        self.scan_blocks, self.scan_trains, self.remat = False, False, "none"  # set by configure_blocks
         self._mesh: Any = None  # FSDP2's DeviceMesh, built at the first fully_shard
         self._gloo_group: Any = None  # DCP's coordination group, made at the first sharded checkpoint
         self._start_runtime()

@@ -65,8 +65,9 @@ def adamw_kernel(options: dict[str, Any]) -> str:
     return kernel + (", capturable" if options.get("capturable") else "")
 
 
-def blocks_mode(scanned: bool, remat: str) -> str:
-    how = "scanned (teacher and student encoder)" if scanned else "in order"
+def blocks_mode(scan_teacher: bool, scan_student: bool, remat: str) -> str:
+    scanned = [name for name, on in (("teacher", scan_teacher), ("student encoder", scan_student)) if on]
+    how = f"scanned ({' and '.join(scanned)})" if scanned else "in order"
     return how + (", remat per block" if remat == "blocks" else "")
 
 
@@ -119,7 +120,7 @@ def resolve_plan(
         fsdp=b.dims.fsdp,
         precision=precision,
         adamw=adamw_kernel(optimizer.param_groups[0]),
-        blocks=blocks_mode(b.scan_blocks, b.remat),
+        blocks=blocks_mode(b.scan_blocks, b.scan_trains, b.remat),
         **dataclasses.asdict(layout),
         steps_per_epoch=steps.steps_per_epoch,
         total_steps=steps.total_steps,

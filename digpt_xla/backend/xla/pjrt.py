@@ -86,7 +86,7 @@ class XlaBackend(Backend):
 
     def block_runner(self, trainable: bool) -> BlockRunner:
         remat = trainable and self.remat == "blocks"
-        if self.scan_blocks:
+        if self.scan_trains if trainable else self.scan_blocks:
             return functools.partial(scan_blocks, remat=remat)
         if remat:
             return run_rematerialised
