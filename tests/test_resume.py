@@ -49,6 +49,13 @@ def _finetune_cmd(out, *overrides):
     ]
 
 
+def _deterministic_env() -> dict[str, str]:
+    """One thread per process: a run and its resumed half are compared bit for bit, and with several threads the
+    CPU kernels may split a sum differently from one process to the next when the cores are busy (a loss 1 ulp
+    apart at step 8, before any interruption, under load in CI)."""
+    return subprocess_env(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MKL_DYNAMIC="FALSE")
+
+
 def _losses(run_dir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(str(run_dir)) if "loss" in r}
 
@@ -59,7 +66,7 @@ def uninterrupted(tmp_path_factory):
     subprocess.run(
         _finetune_cmd(out, "schedule.max_steps=30"),
         cwd=REPO,
-        env=subprocess_env(),
+        env=_deterministic_env(),
         check=True,
         capture_output=True,
         timeout=600,
@@ -71,7 +78,7 @@ def _interrupt(out, sig) -> int:
     proc = subprocess.Popen(
         _finetune_cmd(out, "schedule.max_steps=30"),
         cwd=REPO,
-        env=subprocess_env(),
+        env=_deterministic_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -96,7 +103,7 @@ def test_finetune_resume_equals_the_uninterrupted_run(tmp_path, uninterrupted, h
         subprocess.run(
             _finetune_cmd(out, "schedule.max_steps=20"),
             cwd=REPO,
-            env=subprocess_env(),
+            env=_deterministic_env(),
             check=True,
             capture_output=True,
             timeout=600,
@@ -108,7 +115,7 @@ def test_finetune_resume_equals_the_uninterrupted_run(tmp_path, uninterrupted, h
     proc = subprocess.run(
         _finetune_cmd(out, "schedule.max_steps=30", "run.resume=auto"),
         cwd=REPO,
-        env=subprocess_env(),
+        env=_deterministic_env(),
         capture_output=True,
         text=True,
         timeout=600,
