@@ -574,8 +574,8 @@ def test_every_shipped_tpu_config_has_a_committed_plan_of_the_step_it_runs(confi
         assert plan["topology"] in config.read_text(), f"{rel} does not name the topology it was planned for"
 
 
-def test_a_config_is_planned_with_every_setting_that_shapes_its_step(tmp_path):
-    sys.path.insert(0, str(REPO / "tools"))
+def test_a_config_is_planned_with_every_setting_that_shapes_its_step(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "tools"))  # the script's own function, without leaving tools/ on the path
     from tpu_plan import request_from_config
 
     config = tmp_path / "tiny_tpu.yaml"
