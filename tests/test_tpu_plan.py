@@ -315,6 +315,73 @@ ENTRY %main (a: bf16[1024,256], b: bf16[2048,256]) -> (bf16[256,256], bf16[512,2
     assert totals["reduce-scatter"]["wire_bytes"] == 3 * (1024 + 2048) * 256 * 2 // 4
 
 
+def test_an_async_collective_runs_as_often_as_its_start_not_its_continuations():
+    # libtpu overlaps a block's next weight gather with a windowed matmul loop: the all-gather starts once per
+    # block, each of the inner loop's 4 iterations moves a piece of it in a continuation fusion (a clone on the
+    # same channel), and it is done once. ViT-H/14 at fsdp=16 counted its backward gathers 4x before this.
+    from digpt_xla.tpu_plan.hlo_program import analyse
+
+    def loop(name: str, trip: int, work: str) -> str:
+        return f"""
+%{name}_cond (p: (s32[], bf16[4,1024])) -> pred[] {{
+  %p = (s32[], bf16[4,1024]) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %n = s32[] constant({trip})
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}}
+%{name}_body (p: (s32[], bf16[4,1024])) -> (s32[], bf16[4,1024]) {{
+  %p = (s32[], bf16[4,1024]) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %one = s32[] constant(1)
+  %next = s32[] add(%i, %one)
+  %x = bf16[4,1024] get-tuple-element(%p), index=1
+{work}
+  ROOT %t = (s32[], bf16[4,1024]) tuple(%next, %y)
+}}"""
+
+    gather = "all-gather(%a), channel_id=9, replica_groups={{0,1,2,3}}, dimensions={0}"
+    hlo = "HloModule m\n" + "\n".join(
+        [
+            f"%fused_computation.1 (a: bf16[4,1024]) -> bf16[16,1024] {{\n  %a = bf16[4,1024] parameter(0)\n"
+            f"  ROOT %g = bf16[16,1024] {gather}\n}}",
+            f"%async_collective_fusion.1 (a: bf16[4,1024]) -> bf16[16,1024] {{\n  %a = bf16[4,1024] parameter(0)\n"
+            f"  ROOT %g = bf16[16,1024] {gather}\n}}",
+            f"%fused_computation.2 (a: bf16[4,1024]) -> bf16[16,1024] {{\n  %a = bf16[4,1024] parameter(0)\n"
+            f"  ROOT %g = bf16[16,1024] {gather}\n}}",
+            loop(
+                "inner",
+                4,
+                "  %piece = bf16[16,1024] fusion(%x), kind=kCustom, calls=%async_collective_fusion.1\n"
+                "  %y = bf16[4,1024] slice(%piece), slice={[0:4], [0:1024]}",
+            ),
+            loop(
+                "outer",
+                3,
+                "  %async-collective-start = bf16[16,1024] fusion(%x), kind=kCustom, calls=%fused_computation.1\n"
+                "  %z = s32[] constant(0)\n"
+                "  %init = (s32[], bf16[4,1024]) tuple(%z, %x)\n"
+                "  %w = (s32[], bf16[4,1024]) while(%init), condition=%inner_cond, body=%inner_body\n"
+                "  %async-collective-done = bf16[16,1024] fusion(%x), kind=kCustom, calls=%fused_computation.2\n"
+                "  %y = bf16[4,1024] get-tuple-element(%w), index=1",
+            ),
+            """
+ENTRY %main (x: bf16[4,1024]) -> bf16[4,1024] {
+  %x = bf16[4,1024] parameter(0)
+  %z = s32[] constant(0)
+  %init = (s32[], bf16[4,1024]) tuple(%z, %x)
+  %w = (s32[], bf16[4,1024]) while(%init), condition=%outer_cond, body=%outer_body
+  ROOT %out = bf16[4,1024] get-tuple-element(%w), index=1
+}
+""",
+        ]
+    )
+    program = analyse(hlo, devices=4)
+    assert sorted(loop["trip_count"] for loop in program["loops"]) == [3, 4], program["loops"]
+    gathers = program["collectives"]["totals"]["all-gather"]
+    assert gathers["count"] == 3, gathers  # once per outer iteration, not 3 x 4
+    assert gathers["wire_bytes"] == 3 * (3 * 16 * 1024 * 2 // 4)
+
+
 def test_a_loop_whose_counter_libtpu_widened_into_two_words_is_counted():
     # torch_xla's scan counts in 64 bits; libtpu splits the counter into a low and a high u32 word, tests
     # "high < 0 or (high == 0 and low < N)" and passes the incremented low word through a copy.

@@ -4,8 +4,9 @@ libtpu's cost analysis counts a ``while`` body once, and an async collective is 
 continuation fusions that each carry a clone of it, so neither the cost analysis nor a count of text lines says
 what a step runs. Here every computation gets the number of times one step executes it (loop bodies times their
 trip count, found from the loop's counter: its start, its bound in the condition and its step in the body), each
-collective is counted once per channel (its clones share the ``channel_id``) times its computation's executions,
-and FLOPs are those of every ``dot`` and ``convolution`` times their computation's executions.
+collective is counted once per channel (its clones share the ``channel_id``) times the executions of its start (a
+continuation clone may sit in a deeper loop, moving one piece of the collective per iteration), and FLOPs are
+those of every ``dot`` and ``convolution`` times their computation's executions.
 
 Bytes on the wire per device, for a group of n devices and the collective's full array A (Patarasuk and Yuan's
 bandwidth-optimal ring algorithms): all-gather and reduce-scatter (n-1)/n * A, all-reduce 2(n-1)/n * A,
@@ -38,6 +39,8 @@ from .hlo_text import (
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 HOST_TRANSFERS = ("send", "recv", "infeed", "outfeed")
 FUSED_REDUCE_SCATTER = "all-reduce-scatter"  # libtpu's name for the computation of a fused reduce-scatter
+# libtpu's name for the computations of an async collective's continuations (between its start and its done)
+ASYNC_CONTINUATION = "async_collective_fusion"
 WIRE_FORMULA = {
     "all-gather": "(n-1)/n x full array",
     "reduce-scatter": "(n-1)/n x full array",
@@ -160,10 +163,14 @@ def collectives(computations: dict[str, Computation], runs: Executions, devices:
             size = array_bytes(result)
             if fused:  # its all-reduce holds the whole array; each device keeps 1/n
                 size //= _group_size(inst, devices)
-            entry = found.setdefault(key, {"kind": kind, "clones": 0, "executions": 0, "bytes": size})
+            entry = found.setdefault(key, {"kind": kind, "clones": 0, "executions": 0, "bytes": size, "rank": None})
             entry["clones"] += 1
-            if runs.counts.get(comp.name, 0) >= entry["executions"]:
-                entry["executions"] = runs.counts.get(comp.name, 0)
+            # A collective runs as often as its start (and done) do. Its continuations each move a piece of it
+            # and may sit in a deeper loop: libtpu overlaps a block's next weight gather with a windowed matmul
+            # loop of 4 iterations, one piece per iteration, all of one all-gather.
+            rank = (not comp.name.startswith(ASYNC_CONTINUATION), runs.counts.get(comp.name, 0))
+            if entry["rank"] is None or rank >= entry["rank"]:
+                entry["rank"], entry["executions"] = rank, rank[1]
                 big = max(parts, key=lambda a: math.prod(a[1]), default=("", []))
                 entry |= {
                     "bytes": size,
