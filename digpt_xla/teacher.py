@@ -126,6 +126,10 @@ class ClipTeacher(nn.Module):
                 weights.append(m.in_proj_weight)
         return weights
 
+    def runner_blocks(self) -> list[BatchFirstBlock]:
+        """The blocks ``block_runner`` runs, in order: a backend may stack their weights once, as they are frozen."""
+        return self._blocks
+
     def shard_units(self) -> list[nn.Module]:
         """The tower's residual blocks, each sharded as one unit (FSDP)."""
         return list(self.visual.transformer.resblocks)

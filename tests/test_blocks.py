@@ -47,6 +47,14 @@ def test_scanned_and_rematerialised_blocks_equal_the_loop_on_xla():
     assert proc.returncode == 0, proc.stderr[-3000:]
     differences = json.loads(proc.stdout.strip().splitlines()[-1])
     bf16 = {k: differences.pop(k) for k in ("bf16_scan", "bf16_scan_remat")}
+    # A frozen stack stacked once before the step: its blocks' own weights hold no memory, its state dict reads the
+    # same keys and values from the stacks, and the step's program has one concatenation fewer for each stacked
+    # weight (torch.stack lowers to one).
+    assert differences.pop("teacher_state_dict_unchanged") is True
+    assert differences.pop("teacher_block_weights_held") == 0
+    stacked = differences.pop("teacher_stacked_weights")
+    in_step, prestacked = differences.pop("teacher_concatenates_in_step")
+    assert stacked > 0 and in_step - prestacked == stacked, (in_step, prestacked, stacked)
     assert differences.pop("bf16_scan_mixed_type_ops") == 0, "the scanned bf16 program mixes types in one op"
     # SDPA and its written-out math (which the scan traces): the same numbers on XLA, bit for bit
     assert differences.pop("written_out_sdpa_fp32") == 0 and differences.pop("written_out_sdpa_bf16") == 0

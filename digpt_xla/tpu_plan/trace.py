@@ -61,7 +61,10 @@ def trace_step(out_dir: Path, kind: str, hbm_bytes: int, overrides: list[str]) -
     # Read before the step is traced: a shard's shape of a tensor with pending work would run that work.
     state_bytes = _shard_bytes(b, [*params, *state])
     teacher = getattr(trainer, "teacher", None)  # finetuning has none
-    teacher_bytes = _shard_bytes(b, list(teacher.parameters())) if teacher is not None else 0
+    # What the teacher holds on the device: its parameters there, and the stacks of its scanned blocks' weights
+    # (their own parameters are then left on the meta device).
+    on_device = [t for t in (*teacher.parameters(), *teacher.buffers()) if t.device.type == "xla"] if teacher else []
+    teacher_bytes = _shard_bytes(b, on_device)
     outputs = [t for t in (*params, *state) if t.device.type == "xla"]  # what the step replaces (AdamW's step count
     identities = b.data_identities(outputs)  # may live on the host): torch_xla donates their buffers to their updates
     inputs = trainer.step_inputs()

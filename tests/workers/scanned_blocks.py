@@ -9,7 +9,7 @@ import re
 import torch
 import torch_xla
 
-from digpt_xla.backend.xla.blocks import run_rematerialised, scan_blocks
+from digpt_xla.backend.xla.blocks import PrestackedScan, run_rematerialised, scan_blocks
 from digpt_xla.models.layers import SDPA_WRITTEN_OUT, Block, attention_product, run_in_order, segment_causal_mask
 from digpt_xla.teacher import ClipTeacher
 
@@ -64,7 +64,24 @@ for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
 teacher = ClipTeacher("ViT-B-16", vision_overrides=dict(image_size=32, patch_size=8, width=64, layers=3, head_width=32))
 images = torch.randn(2, 3, 32, 32)
 expected = teacher(images)
+state = {k: v.clone() for k, v in teacher.state_dict().items()}
 teacher = teacher.to(device)
 teacher.block_runner = scan_blocks
-result["teacher_scan"] = float((teacher(images.to(device)).cpu() - expected).abs().max())
+features = teacher(images.to(device))
+in_step_program = torch_xla._XLAC._get_xla_tensors_hlo([features])
+result["teacher_scan"] = float((features.cpu() - expected).abs().max())
+# Stacked once, before the step: the blocks' own weights leave the device and the step stacks nothing.
+runner = PrestackedScan(teacher, teacher.runner_blocks(), lambda stack, members: None, torch_xla.sync)
+teacher.block_runner = runner
+features = teacher(images.to(device))
+prestacked_program = torch_xla._XLAC._get_xla_tensors_hlo([features])
+result["teacher_prestacked"] = float((features.cpu() - expected).abs().max())
+result["teacher_stacked_weights"] = len(runner.buffers)
+result["teacher_concatenates_in_step"] = [p.count(" concatenate(") for p in (in_step_program, prestacked_program)]
+result["teacher_block_weights_held"] = sum(
+    p.device.type != "meta" for b in teacher.runner_blocks() for p in b.parameters()
+)
+result["teacher_state_dict_unchanged"] = all(
+    torch.equal(v.cpu(), state[k]) for k, v in teacher.state_dict().items()
+) and set(teacher.state_dict()) == set(state)
 print(json.dumps(result))

@@ -19,7 +19,7 @@ from ..base import Backend
 from ..errors import BackendError
 from ..measure import compiled_step_memory
 from ..state_io import tree_map_tensors
-from .blocks import run_rematerialised, scan_blocks
+from .blocks import PrestackedScan, run_rematerialised, scan_blocks
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,25 @@ class XlaBackend(Backend):
         if remat:
             return run_rematerialised
         return super().block_runner(trainable)
+
+    def prepare_frozen(self, module: nn.Module, shard: bool = False, precision: str = "fp32") -> nn.Module:
+        module = super().prepare_frozen(module, shard, precision)
+        self._prestack_frozen_blocks(module)
+        return module
+
+    def _prestack_frozen_blocks(self, module: nn.Module) -> None:
+        """A frozen module's scanned blocks (its ``runner_blocks()``) stacked on the device once, now, instead of
+        in every step (``PrestackedScan``)."""
+        runner_blocks = getattr(module, "runner_blocks", None)
+        blocks = list(runner_blocks()) if self.scan_blocks and runner_blocks is not None else []
+        if len(blocks) < 2:
+            return
+        # Computed at once: left pending, the stacks would be outputs of the first step's program.
+        runner = PrestackedScan(module, blocks, self._adopt_stack, self.mark_step)
+        setattr(module, "block_runner", runner)  # noqa: B010 (not an nn.Module field)
+
+    def _adopt_stack(self, stack: Tensor, members: list[Tensor]) -> None:
+        pass  # one device per process: nothing to lay out, nothing held of the members
 
     def manual_seed(self, seed: int) -> None:
         super().manual_seed(seed)

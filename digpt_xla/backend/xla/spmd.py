@@ -137,7 +137,13 @@ class XlaSpmdBackend(XlaBackend):
             self._shard_parameters(module)
         elif self.global_devices > 1:
             self._keep_batch_sharded(module)  # its targets meet the student's predictions split on the batch
+        self._prestack_frozen_blocks(module)
         return module
+
+    def _adopt_stack(self, stack: Tensor, members: list[Tensor]) -> None:
+        specs = [self._param_specs.pop(p, None) for p in members]  # held here, their buffers would stay alive
+        if specs[0] is not None:  # split like its members, one more dimension in front; else replicated
+            self._xs.mark_sharding(stack, self.mesh, (None, *specs[0]))
 
     def place_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
         for p, state in optimizer.state.items():
