@@ -107,9 +107,9 @@ class PrestackedScan:
                 if id(member) in key_of:
                     stacked_keys[key_of[id(member)]] = (self.buffers[name], i)
             owner, _, leaf = name.rpartition(".")
-            for block in self.blocks:
-                meta = nn.Parameter(block.get_parameter(name).detach().to("meta"), requires_grad=False)
-                setattr(block.get_submodule(owner), leaf, meta)
+            for block in self.blocks:  # made empty: copying a device tensor to meta may read its data first
+                meta = torch.empty(stack.shape[1:], dtype=stack.dtype, device="meta")
+                setattr(block.get_submodule(owner), leaf, nn.Parameter(meta, requires_grad=False))
             del members  # their device buffers go before the next weight is stacked
 
         def unstacked_state(module: nn.Module, state: dict[str, Any], prefix: str, metadata: Any) -> None:
