@@ -35,25 +35,30 @@ def _shard_bytes(backend, tensors) -> int:
     return sum(math.prod(backend.shard_shapes(t)[0]) * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
-def _flops_per_image(trainer, teacher) -> int:
+def _flops_per_image(model_cfg, teacher) -> int:
     """Teacher forward + student forward and backward for one image, counted on the CPU (``digpt_xla.flops``)."""
-    size = trainer.model_cfg.img_size
-    order = segment_orders(0, 0, 0, 1, trainer.model_cfg.num_segments)
-    return sample_flops(trainer.model_cfg, teacher, torch.randn(1, 3, size, size), order)
+    size = model_cfg.img_size
+    order = segment_orders(0, 0, 0, 1, model_cfg.num_segments)
+    return sample_flops(model_cfg, teacher, torch.randn(1, 3, size, size), order)
 
 
 def trace_step(out_dir: Path, kind: str, hbm_bytes: int, overrides: list[str]) -> dict:
     start = time.perf_counter()
     common = ["backend.name=xla-spmd", f"data.source={SOURCES[kind]}", "run.resume=never", "run.progress=false"]
     cfg = load_config(None, [*common, "run.knn_eval=false", f"run.out_dir={out_dir / 'run'}", *overrides])
-    cpu_teacher = None
+    analytic_flops = None
     if kind == "pretrain":
-        _, cpu_teacher = build_model_and_teacher(cfg.model, cfg.teacher)  # on the CPU: FLOPs, stored bytes
+        student, cpu_teacher = build_model_and_teacher(cfg.model, cfg.teacher)  # on the CPU: FLOPs, stored bytes
         precision = teacher_precision(cfg.teacher.precision, cfg.backend.precision)
         stored = stored_bytes(cpu_teacher, precision)
         dims = ParallelDims(cfg.backend.name, cfg.backend.fsdp)
         cfg.teacher.placement = dims.teacher_placement(cfg.teacher.placement, stored, hbm_bytes)
+        model_cfg = student.cfg
+        del student  # ViT-H/14's fp32 copy: 2.9 GB of host memory the trace below needs
     trainer = Pretrainer(cfg) if kind == "pretrain" else Finetuner(cfg)
+    if kind == "pretrain":  # counted once the runtime is up (autograd's device threads start with it), then freed
+        analytic_flops = _flops_per_image(model_cfg, cpu_teacher)
+        del cpu_teacher
     b = trainer.backend
     b.mark_step()  # setup's own small programs run now; what follows is the step alone
     state = [v for s in trainer.optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
@@ -98,7 +103,7 @@ def trace_step(out_dir: Path, kind: str, hbm_bytes: int, overrides: list[str]) -
         "teacher_sharded": teacher_bytes < sum(p.numel() * p.element_size() for p in teacher_params),
         "teacher_precision": plan.teacher_precision,
         "teacher_placement": plan.teacher_placement,
-        "analytic_flops_per_image": _flops_per_image(trainer, cpu_teacher) if kind == "pretrain" else None,
+        "analytic_flops_per_image": analytic_flops,
         "trace_seconds": round(time.perf_counter() - start, 1),
         "run_plan": plan.to_dict(),
     }
