@@ -51,8 +51,12 @@ def scan_blocks(
 
 
 def _stacked_weights(run: Sequence[nn.Module]) -> dict[str, Tensor]:
-    weights = [dict(b.named_parameters()) for b in run]
-    return {name: torch.stack([w[name] for w in weights]) for name in weights[0]}
+    return {name: _stacked(run, name) for name, _ in run[0].named_parameters()}
+
+
+def _stacked(run: Sequence[nn.Module], name: str) -> Tensor:
+    """One weight of every block of ``run``, stacked on a new first dimension."""
+    return torch.stack([b.get_parameter(name) for b in run])
 
 
 def _scan_run(template: nn.Module, stacked: dict[str, Tensor], x: Tensor, extra: tuple, remat: bool) -> Tensor:
@@ -79,7 +83,7 @@ class PrestackedScan:
     Stacked inside the step, a replicated teacher was copied once more each step while its loop ran (ViT-B at
     fsdp=4, 32 per v6e chip: libtpu's peak 7.27 GiB, against 6.15 stacked once). The blocks' own parameters are
     left on the meta device, holding no memory, and the module's state dict reads each of them from its stack: the
-    same keys and values as before. Called with other blocks or taps it scans them as ``scan_blocks`` does.
+    same keys and values as before. It runs its own blocks, whole: their weights are gone from the blocks.
 
     ``adopt(stack, members)`` lays a stack out on the device mesh like its members and lets go of them;
     ``materialize()`` computes what is pending on the device. One weight is stacked at a time, its members let go
@@ -98,7 +102,7 @@ class PrestackedScan:
         stacked_keys: dict[str, tuple[str, int]] = {}  # a state-dict key -> its stack and index there
         for name, _ in list(self.blocks[0].named_parameters()):
             members: list[Tensor] = [b.get_parameter(name) for b in self.blocks]
-            stack = torch.stack(members)
+            stack = _stacked(self.blocks, name)
             adopt(stack, members)
             self.buffers[name] = "stacked_" + name.replace(".", "__")
             module.register_buffer(self.buffers[name], stack, persistent=False)
@@ -123,7 +127,11 @@ class PrestackedScan:
     ) -> list[Tensor]:
         own = len(blocks) == len(self.blocks) and all(a is b for a, b in zip(blocks, self.blocks, strict=False))
         if not own or list(taps) not in ([], [len(blocks)]):
-            return scan_blocks(blocks, x, extra, taps)
+            # Its blocks' parameters are on the meta device: scanning them, or a part of them, cannot run.
+            raise ValueError(
+                f"a prestacked stack of {len(self.blocks)} blocks runs only those blocks, whole; got {len(blocks)} "
+                f"blocks with taps {list(taps)}"
+            )
         stacked = {name: self.module.get_buffer(buffer) for name, buffer in self.buffers.items()}
         return [_scan_run(self.blocks[0], stacked, x, extra, remat=False)]
 
