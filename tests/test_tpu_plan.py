@@ -67,6 +67,12 @@ def test_the_tiny_step_compiles_for_a_v5e_slice_and_its_figures_are_the_compiled
     assert plan["wire_bytes"] == sum(c["wire_bytes"] for c in plan["collectives"].values())
     est = plan["estimate"]
     assert 0 < est["mfu"][0] <= est["mfu"][1] <= 1 and est["slowest_step_seconds"] >= est["fastest_step_seconds"] > 0
+    # Where the compile's time went, from libtpu's own log kept beside the program: its stages run inside the
+    # compile that was timed, and its HLO passes started from the module that was traced.
+    stages = plan["compile_stages"]
+    assert 0 < stages["hlo_passes"] + stages["backend_passes"] + stages["code_generation"] <= stages["end_to_end"]
+    assert stages["end_to_end"] <= plan["compile_seconds"] + 0.1, (stages, plan["compile_seconds"])
+    assert plan["hlo_instructions"] > 1000 and list((tmp_path / "libtpu_logs").glob("*.INFO.*"))
 
 
 @pytest.mark.multiprocess
@@ -506,6 +512,14 @@ def test_committed_plans_render_as_the_docs_tables(tmp_path):
     tpu, cpu, ratio = float(cells[6].strip("*")), float(cells[8]), float(cells[9])
     assert cells[7].startswith("yes") and ratio == pytest.approx(tpu / cpu, abs=0.01) and tpu < cpu
     assert all("max_batch" not in row for row in memory)
+    # XLA:CPU's figures are of steps that rematerialise nothing: of ViT-H/14's two plans at 8 per chip on a v5e-16,
+    # the one with remat has none beside it.
+    huge = [
+        [c.strip() for c in row.strip("|").split("|")]
+        for row in memory
+        if row.startswith("| H/14 | 16 | v5e:4x4 | 8 |")
+    ]
+    assert sorted(bool(cells[8]) for cells in huge) == [False, True], huge
     traffic = markdown(plans, "traffic").splitlines()
     assert any(row.startswith("| B/16 | v5e:2x2 | 4 | 8 | 488.3 (489.1) |") for row in traffic), traffic
     # A file that is not a plan, or a plan from before libtpu's peak was read, is named, one line, exit 2.
@@ -614,6 +628,28 @@ def test_both_of_libtpus_out_of_memory_messages_are_read(message, need):
 
     assert out_of_memory(message) == (int(need * 2**30), int(15.75 * 2**30))
     assert out_of_memory("INVALID_ARGUMENT: something else") is None
+
+
+def test_libtpus_compile_stages_are_read_from_its_log():
+    from digpt_xla.tpu_plan.libtpu_log import compile_stages, duration_seconds
+
+    assert duration_seconds("1m41.679986146s") == pytest.approx(101.679986146)
+    assert duration_seconds("269.87657325ms") == pytest.approx(0.26987657325)
+    assert duration_seconds("1h2m3s") == 3723.0 and duration_seconds("12us") == pytest.approx(12e-6)
+    log = """I1207 17:47:54.153452   21632 deepsea_compiler_hlo_passes.cc:6046] XLA::TPU running hlo passes for 28,267 \
+instructions, module: IrToHlo.43071
+I1207 17:48:13.742375   21632 deepsea_compiler_hlo_passes.cc:6241] HLO_PASSES stage duration: 19.5880590515s
+I1207 17:49:55.940464   21780 deepsea_compiler_base.cc:3931] BACKEND_PASSES stage duration: 1m41.679986146s
+I1207 17:50:12.213835   21780 deepsea_compiler_backend.cc:1488] CODE_GENERATION stage duration: 16.27185190775s
+I1207 17:50:13.020656   21632 deepsea_compiler_base.cc:985] Note that END_TO_END duration also includes time outside
+I1207 17:50:13.020656   21632 deepsea_compiler_base.cc:985] END_TO_END stage duration: 2m18.938401953s
+"""
+    found = compile_stages(log)
+    assert found == {
+        "compile_stages": {"hlo_passes": 19.6, "backend_passes": 101.7, "code_generation": 16.3, "end_to_end": 138.9},
+        "hlo_instructions": 28267,
+    }
+    assert compile_stages("I1207 another libtpu's words") == {}
 
 
 @pytest.mark.parametrize("config", sorted((REPO / "yaml/pretrain").glob("*_tpu.yaml")), ids=lambda p: p.stem)

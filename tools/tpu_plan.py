@@ -44,6 +44,10 @@ def table(plan: dict) -> str:
     head += f", fsdp={plan['fsdp']}"
     head += f", {plan['per_device_batch']} per device (global {plan['global_batch']}), compiled in "
     head += f"{plan['compile_seconds']:.0f}s by libtpu {plan['libtpu']}"
+    stages = plan.get("compile_stages", {})
+    if stages:  # where libtpu's time went, from its own log
+        names = {"hlo_passes": "HLO passes", "backend_passes": "backend passes", "code_generation": "code generation"}
+        head += " (" + ", ".join(f"{w} {stages[k]:.0f}s" for k, w in names.items() if k in stages) + ")"
     hbm = plan["hbm_bytes"] / GIB
     if not plan.get("compiled", True):
         need = plan["needed_bytes"] / GIB

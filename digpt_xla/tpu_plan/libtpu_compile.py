@@ -9,7 +9,8 @@ XLA), as a script: it imports only the standard library and jax. Commands, each 
 ``compile`` donates exactly what torch_xla donates: ``WORKDIR/donors.json`` lists (parameter, result) pairs, the
 state the step writes back found by tensor identity when it was traced. It writes libtpu's memory statistics (its
 peak included) and cost analysis to ``compiled.json`` and the optimized program's text to ``compiled.hlo.txt``,
-which ``hlo_program`` reads (collectives by channel, loops by trip count, FLOPs). With ``DIGPT_LIBTPU_DUMP=DIR``
+which ``hlo_program`` reads (collectives by channel, loops by trip count, FLOPs). libtpu keeps its own log of the
+compile in ``WORKDIR/libtpu_logs`` (``libtpu_log`` reads the stages' durations from it). With ``DIGPT_LIBTPU_DUMP=DIR``
 libtpu also writes its dumps there (buffer assignment, live ranges with the buffers live at its peak). A program
 that needs more HBM than the chip has is reported (``fits: false`` with the bytes it needs), not raised.
 """
@@ -213,6 +214,8 @@ def main(argv: list[str]) -> int:
         print(json.dumps(describe(argv[1])))
         return 0
     if len(argv) == 3 and argv[0] == "compile":
+        # Read when libtpu starts (libtpu_log.LOG_DIR); it writes its INFO log out by the time this process exits.
+        os.environ["TPU_LOG_DIR"] = os.path.join(argv[2], "libtpu_logs")
         result = compile_step(argv[1], argv[2])
         with open(os.path.join(argv[2], "compiled.json"), "w") as f:
             json.dump(result, f, indent=1)

@@ -22,6 +22,7 @@ from ..errors import UserError
 from ..precision import PRECISIONS
 from .chips import chips_in, estimate
 from .hlo_program import WIRE_FORMULA, analyse
+from .libtpu_log import read_compile_log
 
 LIBTPU_SCRIPT = Path(__file__).with_name("libtpu_compile.py")
 REPO = Path(__file__).resolve().parents[2]
@@ -221,6 +222,7 @@ def assemble(workdir: Path, chip: dict[str, Any]) -> dict[str, Any]:
         "topology": request.topology,
         "chips": chips_in(request.topology),
         **{k: compiled[k] for k in ("devices", "device_kind", "jax", "jaxlib", "libtpu", "compile_seconds")},
+        **read_compile_log(workdir),
         **traced,
         "hbm_bytes": compiled.get("hbm_bytes", chip.get("hbm_bytes")),
         "compiled": compiled["compiled"],
