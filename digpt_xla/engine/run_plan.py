@@ -65,10 +65,18 @@ def adamw_kernel(options: dict[str, Any]) -> str:
     return kernel + (", capturable" if options.get("capturable") else "")
 
 
+REMAT_PER_BLOCK = "remat per block"  # how ``blocks_mode`` says the student's blocks are rematerialised
+
+
 def blocks_mode(scan_teacher: bool, scan_student: bool, remat: str) -> str:
     scanned = [name for name, on in (("teacher", scan_teacher), ("student encoder", scan_student)) if on]
     how = f"scanned ({' and '.join(scanned)})" if scanned else "in order"
-    return how + (", remat per block" if remat == "blocks" else "")
+    return how + (f", {REMAT_PER_BLOCK}" if remat == "blocks" else "")
+
+
+def rematerialised(blocks: str) -> bool:
+    """Whether a run plan's ``blocks`` (as ``blocks_mode`` wrote it, in a plan's JSON too) rematerialises."""
+    return blocks.endswith(REMAT_PER_BLOCK)
 
 
 def batch_layout(batch_per_device: int, optim: OptimConfig, devices: int) -> Layout:

@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..engine.run_plan import rematerialised
+
 GIB = 2**30
 TABLES = ("plans", "traffic", "memory", "max-batch")
 SHORT_NAMES = {
@@ -135,7 +137,7 @@ def traffic_table(plans: list[dict[str, Any]]) -> str:
 def xla_cpu_memory(plan: dict[str, Any], bench_dir: Path) -> dict[str, Any] | None:
     """``tools/bench.py memory``'s figure for the same student, fsdp and batch, if one is committed. Those steps
     rematerialise nothing, so a plan of a rematerialised step has no figure beside it."""
-    if "remat" in plan.get("run_plan", {}).get("blocks", ""):
+    if rematerialised(plan.get("run_plan", {}).get("blocks", "")):
         return None
     name = f"memory_{plan['model']}_xla-spmd_fsdp{plan['fsdp']}_b{plan['per_device_batch']}.json"
     found = sorted(bench_dir.glob(f"cpu-*/{name}"))
