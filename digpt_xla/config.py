@@ -160,9 +160,9 @@ class BackendConfig:
     # Size of the mesh axis that parameters and AdamW state are split over (FSDPv2 on xla-spmd, FSDP2 on
     # cuda/cpu under torchrun); the other devices replicate them. 1 = plain data parallelism.
     fsdp: int = 1
-    # auto | always | never: on xla and xla-spmd the teacher's tower, and the student's encoder when it is
-    # rematerialised (auto) or always, run as XLA loops over their stacked weights (one block compiled, not each);
-    # eager backends run blocks one by one
+    # auto | always | never: on xla and xla-spmd the teacher's tower, and the student's encoder and decoders when
+    # they are rematerialised (auto) or always, run as XLA loops over their stacked weights (one block compiled, not
+    # each); eager backends run blocks one by one
     scan: str = "auto"
     # none | blocks: keep only the input of each student block (encoder and decoders) and recompute its
     # activations in the backward pass

@@ -10,7 +10,14 @@ import torch
 
 from conftest import PYTHON, REPO, needs_xla, subprocess_env
 from digpt_xla.config import ConfigError, load_config
-from digpt_xla.models.layers import Block, run_in_order, segment_causal_mask, tap_segments, torch_checkpoint
+from digpt_xla.models.layers import (
+    Block,
+    DecoderBlock,
+    run_in_order,
+    segment_causal_mask,
+    tap_segments,
+    torch_checkpoint,
+)
 
 
 def test_taps_cut_the_stack_into_runs_that_end_at_each_tap():
@@ -33,6 +40,20 @@ def test_eager_remat_recomputes_the_same_values_and_gradients():
     assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
 
 
+def test_each_block_reads_its_own_row_of_the_per_block_inputs():
+    torch.manual_seed(0)
+    blocks = [DecoderBlock(32, 2) for _ in range(2)]
+    mask = segment_causal_mask(3, 4)
+    x, latent = torch.randn(2, 13, 32), torch.randn(2, 2, 13, 32)
+    (out,) = run_in_order(blocks, x, (mask,), (), (latent,))
+    expected = blocks[1](blocks[0](x, latent[0], mask), latent[1], mask)
+    assert torch.equal(out, expected)
+    (swapped,) = run_in_order(blocks, x, (mask,), (), (latent.flip(0),))
+    assert not torch.allclose(swapped, out)
+    with pytest.raises(ValueError, match="one row for each of 2 blocks"):
+        run_in_order(blocks, x, (mask,), (), (latent[:1],))
+
+
 @pytest.mark.multiprocess
 @needs_xla
 def test_scanned_and_rematerialised_blocks_equal_the_loop_on_xla():
@@ -46,7 +67,8 @@ def test_scanned_and_rematerialised_blocks_equal_the_loop_on_xla():
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     differences = json.loads(proc.stdout.strip().splitlines()[-1])
-    bf16 = {k: differences.pop(k) for k in ("bf16_scan", "bf16_scan_remat")}
+    bf16 = {k: differences.pop(k) for k in ("bf16_scan", "bf16_scan_remat", "bf16_decoders_scan_remat")}
+    assert {"decoders_scan", "decoders_scan_remat", "decoders_remat"} <= set(differences)
     # A frozen stack stacked once before the step: its blocks' own weights hold no memory, its state dict reads the
     # same keys and values from the stacks, and the step's program has one concatenation fewer for each stacked
     # weight (torch.stack lowers to one).

@@ -69,7 +69,7 @@ REMAT_PER_BLOCK = "remat per block"  # how ``blocks_mode`` says the student's bl
 
 
 def blocks_mode(scan_teacher: bool, scan_student: bool, remat: str) -> str:
-    scanned = [name for name, on in (("teacher", scan_teacher), ("student encoder", scan_student)) if on]
+    scanned = [name for name, on in (("teacher", scan_teacher), ("student", scan_student)) if on]
     how = f"scanned ({' and '.join(scanned)})" if scanned else "in order"
     return how + (f", {REMAT_PER_BLOCK}" if remat == "blocks" else "")
 

@@ -242,12 +242,11 @@ class DiGPT(nn.Module):
 
     def forward_decoder(self, queries: Tensor, latent: Tensor, blocks: nn.ModuleList, norm, pred) -> Tensor:
         """Run one decoder; block d cross-attends to latent[..., d]. Returns (B, L, teacher_dim)."""
-        x, mask = queries, self.attention_mask()
-        for block, channels in zip(blocks, latent.unbind(-1), strict=True):
-            # Through the block runner, one block at a time (each reads its own latent): a backend that
-            # rematerialises the encoder's blocks rematerialises these too. Their 32-head attention over the whole
-            # sequence keeps more per image than an encoder block of ViT-B or ViT-L.
-            (x,) = self.block_runner([block], x, (channels, mask), ())
+        # Through the block runner, each block with its own latent (a row of ``per_block``): a backend that
+        # rematerialises or scans the encoder's blocks does the same to these. Their 32-head attention over the
+        # whole sequence keeps more per image than an encoder block of ViT-B or ViT-L; scanned, the AR and KD
+        # decoders are two loops with one body, which libtpu lowers once.
+        (x,) = self.block_runner(list(blocks), queries, (self.attention_mask(),), (), (latent.movedim(-1, 0),))
         return pred(norm(x))
 
     def select_targets(self, teacher_tokens: Tensor, teacher_index: Tensor, segments: slice) -> Tensor:

@@ -7,7 +7,7 @@ checkpoints load with ``strict=True``. The MLP and patch embedding come from tim
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -131,10 +131,21 @@ class DecoderBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-# Runs a stack of same-shaped blocks: (blocks, x, extra inputs every block takes after x, taps) -> the outputs after
-# the blocks listed in taps (1-based, ascending; empty: the last block's). A backend may swap in its own (XLA's
-# scan over the stacked weights, or rematerialisation); every runner computes what ``run_in_order`` computes.
-BlockRunner = Callable[[Sequence[nn.Module], Tensor, tuple, Sequence[int]], list[Tensor]]
+class BlockRunner(Protocol):
+    """Runs a stack of same-shaped blocks and returns the outputs after the blocks listed in ``taps`` (1-based,
+    ascending; empty: the last block's). ``extra``: inputs every block takes last; ``per_block``: tensors with one
+    row per block on their first dimension, block i called as ``block(x, *rows i, *extra)``. A backend may swap in
+    its own (XLA's scan over the stacked weights, or rematerialisation); every runner computes what
+    ``run_in_order`` computes."""
+
+    def __call__(
+        self,
+        blocks: Sequence[nn.Module],
+        x: Tensor,
+        extra: tuple = (),
+        taps: Sequence[int] = (),
+        per_block: tuple = (),
+    ) -> list[Tensor]: ...
 
 
 def run_in_order(
@@ -142,16 +153,26 @@ def run_in_order(
     x: Tensor,
     extra: tuple = (),
     taps: Sequence[int] = (),
+    per_block: tuple = (),
     checkpoint: Callable[..., Tensor] | None = None,
 ) -> list[Tensor]:
-    """The blocks one after another; ``checkpoint(block, x, *extra)``, when given, runs each block so that only its
-    input is kept and its activations are recomputed in the backward pass (``torch_checkpoint``, or a backend's)."""
+    """The blocks one after another; ``checkpoint(block, x, *rows, *extra)``, when given, runs each block so that
+    only its inputs are kept and its activations are recomputed in the backward pass (``torch_checkpoint``, or a
+    backend's)."""
+    check_per_block(blocks, per_block)
     outputs, wanted = [], set(taps) or {len(blocks)}
     for i, block in enumerate(blocks, start=1):
-        x = checkpoint(block, x, *extra) if checkpoint is not None else block(x, *extra)
+        args = (x, *(rows[i - 1] for rows in per_block), *extra)
+        x = checkpoint(block, *args) if checkpoint is not None else block(*args)
         if i in wanted:
             outputs.append(x)
     return outputs
+
+
+def check_per_block(blocks: Sequence[nn.Module], per_block: tuple) -> None:
+    short = [tuple(t.shape) for t in per_block if t.shape[0] != len(blocks)]
+    if short:
+        raise ValueError(f"per-block inputs of shapes {short} do not have one row for each of {len(blocks)} blocks")
 
 
 def torch_checkpoint(block: nn.Module, *args: Tensor) -> Tensor:

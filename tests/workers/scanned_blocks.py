@@ -1,5 +1,6 @@
 """Stacks of blocks on one XLA:CPU device, run one by one and by the XLA backend's runners (scanned, scanned with
-remat, rematerialised block by block), in fp32 and under bf16 autocast: prints the largest differences of outputs
+remat, rematerialised block by block), in fp32 and under bf16 autocast, encoder blocks and decoder blocks that each
+read their own row of a latent: prints the largest differences of outputs
 and gradients as JSON, with SDPA against its written-out math and the mixed-dtype ops of the scanned bf16 program."""
 
 import contextlib
@@ -10,7 +11,14 @@ import torch
 import torch_xla
 
 from digpt_xla.backend.xla.blocks import PrestackedScan, run_rematerialised, scan_blocks
-from digpt_xla.models.layers import SDPA_WRITTEN_OUT, Block, attention_product, run_in_order, segment_causal_mask
+from digpt_xla.models.layers import (
+    SDPA_WRITTEN_OUT,
+    Block,
+    DecoderBlock,
+    attention_product,
+    run_in_order,
+    segment_causal_mask,
+)
 from digpt_xla.teacher import ClipTeacher
 
 torch.manual_seed(0)
@@ -45,6 +53,32 @@ result = {
     "scan_remat": largest_difference(run(lambda *a: scan_blocks(*a, remat=True)), reference),
     "remat": largest_difference(run(run_rematerialised), reference),
 }
+# A decoder stack: each block cross-attends to its own row of the latent (``per_block``), scanned as one loop.
+decoders = [DecoderBlock(32, 2).to(device) for _ in range(3)]
+latent0 = torch.randn(3, 2, 13, 32)
+
+
+def run_decoders(runner, bf16=False):
+    for b in decoders:
+        b.zero_grad(set_to_none=True)
+    x, latent = x0.to(device).requires_grad_(True), latent0.to(device).requires_grad_(True)
+    with torch.autocast("xla", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+        (out,) = runner(decoders, x, (mask,), (), (latent,))
+    (out.float() ** 2).mean().backward()
+    grads = [x.grad, latent.grad] + [p.grad for b in decoders for p in b.parameters()]
+    torch_xla.sync()
+    return [out.cpu()] + [g.cpu() for g in grads]
+
+
+decoder_reference = run_decoders(run_in_order)
+result["decoders_scan"] = largest_difference(run_decoders(scan_blocks), decoder_reference)
+result["decoders_scan_remat"] = largest_difference(
+    run_decoders(lambda *a: scan_blocks(*a, remat=True)), decoder_reference
+)
+result["decoders_remat"] = largest_difference(run_decoders(run_rematerialised), decoder_reference)
+result["bf16_decoders_scan_remat"] = largest_difference(
+    run_decoders(lambda *a: scan_blocks(*a, remat=True), bf16=True), run_decoders(run_in_order, bf16=True)
+)
 bf16_reference, bf16_program = run(run_in_order, bf16=True), []
 result["bf16_scan"] = largest_difference(run(scan_blocks, bf16=True, hlo=bf16_program), bf16_reference)
 result["bf16_scan_remat"] = largest_difference(run(lambda *a: scan_blocks(*a, remat=True), bf16=True), bf16_reference)

@@ -10,18 +10,18 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from ...models.layers import SDPA_WRITTEN_OUT, run_in_order, tap_segments
+from ...models.layers import SDPA_WRITTEN_OUT, check_per_block, run_in_order, tap_segments
 
 
 def run_rematerialised(
-    blocks: Sequence[nn.Module], x: Tensor, extra: tuple = (), taps: Sequence[int] = ()
+    blocks: Sequence[nn.Module], x: Tensor, extra: tuple = (), taps: Sequence[int] = (), per_block: tuple = ()
 ) -> list[Tensor]:
     """``run_in_order`` with each block under torch_xla's checkpoint: its optimization barrier keeps XLA from
     folding the recomputation back into the forward pass (torch's own checkpoint would be undone by CSE)."""
     # Its backward puts the barrier on the block's inputs in place: handed the model's mask buffer itself, it
     # made the buffer an output of step 1 and step 2 compiled a second graph. The blocks get a copy.
     extra = tuple(e.clone() if isinstance(e, Tensor) else e for e in extra)
-    return run_in_order(blocks, x, extra, taps, checkpoint=_rematerialised)
+    return run_in_order(blocks, x, extra, taps, per_block, checkpoint=_rematerialised)
 
 
 def _rematerialised(block: nn.Module, *args: Tensor) -> Tensor:
@@ -33,19 +33,26 @@ def _rematerialised(block: nn.Module, *args: Tensor) -> Tensor:
 
 
 def scan_blocks(
-    blocks: Sequence[nn.Module], x: Tensor, extra: tuple = (), taps: Sequence[int] = (), remat: bool = False
+    blocks: Sequence[nn.Module],
+    x: Tensor,
+    extra: tuple = (),
+    taps: Sequence[int] = (),
+    per_block: tuple = (),
+    remat: bool = False,
 ) -> list[Tensor]:
     """``run_in_order`` as XLA loops: the blocks between two taps become one ``while`` over their stacked
-    weights (torch_xla's ``scan``), so one block is traced and compiled however deep the stack is. The weights
-    are stacked inside the step, as torch_xla's ``scan_layers`` does: parameters and state-dict keys stay the
-    blocks' own. ``remat``: the loop keeps each block's inputs and the backward pass recomputes the rest."""
+    weights and their rows of ``per_block`` (torch_xla's ``scan``), so one block is traced and compiled however
+    deep the stack is. The weights are stacked inside the step, as torch_xla's ``scan_layers`` does: parameters
+    and state-dict keys stay the blocks' own. ``remat``: the loop keeps each block's inputs and the backward pass
+    recomputes the rest."""
+    check_per_block(blocks, per_block)
     outputs = []
     for start, stop in tap_segments(len(blocks), taps):
-        run = list(blocks[start:stop])
+        run, rows = list(blocks[start:stop]), tuple(t[start:stop] for t in per_block)
         if len(run) == 1:  # nothing to loop over
-            x = run_rematerialised(run, x, extra)[-1] if remat else run[0](x, *extra)
+            x = (run_rematerialised if remat else run_in_order)(run, x, extra, (), rows)[-1]
         else:
-            x = _scan_run(run[0], _stacked_weights(run), x, extra, remat)
+            x = _scan_run(run[0], _stacked_weights(run), x, extra, remat, rows)
         outputs.append(x)
     return outputs
 
@@ -59,20 +66,26 @@ def _stacked(run: Sequence[nn.Module], name: str) -> Tensor:
     return torch.stack([b.get_parameter(name) for b in run])
 
 
-def _scan_run(template: nn.Module, stacked: dict[str, Tensor], x: Tensor, extra: tuple, remat: bool) -> Tensor:
+def _scan_run(
+    template: nn.Module, stacked: dict[str, Tensor], x: Tensor, extra: tuple, remat: bool, rows: tuple = ()
+) -> Tensor:
     """One ``while`` over a run of blocks shaped like ``template``, iteration i with ``stacked[name][i]`` swapped in
-    for each of its parameters."""
+    for each of its parameters and row i of each of ``rows`` passed after ``x``."""
     from functorch.compile import default_partition
     from torch.func import functional_call
     from torch_xla.experimental.scan import scan
 
-    def one_block(carry: tuple, layer_weights: dict) -> tuple:
+    def one_block(carry: tuple, layer: tuple) -> tuple:
         h, *rest = carry
-        return (functional_call(template, layer_weights, (h, *rest), strict=False), *rest), None
+        layer_weights, layer_rows = layer
+        return (functional_call(template, layer_weights, (h, *layer_rows, *rest), strict=False), *rest), None
 
     with _sdpa_written_out(template):
         (x, *_), _ = scan(
-            one_block, (x, *extra), stacked, partition_fn=_keep_only_inputs if remat else default_partition
+            one_block,
+            (x, *extra),
+            (stacked, tuple(rows)),
+            partition_fn=_keep_only_inputs if remat else default_partition,
         )
     return x
 
@@ -123,7 +136,7 @@ class PrestackedScan:
         module.register_state_dict_post_hook(unstacked_state)  # torch tags the hook: a function, not a method
 
     def __call__(
-        self, blocks: Sequence[nn.Module], x: Tensor, extra: tuple = (), taps: Sequence[int] = ()
+        self, blocks: Sequence[nn.Module], x: Tensor, extra: tuple = (), taps: Sequence[int] = (), per_block: tuple = ()
     ) -> list[Tensor]:
         own = len(blocks) == len(self.blocks) and all(a is b for a, b in zip(blocks, self.blocks, strict=False))
         if not own or list(taps) not in ([], [len(blocks)]):
@@ -133,7 +146,8 @@ class PrestackedScan:
                 f"blocks with taps {list(taps)}"
             )
         stacked = {name: self.module.get_buffer(buffer) for name, buffer in self.buffers.items()}
-        return [_scan_run(self.blocks[0], stacked, x, extra, remat=False)]
+        check_per_block(blocks, per_block)
+        return [_scan_run(self.blocks[0], stacked, x, extra, remat=False, rows=per_block)]
 
 
 def _keep_only_inputs(joint: Any, joint_inputs: Any, **kwargs: Any) -> Any:
