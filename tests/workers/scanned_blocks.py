@@ -1,7 +1,7 @@
 """Stacks of blocks on one XLA:CPU device, run one by one and by the XLA backend's runners (scanned, scanned with
 remat, rematerialised block by block), in fp32 and under bf16 autocast, encoder blocks and decoder blocks that each
-read their own row of a latent: prints the largest differences of outputs
-and gradients as JSON, with SDPA against its written-out math and the mixed-dtype ops of the scanned bf16 program."""
+read their own row of a latent: prints the largest differences of outputs and gradients as JSON, with SDPA against
+its written-out math and the mixed-dtype ops of the scanned bf16 program."""
 
 import contextlib
 import json
@@ -29,14 +29,16 @@ x0 = torch.randn(2, 13, 32)
 taps = (3, 4, 6)  # a scanned run of 3 blocks, one of 1, one of 2
 
 
-def run(runner, bf16=False, hlo=None):
-    for b in blocks:
+def run(runner, bf16=False, hlo=None, stack=blocks, taps=taps, per_block=()):
+    """Outputs, then the gradients of x, of each per-block input and of the stack's parameters, on the host."""
+    for b in stack:
         b.zero_grad(set_to_none=True)
     x = x0.to(device).requires_grad_(True)
+    rows = tuple(t.to(device).requires_grad_(True) for t in per_block)
     with torch.autocast("xla", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
-        outs = runner(blocks, x, (mask,), taps)
+        outs = runner(stack, x, (mask,), taps, rows)
     sum((o.float() ** 2).mean() for o in outs).backward()
-    grads = [x.grad] + [p.grad for b in blocks for p in b.parameters()]
+    grads = [x.grad] + [r.grad for r in rows] + [p.grad for b in stack for p in b.parameters()]
     if hlo is not None:
         hlo.append(torch_xla._XLAC._get_xla_tensors_hlo(grads))
     torch_xla.sync()
@@ -59,15 +61,7 @@ latent0 = torch.randn(3, 2, 13, 32)
 
 
 def run_decoders(runner, bf16=False):
-    for b in decoders:
-        b.zero_grad(set_to_none=True)
-    x, latent = x0.to(device).requires_grad_(True), latent0.to(device).requires_grad_(True)
-    with torch.autocast("xla", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
-        (out,) = runner(decoders, x, (mask,), (), (latent,))
-    (out.float() ** 2).mean().backward()
-    grads = [x.grad, latent.grad] + [p.grad for b in decoders for p in b.parameters()]
-    torch_xla.sync()
-    return [out.cpu()] + [g.cpu() for g in grads]
+    return run(runner, bf16, stack=decoders, taps=(), per_block=(latent0,))
 
 
 decoder_reference = run_decoders(run_in_order)

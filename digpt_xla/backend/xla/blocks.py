@@ -84,7 +84,7 @@ def _scan_run(
         (x, *_), _ = scan(
             one_block,
             (x, *extra),
-            (stacked, tuple(rows)),
+            (stacked, rows),
             partition_fn=_keep_only_inputs if remat else default_partition,
         )
     return x
@@ -145,8 +145,8 @@ class PrestackedScan:
                 f"a prestacked stack of {len(self.blocks)} blocks runs only those blocks, whole; got {len(blocks)} "
                 f"blocks with taps {list(taps)}"
             )
-        stacked = {name: self.module.get_buffer(buffer) for name, buffer in self.buffers.items()}
         check_per_block(blocks, per_block)
+        stacked = {name: self.module.get_buffer(buffer) for name, buffer in self.buffers.items()}
         return [_scan_run(self.blocks[0], stacked, x, extra, remat=False, rows=per_block)]
 
 
