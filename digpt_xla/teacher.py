@@ -16,7 +16,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 
 from .checkpoint.reader import check_state_dict, read_state_dict
-from .models.layers import BlockRunner, run_in_order
+from .models.layers import BlockRunner, conv_patches, run_in_order
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -86,6 +86,11 @@ class ClipTeacher(nn.Module):
             raise ValueError(f"{model_name}: only plain ViT towers with a projection are supported as teachers")
         if getattr(self.visual, "final_ln_after_pool", False):
             raise ValueError(f"{model_name}: ln_post after pooling leaves patch tokens unnormalised; unsupported")
+        conv = self.visual.conv1
+        if conv.kernel_size != conv.stride or conv.padding != (0, 0) or conv.kernel_size[0] != conv.kernel_size[1]:
+            raise ValueError(
+                f"{model_name}: only a patch convolution (square kernel = stride, no padding) is supported"
+            )
         tower = self.visual.transformer
         if not (tower.batch_first and all(BatchFirstBlock.supports(b) for b in tower.resblocks)):
             raise ValueError(
@@ -142,9 +147,18 @@ class ClipTeacher(nn.Module):
         x = images * self.scale + self.shift
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False)
-        x = self.visual._embeds(x)
-        x = self.block_runner(self._blocks, x, (), ())[-1]
+        x = self.block_runner(self._blocks, self.embed(x), (), ())[-1]
         return (self.visual.ln_post(x) @ self.visual.proj).float()
+
+    def embed(self, x: Tensor) -> Tensor:
+        """open_clip's ``_embeds`` (patches, CLS, positions, ``ln_pre``) with the patch convolution computed as the
+        matmul it is (``conv_patches``): the same numbers to fp32 rounding, and no convolution for libtpu."""
+        v: Any = self.visual
+        conv: nn.Conv2d = v.conv1
+        x = F.linear(conv_patches(x, conv.kernel_size[0]), conv.weight.flatten(1), conv.bias)
+        cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)
+        return v.ln_pre(v.patch_dropout(x))
 
 
 class PixelTeacher(nn.Module):

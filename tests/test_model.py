@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from digpt_xla.models import create_digpt, random_segment_order, set_attention
+from digpt_xla.models.layers import select_rows
 
 SPS = 2  # segments per side
 
@@ -160,6 +161,19 @@ def test_visible_patches_are_embedded_as_the_convolution_embeds_them(name):
     (gathered * weights).sum().backward()
     assert torch.allclose(embedded, gathered, atol=1e-5, rtol=1e-5)
     assert torch.allclose(ours, model.patch_embed.proj.weight.grad, atol=1e-4, rtol=1e-5)
+
+
+def test_select_rows_is_the_gather_of_those_rows():
+    # The one-hot matmul that picks the visible patches' pixels: the gathered numbers exactly, and under autocast
+    # the gathered numbers in autocast's dtype (what the patch embedding's matmul would round them to anyway).
+    torch.manual_seed(0)
+    x = torch.randn(3, 10, 7)
+    index = torch.stack([torch.randperm(10)[:4] for _ in range(3)])
+    gathered = torch.gather(x, 1, index[..., None].expand(-1, -1, 7))
+    assert torch.equal(select_rows(x, index), gathered)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        picked = select_rows(x, index)
+    assert picked.dtype == torch.bfloat16 and torch.equal(picked, gathered.bfloat16())
 
 
 def test_order_none_draws_valid_permutations():

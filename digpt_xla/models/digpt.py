@@ -20,11 +20,13 @@ from .layers import (
     Block,
     BlockRunner,
     DecoderBlock,
+    conv_patches,
     default_feature_taps,
     run_in_order,
     segment_causal_block_mask,
     segment_causal_mask,
     segment_raster_index,
+    select_rows,
     sincos_table_2d,
 )
 
@@ -221,11 +223,8 @@ class DiGPT(nn.Module):
         gather's backward to a scatter into the flattened global batch, which the SPMD partitioner cannot split
         by batch (ViT-H/14 at 56 per v5e chip: a bf16[896,256,1280] buffer on every chip, all-reduced)."""
         proj = cast(nn.Conv2d, self.patch_embed.proj)
-        B, C, H, W = images.shape
-        p = self.cfg.patch_size
-        patches = images.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, -1, C * p * p)
-        patches = torch.gather(patches, 1, index[..., None].expand(-1, -1, C * p * p))
-        return F.linear(patches, proj.weight.reshape(proj.out_channels, -1), proj.bias)
+        patches = select_rows(conv_patches(images, self.cfg.patch_size), index)
+        return F.linear(patches, proj.weight.flatten(1), proj.bias)
 
     def project_latents(self, features: list[Tensor], norms: nn.ModuleList, proj: nn.Linear) -> Tensor:
         """Norm each tap, concat on channels, project: (B, L, decoder_dim, decoder_depth), channels interleaved."""

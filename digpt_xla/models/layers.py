@@ -182,12 +182,6 @@ def torch_checkpoint(block: nn.Module, *args: Tensor) -> Tensor:
     return cast(Tensor, torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False))
 
 
-def tap_segments(depth: int, taps: Sequence[int]) -> list[tuple[int, int]]:
-    """(start, stop) of the runs of blocks between consecutive taps: each ends at a tap."""
-    ends = list(taps) or [depth]
-    return list(zip([0, *ends[:-1]], ends, strict=True))
-
-
 def set_attention(model: nn.Module, mode: str) -> None:
     """Switch every attention module of ``model`` (and the model's own mask choice) to ``mode``."""
     if mode not in ATTENTION_MODES:
@@ -269,3 +263,24 @@ def segment_raster_index(grid_size: int, segments_per_side: int) -> Tensor:
 def default_feature_taps(depth: int) -> tuple[int, ...]:
     """1-based encoder blocks whose outputs feed the decoders: (6, 8, 10, 12) for depth 12."""
     return tuple(sorted({max(1, round(depth * f)) for f in (1 / 2, 2 / 3, 5 / 6)} | {depth}))
+
+
+def conv_patches(images: Tensor, patch_size: int) -> Tensor:
+    """(B, C, H, W) -> (B, (H/p) (W/p), C p p): each non-overlapping patch flattened as a ``Conv2d`` with kernel and
+    stride ``p`` flattens its weight, so ``F.linear(patches, conv.weight.flatten(1))`` is that convolution, as a
+    plain matmul: libtpu ran ViT-H/14's CLIP patch convolution inside a windowed loop, one of the slowest fusions
+    of its per-fusion log."""
+    B, C, H, W = images.shape
+    p = patch_size
+    return images.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, -1, C * p * p)
+
+
+def select_rows(x: Tensor, index: Tensor) -> Tensor:
+    """``x[b, index[b]]`` for x (B, N, D) and index (B, L), as a matmul with one-hot rows. Each output is one
+    input times 1 plus zeros: the gathered numbers, rounded only to the dtype the matmul computes in (autocast's,
+    or bf16 passes of an fp32 matmul on TPU), which a matmul reading the rows next rounds them to anyway. Unlike
+    ``torch.gather`` with the index expanded over D it needs no element-wise gather: on XLA that took one index
+    per element (``u32[8,192,588,3]`` for ViT-H/14's pixels, a 10.8 MB index built and read every step), while
+    the matmul's batch dimension keeps the SPMD partitioner on each device's own rows. Meant for inputs that need
+    no gradient (its backward is a matmul the size of ``x``)."""
+    return torch.matmul(F.one_hot(index, x.shape[1]).to(x.dtype), x)

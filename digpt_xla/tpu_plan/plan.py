@@ -222,6 +222,7 @@ def assemble(workdir: Path, chip: dict[str, Any]) -> dict[str, Any]:
         "topology": request.topology,
         "chips": chips_in(request.topology),
         **{k: compiled[k] for k in ("devices", "device_kind", "jax", "jaxlib", "libtpu", "compile_seconds")},
+        **{k: compiled[k] for k in ("compile_cpu_seconds",) if k in compiled},  # plans made before it lack it
         **read_compile_log(workdir),
         **traced,
         "hbm_bytes": compiled.get("hbm_bytes", chip.get("hbm_bytes")),

@@ -42,19 +42,23 @@ def run(runner, bf16=False, hlo=None, stack=blocks, taps=taps, per_block=()):
     if hlo is not None:
         hlo.append(torch_xla._XLAC._get_xla_tensors_hlo(grads))
     torch_xla.sync()
-    return [o.cpu() for o in outs] + [g.cpu() for g in grads]
+    return [o.cpu() for o in outs] + [g.cpu() for g in grads if g is not None]  # None: a block after the last tap
 
 
 def largest_difference(a, b):
     return max(float((u - v).abs().max()) for u, v in zip(a, b, strict=True))
 
 
-reference = run(run_in_order)
+reference, scanned_program = run(run_in_order), []
 result = {
-    "scan": largest_difference(run(scan_blocks), reference),
+    "scan": largest_difference(run(scan_blocks, hlo=scanned_program), reference),
+    # taps that stop before the last block: the blocks after the last tap are not run
+    "scan_early_taps": largest_difference(run(scan_blocks, taps=(2, 4)), run(run_in_order, taps=(2, 4))),
     "scan_remat": largest_difference(run(lambda *a: scan_blocks(*a, remat=True)), reference),
     "remat": largest_difference(run(run_rematerialised), reference),
 }
+# The three runs between taps are one loop: one ``while`` forward, one backward.
+result["tapped_stack_loops"] = scanned_program[0].count(" while(")
 # A decoder stack: each block cross-attends to its own row of the latent (``per_block``), scanned as one loop.
 decoders = [DecoderBlock(32, 2).to(device) for _ in range(3)]
 latent0 = torch.randn(3, 2, 13, 32)

@@ -10,7 +10,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from ...models.layers import SDPA_WRITTEN_OUT, check_per_block, run_in_order, tap_segments
+from ...models.layers import SDPA_WRITTEN_OUT, check_per_block, run_in_order
 
 
 def run_rematerialised(
@@ -40,21 +40,18 @@ def scan_blocks(
     per_block: tuple = (),
     remat: bool = False,
 ) -> list[Tensor]:
-    """``run_in_order`` as XLA loops: the blocks between two taps become one ``while`` over their stacked
-    weights and their rows of ``per_block`` (torch_xla's ``scan``), so one block is traced and compiled however
-    deep the stack is. The weights are stacked inside the step, as torch_xla's ``scan_layers`` does: parameters
-    and state-dict keys stay the blocks' own. ``remat``: the loop keeps each block's inputs and the backward pass
-    recomputes the rest."""
+    """``run_in_order`` as one XLA loop: a ``while`` over the blocks' stacked weights and their rows of
+    ``per_block`` (torch_xla's ``scan``), so one block is traced and compiled however deep the stack is. The
+    weights are stacked inside the step, as torch_xla's ``scan_layers`` does: parameters and state-dict keys stay
+    the blocks' own. ``remat``: the loop keeps each block's inputs and the backward pass recomputes the rest.
+    The outputs after several taps are collected by the same loop (``_scan_run``), not by one loop per run of
+    blocks between taps: libtpu lowers every loop body on its own."""
     check_per_block(blocks, per_block)
-    outputs = []
-    for start, stop in tap_segments(len(blocks), taps):
-        run, rows = list(blocks[start:stop]), tuple(t[start:stop] for t in per_block)
-        if len(run) == 1:  # nothing to loop over
-            x = (run_rematerialised if remat else run_in_order)(run, x, extra, (), rows)[-1]
-        else:
-            x = _scan_run(run[0], _stacked_weights(run), x, extra, remat, rows)
-        outputs.append(x)
-    return outputs
+    ends = list(taps) or [len(blocks)]
+    run, rows = list(blocks[: ends[-1]]), tuple(t[: ends[-1]] for t in per_block)
+    if len(run) == 1:  # nothing to loop over
+        return (run_rematerialised if remat else run_in_order)(run, x, extra, ends, rows)
+    return _scan_run(run[0], _stacked_weights(run), x, extra, remat, rows, ends)
 
 
 def _stacked_weights(run: Sequence[nn.Module]) -> dict[str, Tensor]:
@@ -67,27 +64,55 @@ def _stacked(run: Sequence[nn.Module], name: str) -> Tensor:
 
 
 def _scan_run(
-    template: nn.Module, stacked: dict[str, Tensor], x: Tensor, extra: tuple, remat: bool, rows: tuple = ()
-) -> Tensor:
+    template: nn.Module,
+    stacked: dict[str, Tensor],
+    x: Tensor,
+    extra: tuple,
+    remat: bool,
+    rows: tuple = (),
+    taps: Sequence[int] = (),
+) -> list[Tensor]:
     """One ``while`` over a run of blocks shaped like ``template``, iteration i with ``stacked[name][i]`` swapped in
-    for each of its parameters and row i of each of ``rows`` passed after ``x``."""
+    for each of its parameters and row i of each of ``rows`` passed after ``x``. Returns the outputs after the
+    blocks in ``taps`` (1-based, the last one the run's last block; empty: that block's). The outputs at the taps
+    before the last are written, as they are made, into a buffer the loop carries: one row per such tap and one
+    that every other block writes, each write a single-row update in place, which the backward pass reads back as
+    a row of the buffer's gradient."""
     from functorch.compile import default_partition
     from torch.func import functional_call
     from torch_xla.experimental.scan import scan
 
+    depth = next(iter(stacked.values())).shape[0]
+    earlier = list(taps)[:-1]
+    if taps and list(taps)[-1] != depth:
+        raise ValueError(f"the last tap {list(taps)[-1]} is not the run's last block, {depth}")
+    collect = bool(earlier)
+    if collect:
+        position = torch.arange(1, depth + 1, device=x.device)
+        slot = torch.full_like(position, len(earlier))  # the row that nothing reads
+        for k, tap in enumerate(earlier):
+            slot = torch.where(position == tap, k, slot)
+        rows = (*rows, slot)
+        extra = (*extra, x.new_zeros((len(earlier) + 1, *x.shape)))
+
     def one_block(carry: tuple, layer: tuple) -> tuple:
         h, *rest = carry
         layer_weights, layer_rows = layer
-        return (functional_call(template, layer_weights, (h, *layer_rows, *rest), strict=False), *rest), None
+        if not collect:
+            return (functional_call(template, layer_weights, (h, *layer_rows, *rest), strict=False), *rest), None
+        *rest, taken = rest
+        *layer_rows, row = layer_rows
+        h = functional_call(template, layer_weights, (h, *layer_rows, *rest), strict=False)
+        return (h, *rest, taken.index_copy(0, row[None], h[None])), None
 
     with _sdpa_written_out(template):
-        (x, *_), _ = scan(
+        (x, *rest), _ = scan(
             one_block,
             (x, *extra),
             (stacked, rows),
             partition_fn=_keep_only_inputs if remat else default_partition,
         )
-    return x
+    return [*(rest[-1][k] for k in range(len(earlier))), x]
 
 
 class PrestackedScan:
@@ -147,7 +172,7 @@ class PrestackedScan:
             )
         check_per_block(blocks, per_block)
         stacked = {name: self.module.get_buffer(buffer) for name, buffer in self.buffers.items()}
-        return [_scan_run(self.blocks[0], stacked, x, extra, remat=False, rows=per_block)]
+        return _scan_run(self.blocks[0], stacked, x, extra, remat=False, rows=per_block)
 
 
 def _keep_only_inputs(joint: Any, joint_inputs: Any, **kwargs: Any) -> Any:
