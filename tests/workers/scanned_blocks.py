@@ -26,7 +26,7 @@ device = torch_xla.device()
 blocks = [Block(32, 2).to(device) for _ in range(6)]
 mask = segment_causal_mask(3, 4).to(device)
 x0 = torch.randn(2, 13, 32)
-taps = (3, 4, 6)  # a scanned run of 3 blocks, one of 1, one of 2
+taps = (3, 4, 6)  # one scanned loop of 6 blocks, the outputs after blocks 3 and 4 collected by it
 
 
 def run(runner, bf16=False, hlo=None, stack=blocks, taps=taps, per_block=()):

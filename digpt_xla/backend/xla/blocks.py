@@ -83,9 +83,9 @@ def _scan_run(
     from torch_xla.experimental.scan import scan
 
     depth = next(iter(stacked.values())).shape[0]
-    earlier = list(taps)[:-1]
-    if taps and list(taps)[-1] != depth:
-        raise ValueError(f"the last tap {list(taps)[-1]} is not the run's last block, {depth}")
+    *earlier, last = list(taps) or [depth]
+    if last != depth:
+        raise ValueError(f"the last tap {last} is not the run's last block, {depth}")
     collect = bool(earlier)
     if collect:
         position = torch.arange(1, depth + 1, device=x.device)
@@ -98,12 +98,11 @@ def _scan_run(
     def one_block(carry: tuple, layer: tuple) -> tuple:
         h, *rest = carry
         layer_weights, layer_rows = layer
-        if not collect:
-            return (functional_call(template, layer_weights, (h, *layer_rows, *rest), strict=False), *rest), None
-        *rest, taken = rest
-        *layer_rows, row = layer_rows
+        if collect:
+            *rest, taken = rest
+            *layer_rows, row = layer_rows
         h = functional_call(template, layer_weights, (h, *layer_rows, *rest), strict=False)
-        return (h, *rest, taken.index_copy(0, row[None], h[None])), None
+        return (h, *rest, *([taken.index_copy(0, row[None], h[None])] if collect else [])), None
 
     with _sdpa_written_out(template):
         (x, *rest), _ = scan(
