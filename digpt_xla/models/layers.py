@@ -282,5 +282,7 @@ def select_rows(x: Tensor, index: Tensor) -> Tensor:
     ``torch.gather`` with the index expanded over D it needs no element-wise gather: on XLA that took one index
     per element (``u32[8,192,588,3]`` for ViT-H/14's pixels, a 10.8 MB index built and read every step), while
     the matmul's batch dimension keeps the SPMD partitioner on each device's own rows. Meant for inputs that need
-    no gradient (its backward is a matmul the size of ``x``)."""
-    return torch.matmul(F.one_hot(index, x.shape[1]).to(x.dtype), x)
+    no gradient (its backward is a matmul the size of ``x``). The one-hot rows are a comparison with
+    ``arange``: ``F.one_hot`` is a scatter on XLA, for which the partitioner gathered every device's indices."""
+    one_hot = index[..., None] == torch.arange(x.shape[1], device=index.device)
+    return torch.matmul(one_hot.to(x.dtype), x)
